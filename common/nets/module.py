@@ -1,0 +1,97 @@
+"""The networks of DeepHandMesh (DESIGN §1). Attribute names fix the state-dict keys (DESIGN §8)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from common.nets.layer import make_linear_layers
+from common.nets.resnet import ResNetBackbone
+
+
+class BackboneNet(nn.Module):
+    """Image encoder: ``[B, 3, H, W]`` crop → ``[B, feat_dim]`` feature."""
+
+    def __init__(self, resnet_type: int = 50, feat_dim: int = 512):
+        super().__init__()
+        self.resnet = ResNetBackbone(resnet_type)
+        self.fc = make_linear_layers([self.resnet.out_channels, feat_dim])
+
+    def init_weights(self, weights_path=None) -> bool:
+        return self.resnet.init_weights(weights_path)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        feat = self.resnet(img).mean(dim=(2, 3))  # global average pooling
+        return self.fc(feat)
+
+
+class PoseNet(nn.Module):
+    """Feature ``[B, feat_dim]`` → per-joint Euler angles ``[B, J, 3]`` in radians, in (−π, π).
+
+    The ``D`` network outputs fill the joints' degree-of-freedom slots in row-major
+    (joint, axis) order; the other slots are 0.
+    """
+
+    def __init__(self, dof_mask: torch.Tensor, feat_dim: int = 512):
+        super().__init__()
+        self.register_buffer("DoF", torch.as_tensor(dof_mask, dtype=torch.float32).clone())
+        self.joint_num = self.DoF.shape[0]
+        self.dof_num = int(self.DoF.sum())
+        self.fc = make_linear_layers([feat_dim, 512, self.dof_num], relu_final=False)
+
+    def output_to_euler_angle(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` raw outputs → ``[B, J, 3]`` angles."""
+        angles = torch.tanh(x) * math.pi
+        euler = x.new_zeros(x.shape[0], self.joint_num * 3)
+        slots = torch.nonzero(self.DoF.reshape(-1), as_tuple=True)[0]
+        return euler.index_copy(1, slots, angles).view(-1, self.joint_num, 3)
+
+    def forward(self, img_feat: torch.Tensor) -> torch.Tensor:
+        return self.output_to_euler_angle(self.fc(img_feat))
+
+
+class SkeletonRefineNet(nn.Module):
+    """Identity code ``[C]`` → skeleton corrective ``[J, 3]`` (mm), added to the local translations."""
+
+    def __init__(self, joint_num: int, id_code_dim: int = 32):
+        super().__init__()
+        self.joint_num = joint_num
+        self.fc_skeleton = make_linear_layers([id_code_dim, 64, joint_num * 3], relu_final=False)
+
+    def forward(self, id_code: torch.Tensor) -> torch.Tensor:
+        return self.fc_skeleton(id_code).view(self.joint_num, 3)
+
+
+class SkinRefineNet(nn.Module):
+    """Per-vertex correctives in the rest pose (mm).
+
+    ``forward(euler [B, J, 3], id_code [B', C])`` → ``(pose_corrective [B, V, 3], id_corrective [B', V, 3])``;
+    pass a single identity code (``B' = 1``) and let it broadcast, since it does not vary over the batch.
+    """
+
+    def __init__(self, joint_num: int, vertex_num: int, id_code_dim: int = 32):
+        super().__init__()
+        self.joint_num = joint_num
+        self.vertex_num = vertex_num
+        self.fc_pose = make_linear_layers([joint_num * 3, 256, vertex_num * 3], relu_final=False)
+        self.fc_id = make_linear_layers([id_code_dim, 256, vertex_num * 3], relu_final=False)
+
+    def forward(self, joint_euler: torch.Tensor, id_code: torch.Tensor):
+        pose_corrective = self.fc_pose(joint_euler.reshape(-1, self.joint_num * 3)).view(-1, self.vertex_num, 3)
+        id_corrective = self.fc_id(id_code).view(-1, self.vertex_num, 3)
+        return pose_corrective, id_corrective
+
+    def corrected_vertices(self, template: torch.Tensor, joint_euler: torch.Tensor, id_code: torch.Tensor):
+        """``template + pose_corrective + id_corrective`` for one identity, in one fused product.
+
+        Args:
+            template: ``[V, 3]`` rest vertices (mm); joint_euler: ``[B, J, 3]`` (radians); id_code: ``[C]``.
+        Returns:
+            ``[B, V, 3]`` rest-pose vertices with correctives (mm).
+        """
+        hidden = self.fc_pose[1](self.fc_pose[0](joint_euler.reshape(-1, self.joint_num * 3)))
+        last = self.fc_pose[2]
+        # The batch-independent terms ride in the bias of the last pose layer.
+        offset = template.reshape(-1) + self.fc_id(id_code) + last.bias
+        return torch.addmm(offset, hidden, last.weight.t()).view(-1, self.vertex_num, 3)

@@ -1,0 +1,128 @@
+"""Timing of :class:`common.nets.renderer.DepthRenderer` (not a test).
+
+Renders a hand template seen by ``views`` cameras placed around it (as the
+training loop does: B = 1 sample, N views, one rasteriser call), each view
+cropped to its bounding box and warped to ``size × size``, and reports the
+median time of ``repeats`` forward calls.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .renderer import DepthRenderer, project_points
+
+# The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
+_IMG_H, _IMG_W = 512, 334
+_FOCAL = (1200.0, 1200.0)
+_PRINCPT = (167.0, 256.0)
+
+
+def ring_cameras(vertices: np.ndarray, views: int, size: int, distance: float = 650.0):
+    """``views`` cameras on a tilted ring ``distance`` mm around the mesh's bounding-box centre,
+    each with the crop affine that maps the projected mesh's box (1.5× enlarged) onto a
+    ``size × size`` image.
+
+    Returns float32 tensors ``camrot [1, N, 3, 3]``, ``campos [1, N, 3]``, ``focal [1, N, 2]``,
+    ``princpt [1, N, 2]``, ``affine [1, N, 2, 3]``.
+    """
+    verts = np.asarray(vertices, np.float64)
+    centre = (verts.min(0) + verts.max(0)) / 2
+    rots, poss = [], []
+    for i in range(views):
+        az = 2 * math.pi * i / views
+        el = math.radians(25.0 * math.sin(2 * az))
+        campos = centre + distance * np.array([math.sin(az) * math.cos(el), -math.cos(az) * math.cos(el),
+                                               math.sin(el)])
+        z = (centre - campos) / np.linalg.norm(centre - campos)
+        # Image "up" along the longest axis of the mesh's box, so that a hand stands upright.
+        up = np.eye(3)[int(np.argmax(verts.max(0) - verts.min(0)))]
+        y = -(up - (up @ z) * z)
+        y /= np.linalg.norm(y)
+        rots.append(np.stack([np.cross(y, z), y, z]))
+        poss.append(campos)
+    camrot = torch.tensor(np.stack(rots), dtype=torch.float32)[None]
+    campos = torch.tensor(np.stack(poss), dtype=torch.float32)[None]
+    focal = torch.tensor(_FOCAL, dtype=torch.float32).expand(1, views, 2).clone()
+    princpt = torch.tensor(_PRINCPT, dtype=torch.float32).expand(1, views, 2).clone()
+    uv = project_points(torch.tensor(verts, dtype=torch.float32)[None], camrot, campos, focal, princpt)[0, ..., :2]
+    lo, hi = uv.min(1).values, uv.max(1).values                             # [N, 2]
+    mid, half = (lo + hi) / 2, (hi - lo) / 2 * 1.5
+    x0 = (mid[:, 0] - half[:, 0]).clamp(min=-0.5)
+    y0 = (mid[:, 1] - half[:, 1]).clamp(min=-0.5)
+    x1 = (mid[:, 0] + half[:, 0]).clamp(max=_IMG_W - 0.5)
+    y1 = (mid[:, 1] + half[:, 1]).clamp(max=_IMG_H - 0.5)
+    sx, sy = size / (x1 - x0), size / (y1 - y0)
+    zero = torch.zeros_like(sx)
+    affine = torch.stack([torch.stack([sx, zero, -0.5 - sx * x0], -1),
+                          torch.stack([zero, sy, -0.5 - sy * y0], -1)], -2)[None]
+    return camrot, campos, focal, princpt, affine
+
+
+def _call(renderer: DepthRenderer, vertices: torch.Tensor, cams, backward: bool) -> torch.Tensor:
+    with torch.set_grad_enabled(backward):
+        depth = renderer(vertices, *cams)
+        if backward:
+            depth.sum().backward()
+    return depth.detach()
+
+
+def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
+                  device: Optional[torch.device | str] = None,
+                  num_threads: Optional[int] = None, backward: bool = False) -> List[Dict]:
+    """Median forward time of :class:`DepthRenderer` on ``hand_model``'s template.
+
+    Args:
+        hand_model: anything with ``.vertices [V, 3]`` (mm) and ``.faces [F, 3]``, e.g. a
+            :class:`common.utils.hand_model.HandModel`.
+        sizes: square render sizes in pixels.
+        views: cameras per call (batch B = 1).
+        repeats: timed calls per size (after one untimed warm-up call).
+        device: where to render (default CPU).
+        num_threads: if given, ``torch.set_num_threads`` for the measurement (restored after).
+        backward: time forward + backward of ``depth.sum()`` wrt the vertices instead of
+            the forward alone.
+
+    Returns:
+        One dict per size: ``size``, ``views``, ``faces``, ``vertices``, ``device``,
+        ``threads``, ``backward``, ``ms_per_call`` (median), ``ms_per_view`` (= ms_per_call / views),
+        ``coverage`` (mean fraction of pixels with depth, a sanity check).
+    """
+    device = torch.device(device or "cpu")
+    old_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    try:
+        verts = torch.tensor(np.asarray(hand_model.vertices), dtype=torch.float32, device=device)[None]
+        faces = torch.as_tensor(np.asarray(hand_model.faces), dtype=torch.int64)
+        results = []
+        for size in sizes:
+            cams = [t.to(device) for t in ring_cameras(hand_model.vertices, views, int(size))]
+            renderer = DepthRenderer(faces, image_size=(int(size), int(size))).to(device)
+            v = verts.clone().requires_grad_(backward)
+            depth = _call(renderer, v, cams, backward)                          # warm-up
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                _call(renderer, v, cams, backward)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+            ms = 1000.0 * statistics.median(times)
+            results.append({
+                "size": int(size), "views": int(views), "faces": int(faces.shape[0]),
+                "vertices": int(verts.shape[1]), "device": str(device), "threads": torch.get_num_threads(),
+                "backward": bool(backward),
+                "ms_per_call": ms, "ms_per_view": ms / views,
+                "coverage": float((depth > 0).float().mean()),
+            })
+        return results
+    finally:
+        torch.set_num_threads(old_threads)

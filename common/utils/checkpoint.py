@@ -1,0 +1,113 @@
+"""Loading and saving snapshots in the original layout (DESIGN §8).
+
+A snapshot is ``{'epoch', 'network': state_dict, 'optimizer': state_dict}``; the original's
+``network`` comes from a ``DataParallel`` model, so its keys carry a ``module.`` prefix, and its
+loss modules may add buffers (``penet_loss.segmentation``, ``lap_loss.laplacian``). Both load here.
+Snapshots are read with ``weights_only=True``: a file cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+# Buffers of the original's loss modules; they are derived from the hand model, so we skip them.
+TOLERATED_PREFIXES = ("penet_loss.", "lap_loss.", "depthmap_loss.", "joint_loss.")
+
+
+class CheckpointError(ValueError):
+    """A snapshot that cannot be used with this model; the message names the file and the mismatch."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a snapshot safely (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch snapshot, or it holds more than tensors "
+                              f"and plain containers ({first})") from None
+    if not isinstance(ckpt, dict) or "network" not in ckpt:
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: expected a snapshot dict with a 'network' state dict, found {keys}")
+    return ckpt
+
+
+def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix of DataParallel/DDP snapshots and the loss modules' buffers."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith(TOLERATED_PREFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def _counts(state: Dict[str, torch.Tensor]):
+    """(vertex count, joint count) a state dict was trained for, when it says."""
+    verts = state.get("skin_refine_net.fc_pose.2.weight")
+    dof = state.get("pose_net.DoF")
+    return (None if verts is None else verts.shape[0] // 3, None if dof is None else dof.shape[0])
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
+    """Load a snapshot (original layout included) into ``model``.
+
+    Returns the snapshot dict (``epoch``, ``optimizer`` … as saved).
+    Raises:
+        CheckpointError: unreadable file, or weights for another hand model (both counts given),
+            or keys the model lacks / needs.
+    """
+    ckpt = read_checkpoint(path)
+    state = clean_state_dict(ckpt["network"])
+    ckpt_v, ckpt_j = _counts(state)
+    if (ckpt_v, ckpt_j) != (model.vertex_num, model.joint_num) and None not in (ckpt_v, ckpt_j):
+        raise CheckpointError(
+            f"{path}: the checkpoint is for a hand model with {ckpt_v} vertices and {ckpt_j} joints, "
+            f"but the hand model ({model.hand_model.source}) has {model.vertex_num} vertices and "
+            f"{model.joint_num} joints"
+        )
+    dof = state.get("pose_net.DoF")
+    if dof is not None and not torch.equal(dof.cpu().float(), model.pose_net.DoF.cpu()):
+        raise CheckpointError(
+            f"{path}: the checkpoint's degrees of freedom (pose_net.DoF) differ from those of the hand "
+            f"model's joint names ({model.hand_model.source})"
+        )
+    own = model.state_dict()
+    wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise CheckpointError(
+            f"{path}: {k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)} "
+            f"(another ResNet depth or feature size? check resnet_type / backbone_img_feat_dim)"
+        )
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: keys do not match the model: missing {missing[:5]}{' …' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
+        )
+    model.load_state_dict(state)
+    return ckpt
+
+
+def save_checkpoint(state: Dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a snapshot atomically: a crash mid-write never leaves a broken file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fp:
+        torch.save(state, fp)
+        fp.flush()
+        os.fsync(fp.fileno())
+    os.replace(tmp, path)

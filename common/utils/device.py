@@ -1,0 +1,42 @@
+"""The one place that decides which device the program runs on."""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def parse_gpu_ids(text: Optional[str]) -> List[int]:
+    """``'0-3'`` → [0, 1, 2, 3]; ``'0,2'`` → [0, 2]; ``''``/None → []."""
+    if text is None or str(text).strip() == "":
+        return []
+    text = str(text).strip()
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-", 1))
+            if last < first:
+                raise ValueError
+            return list(range(first, last + 1))
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--gpu {text}: expected GPU ids like '0', '0,1' or '0-3'") from None
+
+
+def select_device(gpu_ids: Optional[str] = None) -> torch.device:
+    """The device to run on: the first of ``gpu_ids`` when CUDA is available, else the CPU (said once)."""
+    ids = parse_gpu_ids(gpu_ids)
+    if not ids:
+        log.info("device: cpu (no --gpu given)")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        log.warning("device: cpu (--gpu %s asked for, but CUDA is not available on this machine)", gpu_ids)
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    bad = [i for i in ids if i >= count]
+    if bad:
+        raise ValueError(f"--gpu {gpu_ids}: this machine has {count} GPU(s) (ids 0..{count - 1}), not {bad}")
+    log.info("device: cuda:%d (of %s)", ids[0], ids)
+    return torch.device("cuda", ids[0])

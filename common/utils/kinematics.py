@@ -1,0 +1,164 @@
+"""Euler angles, forward kinematics, linear blend skinning and rigid alignment (DESIGN §3).
+
+Small pure functions, vectorised over the batch. Units: angles in radians, lengths in mm.
+Transforms are 4x4 homogeneous matrices acting on column vectors.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+def euler_to_matrix(theta: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``R = Rz(θz) · Ry(θy) · Rx(θx)``.
+
+    Args:
+        theta: ``[..., 3]`` Euler angles (x, y, z) in radians.
+    Returns:
+        ``[..., 3, 3]`` rotation matrices.
+    """
+    if theta.shape[-1] != 3:
+        raise ValueError(f"euler_to_matrix: expected angles of shape [..., 3], got {tuple(theta.shape)}")
+    cx, cy, cz = torch.cos(theta).unbind(-1)
+    sx, sy, sz = torch.sin(theta).unbind(-1)
+    # Closed form of Rz @ Ry @ Rx.
+    rows = [
+        cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx,
+        sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx,
+        -sy, cy * sx, cy * cx,
+    ]
+    return torch.stack(rows, dim=-1).reshape(*theta.shape[:-1], 3, 3)
+
+
+def to_homogeneous(rotation: torch.Tensor, translation: torch.Tensor | None = None) -> torch.Tensor:
+    """Build ``[..., 4, 4]`` transforms from ``rotation [..., 3, 3]`` and ``translation [..., 3]`` (mm)."""
+    out = torch.zeros(*rotation.shape[:-2], 4, 4, dtype=rotation.dtype, device=rotation.device)
+    out[..., :3, :3] = rotation
+    if translation is not None:
+        out[..., :3, 3] = translation
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def tree_levels(parents: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+    """Group the non-root joints by depth in the tree.
+
+    Args:
+        parents: ``J`` parent ids, -1 for the root.
+    Returns:
+        One ``(joint_ids, parent_ids)`` pair per depth 1, 2, …; every parent is in an earlier level.
+    """
+    parents = [int(p) for p in parents]
+    depth = [-1] * len(parents)
+    for start in range(len(parents)):
+        chain, j = [], start
+        while j >= 0 and depth[j] < 0:
+            chain.append(j)
+            j = parents[j]
+            if len(chain) > len(parents):
+                raise ValueError("tree_levels: the skeleton has a cycle")
+        base = -1 if j < 0 else depth[j]
+        for k, joint in enumerate(reversed(chain)):
+            depth[joint] = base + 1 + k
+    levels = []
+    for d in range(1, max(depth) + 1):
+        ids = [j for j in range(len(parents)) if depth[j] == d]
+        levels.append((ids, [parents[j] for j in ids]))
+    return levels
+
+
+def forward_kinematics(
+    local_transforms: torch.Tensor,
+    root_transform: torch.Tensor,
+    levels: Sequence[Tuple[List[int], List[int]]],
+    root_index: int,
+) -> torch.Tensor:
+    """Global joint transforms ``G_child = G_parent · local_child``, root first.
+
+    Args:
+        local_transforms: ``[B, J, 4, 4]`` (for the decoder: ``L'_j · R_j``); the root's entry is unused.
+        root_transform: ``[B, 4, 4]`` or ``[4, 4]`` global transform of the root.
+        levels: output of :func:`tree_levels`.
+        root_index: id of the root joint.
+    Returns:
+        ``[B, J, 4, 4]`` global transforms (mm).
+    """
+    B, J = local_transforms.shape[:2]
+    root_transform = root_transform.expand(B, 4, 4)
+    # One batched product per tree depth instead of one per joint; assembled out of place for autograd.
+    globals_: List[torch.Tensor | None] = [None] * J
+    globals_[root_index] = root_transform
+    for ids, parent_ids in levels:
+        parent_g = torch.stack([globals_[p] for p in parent_ids], dim=1)
+        child_g = parent_g @ local_transforms[:, ids]
+        for k, j in enumerate(ids):
+            globals_[j] = child_g[:, k]
+    return torch.stack(globals_, dim=1)
+
+
+def linear_blend_skinning(
+    vertices: torch.Tensor, skinning_weights: torch.Tensor, transforms: torch.Tensor
+) -> torch.Tensor:
+    """``v'_i = Σ_j w_ij · (T_j · [v_i; 1])[:3]``, computed as ``(Σ_j w_ij T_j) · [v_i; 1]``.
+
+    Args:
+        vertices: ``[B, V, 3]`` rest-pose vertices (mm).
+        skinning_weights: ``[V, J]`` weights (not required to sum to 1, as in the original).
+        transforms: ``[B, J, 4, 4]`` skinning transforms ``G_j · G_template_j⁻¹``.
+    Returns:
+        ``[B, V, 3]`` posed vertices (mm).
+    """
+    B, J = transforms.shape[:2]
+    V = skinning_weights.shape[0]
+    # One [V, J] x [J, B*12] product blends the transforms of the whole batch; applying the
+    # blended 3x4 matrices elementwise is faster than a batch of tiny 3x3 matmuls.
+    flat = transforms[:, :, :3, :].permute(1, 0, 2, 3).reshape(J, B * 12)
+    blended = (skinning_weights @ flat).view(V, B, 3, 4).transpose(0, 1)
+    x, y, z = vertices.unsqueeze(-2).unbind(-1)
+    return blended[..., 0] * x + blended[..., 1] * y + blended[..., 2] * z + blended[..., 3]
+
+
+def rigid_align(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Least-squares rigid transform (Kabsch, with reflection fix) taking ``source`` onto ``target``.
+
+    Args:
+        source: ``[B, K, 3]`` points (mm).
+        target: ``[B, K, 3]`` points (mm).
+    Returns:
+        ``[B, 4, 4]`` transforms ``[R | t]`` with ``R · source_k + t ≈ target_k``.
+    """
+    src_mean = source.mean(dim=1, keepdim=True)
+    tgt_mean = target.mean(dim=1, keepdim=True)
+    H = (source - src_mean).transpose(1, 2) @ (target - tgt_mean)
+    U, _, Vh = torch.linalg.svd(H)
+    V = Vh.transpose(1, 2)
+    # Flip the last singular direction where V·Uᵀ would be a reflection (the original's fix).
+    sign = torch.sign(torch.det(V @ U.transpose(1, 2)))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    D = torch.ones_like(src_mean.squeeze(1))
+    D = torch.cat([D[:, :2], sign[:, None]], dim=1)
+    R = (V * D[:, None, :]) @ U.transpose(1, 2)
+    t = tgt_mean.squeeze(1) - (R @ src_mean.transpose(1, 2)).squeeze(-1)
+    return to_homogeneous(R, t)
+
+
+def pose_hand(hand_model, euler: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pose a hand template without correctives (decode mode: the root at identity).
+
+    Args:
+        hand_model: a :class:`common.utils.hand_model.HandModel`.
+        euler: ``[B, J, 3]`` Euler angles in radians.
+    Returns:
+        ``(joints [B, J, 3], vertices [B, V, 3])`` in mm, in the wrist's frame.
+    """
+    dtype, device = euler.dtype, euler.device
+    as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
+    local = as_t(hand_model.local_pose)
+    rot = to_homogeneous(euler_to_matrix(euler))
+    root = torch.eye(4, dtype=dtype, device=device)
+    G = forward_kinematics(local @ rot, root, tree_levels(hand_model.parents), hand_model.root_index)
+    T = G @ as_t(hand_model.global_pose_inv)
+    verts = as_t(hand_model.vertices).expand(euler.shape[0], -1, -1)
+    return G[..., :3, 3], linear_blend_skinning(verts, as_t(hand_model.skinning_weights), T)

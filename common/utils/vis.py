@@ -1,0 +1,135 @@
+"""Shaded pictures of hand meshes with OpenCV and numpy (no PyTorch3D): for looking at results.
+
+Views are named in the hand's own frame, given as ``frame`` (a 3x3 rotation whose columns are the
+hand's axes in the mesh's coordinates, e.g. the wrist's global rotation ``global_pose[root][:3, :3]``;
+the identity for meshes already in the wrist's frame, such as the decoder's output). In that frame,
+as in the released model and the default hand, ``x`` points from the wrist to the fingers, ``y``
+out of the palm and ``z`` to the thumb side of a right hand. Every view has the fingers up:
+
+* ``"palm"``: looking at the palm (a right hand's thumb on the viewer's right),
+* ``"back"``: looking at the back of the hand (thumb on the left),
+* ``"side"``: looking from the thumb side (palm on the left),
+* ``"ulnar"``: looking from the little-finger side (palm on the right).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+# Rows: the camera's right, up and towards-the-viewer axes, in the hand frame.
+VIEWS = {
+    "palm": np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], np.float64),
+    "back": np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], np.float64),
+    "side": np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], np.float64),
+    "ulnar": np.array([[0, 1, 0], [1, 0, 0], [0, 0, -1]], np.float64),
+}
+SKIN_BGR = np.array([135.0, 170.0, 215.0])
+BACKGROUND_BGR = (235, 235, 235)
+LIGHT = np.array([-0.35, 0.45, 0.82])  # in camera space: from the upper left, in front
+SUPERSAMPLE = 2
+
+
+def _view_matrix(view) -> np.ndarray:
+    if isinstance(view, str):
+        if view not in VIEWS:
+            raise ValueError(f"render_mesh: unknown view '{view}', expected one of {', '.join(VIEWS)} "
+                             "or a 3x3 rotation matrix")
+        return VIEWS[view]
+    m = np.asarray(view, np.float64)
+    if m.shape != (3, 3):
+        raise ValueError(f"render_mesh: a view must be a name or a 3x3 matrix, got shape {m.shape}")
+    return m
+
+
+def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("palm", "side", "back"),
+                frame=None, joints_mm=None, parents=None, cull_back: bool = True,
+                color_bgr=SKIN_BGR) -> np.ndarray:
+    """Orthographic, flat-shaded pictures of a triangle mesh, one square panel per view, side by side.
+
+    Args:
+        vertices_mm: ``[V, 3]`` vertices. faces: ``[F, 3]`` vertex indices (outward = counter-clockwise).
+        image_size: side of each panel in pixels.
+        views: names from :data:`VIEWS` or 3x3 matrices whose rows are the camera's right, up and
+            towards-the-viewer axes in the hand frame.
+        frame: 3x3 hand frame in mesh coordinates (columns = axes); identity when ``None``.
+        joints_mm: optional ``[J, 3]`` joints drawn as dots, with ``parents`` ``[J]`` (-1 for the root)
+            as parent-to-child lines.
+        cull_back: skip faces turned away from the viewer (right for closed meshes); otherwise they
+            are drawn darker, as seen through holes in an open mesh.
+    Returns:
+        ``uint8 [image_size, image_size * len(views), 3]`` BGR image.
+    """
+    verts = np.asarray(vertices_mm, np.float64)
+    faces = np.asarray(faces, np.int64)
+    frame = np.eye(3) if frame is None else np.asarray(frame, np.float64)
+    local = verts @ frame  # coordinates in the hand frame
+    centre = 0.5 * (local.min(0) + local.max(0))
+    cams = [_view_matrix(v) for v in views]
+    # one scale for all panels: the widest projected extent fits 90 % of a panel
+    extent = max(np.ptp((local - centre) @ m[:2].T, axis=0).max() for m in cams)
+    scale = 0.9 * image_size / max(extent, 1e-9)
+    panels = []
+    for m in cams:
+        panels.append(_render_view((local - centre) @ m.T, faces, image_size, scale, cull_back,
+                                   np.asarray(color_bgr, np.float64),
+                                   None if joints_mm is None else (np.asarray(joints_mm) @ frame - centre) @ m.T,
+                                   parents))
+    return np.concatenate(panels, axis=1)
+
+
+def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> np.ndarray:
+    big = size * SUPERSAMPLE
+    # camera coordinates -> pixels (y down); fixed-point with 4 fractional bits for cv2
+    px = np.stack([big / 2 + cam[:, 0] * scale * SUPERSAMPLE, big / 2 - cam[:, 1] * scale * SUPERSAMPLE], 1)
+    tri = cam[faces]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    norm = np.linalg.norm(normal, axis=1)
+    keep = norm > 0
+    normal[keep] /= norm[keep, None]
+    front = normal[:, 2] > 0
+    if cull_back:
+        keep &= front
+    light = LIGHT / np.linalg.norm(LIGHT)
+    lambert = np.abs(normal @ light)
+    shade = np.where(front, 0.28 + 0.72 * lambert, 0.18 + 0.25 * lambert)
+    colors = np.clip(shade[:, None] * color[None], 0, 255)
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(tri[order, :, 2].mean(1), kind="stable")]  # far (small z) first
+    pts = np.round(px[faces] * 16).astype(np.int32)
+    img = np.full((big, big, 3), BACKGROUND_BGR, np.uint8)
+    for f in order:
+        cv2.fillConvexPoly(img, pts[f], colors[f].tolist(), lineType=cv2.LINE_8, shift=4)
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    if joints is not None:
+        jp = np.stack([size / 2 + joints[:, 0] * scale, size / 2 - joints[:, 1] * scale], 1)
+        jp = np.round(jp * 16).astype(np.int32)
+        for j, p in enumerate([] if parents is None else parents):
+            if p >= 0:
+                cv2.line(img, tuple(jp[p]), tuple(jp[j]), (60, 160, 40), 2, cv2.LINE_AA, shift=4)
+        for p in jp:
+            cv2.circle(img, tuple(p), 3 * 16, (30, 30, 200), -1, cv2.LINE_AA, shift=4)
+    return img
+
+
+def save_image(path, img: np.ndarray) -> None:
+    """Write an image atomically (a temporary file, then ``os.replace``); the format follows the suffix.
+
+    Raises:
+        OSError: OpenCV could not encode or write the image.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        ok = cv2.imwrite(str(tmp), img)
+        if not ok:
+            raise OSError(f"save_image: OpenCV could not write {path} (image {getattr(img, 'shape', '?')}, "
+                          f"dtype {getattr(img, 'dtype', '?')}; is the suffix a known image format?)")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

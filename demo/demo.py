@@ -1,0 +1,116 @@
+"""Pose a hand from Euler angles and write the mesh, its joints and a picture.
+
+    python demo/demo.py                                   # the original demo's pose, default hand
+    python demo/demo.py --pose fist --out output/fist
+    python demo/demo.py --subject 4 --test_epoch 34       # demo/subject_4/snapshot_34.pth.tar
+    python demo/demo.py --hand_model data/hand_model --euler index1=0,0,45
+
+Writes ``mesh.obj`` (v in mm, the template's vt, f v/vt), ``joints.txt`` (name x y z in mm)
+and ``render.png`` into ``--out`` (default ``output/demo``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from common.utils.device import select_device  # noqa: E402
+from common.utils.hand_model import HandModelError, save_obj  # noqa: E402
+from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
+from common.utils.pose_io import PoseError, build_pose, preset_names  # noqa: E402
+from common.utils.vis import render_mesh, save_image  # noqa: E402
+from main.config import ConfigError, cfg  # noqa: E402
+from main.model import get_model  # noqa: E402
+
+DEFAULT_POSE = "original"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hand_model", help="hand-model folder (default: data/hand_model if it holds a "
+                        "model, else the project's default hand)")
+    parser.add_argument("--ckpt", help="snapshot to load (original layout included)")
+    parser.add_argument("--subject", type=int, help="with --test_epoch: demo/subject_N/snapshot_E.pth.tar")
+    parser.add_argument("--test_epoch", type=int, help="with --subject: the snapshot's epoch")
+    parser.add_argument("--pose", default=DEFAULT_POSE,
+                        help=f"YAML/JSON file {{joint: [x, y, z]}} in degrees, or a preset: "
+                             f"{', '.join(preset_names())} (default: {DEFAULT_POSE})")
+    parser.add_argument("--euler", action="append", default=[], metavar="NAME=X,Y,Z",
+                        help="set one joint's angles in degrees (repeatable; replaces the pose's value)")
+    parser.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder")
+    parser.add_argument("--gpu", dest="gpu_ids", help="GPU id; the CPU when absent or no GPU exists")
+    parser.add_argument("--resnet_type", type=int, default=cfg.resnet_type,
+                        help="backbone depth of the checkpoint (only its decoder is used here)")
+    args = parser.parse_args(argv)
+    if (args.subject is None) != (args.test_epoch is None):
+        parser.error("--subject and --test_epoch go together")
+    if args.ckpt and args.subject is not None:
+        parser.error("give either --ckpt or --subject/--test_epoch, not both")
+    return args
+
+
+def checkpoint_path(args) -> Path | None:
+    if args.ckpt:
+        return Path(args.ckpt)
+    if args.subject is not None:
+        return ROOT / "demo" / f"subject_{args.subject}" / f"snapshot_{args.test_epoch}.pth.tar"
+    return None
+
+
+def run(args) -> Path:
+    hand_model = resolve_hand_model(args.hand_model)
+    print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
+    euler = build_pose(hand_model, args.pose, args.euler)
+    device = select_device(args.gpu_ids)
+
+    config = cfg.copy()
+    config.resnet_type = args.resnet_type
+    model = get_model("test", hand_model, config)
+    ckpt = checkpoint_path(args)
+    if ckpt is None:
+        model.zero_correctives()
+        print("no checkpoint given: skeleton and skin correctives are zero (the template as it is)")
+    else:
+        info = load_checkpoint(model, ckpt)
+        print(f"checkpoint: {ckpt} (epoch {info.get('epoch', '?')})")
+    model.to(device).eval()
+
+    with torch.no_grad():
+        out = model.decode(euler.to(device))
+    joints = out["joint_out"][0].cpu().numpy().astype(np.float64)
+    verts = out["mesh_out_refined"][0].cpu().numpy().astype(np.float64)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_obj(out_dir / "mesh.obj", verts, hand_model)
+    lines = [f"{name} {x!r} {y!r} {z!r}" for name, (x, y, z) in zip(hand_model.joint_names, joints.tolist())]
+    (out_dir / "joints.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # decode() puts the root at identity, so the output is in the wrist's own frame.
+    image = render_mesh(verts, hand_model.faces, joints_mm=joints, parents=hand_model.parents, frame=np.eye(3))
+    save_image(out_dir / "render.png", image)
+    print(f"wrote {out_dir / 'mesh.obj'}, {out_dir / 'joints.txt'}, {out_dir / 'render.png'}")
+    return out_dir
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

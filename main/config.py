@@ -1,0 +1,174 @@
+"""The single configuration object, ``cfg``, with the original DeepHandMesh defaults (DESIGN §7).
+
+Every option can be overridden from a YAML file (``cfg.update_from_yaml(path)``) and from
+``key=value`` strings (``cfg.update_from_strings(["train_batch_size=2", "resnet_type=18"])``).
+Importing this module creates no folders and touches no environment variables.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterable
+
+import yaml
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """An unknown option or a value of the wrong type; the message names the option and its source."""
+
+
+class Config:
+    # The original's option names and defaults.
+    ## input, output
+    input_img_shape = (256, 256)
+    rendered_img_shape = (256, 256)
+    depth_min = 1
+    depth_max = 99999
+    render_view_num = 6
+    backbone_img_feat_dim = 512
+    id_code_dim = 32
+    bone_step_size = 0.1
+
+    ## model
+    resnet_type = 50  # 18, 34, 50, 101, 152
+    # A local torchvision ResNet state dict for ImageNet initialisation; nothing is downloaded.
+    pretrained_backbone = ""
+
+    ## training config
+    lr_dec_epoch = [30, 32]
+    end_epoch = 35
+    lr = 1e-4
+    lr_dec_factor = 10
+    train_batch_size = 8
+    loss_penet_r_weight = 1
+    loss_penet_nr_weight = 5
+    loss_lap_weight = 5
+
+    ## testing config
+    test_batch_size = 1
+
+    ## directories (relative paths are taken from the repository root)
+    root_dir = str(ROOT_DIR)
+    data_dir = str(ROOT_DIR / "data")
+    hand_model_dir = ""  # empty: data_dir/hand_model when it holds a model, else the default hand
+    output_dir = str(ROOT_DIR / "output")
+
+    ## others
+    num_thread = 40
+    gpu_ids = ""
+    num_gpus = 0
+    continue_train = False
+    subject = 4
+
+    # ------------------------------------------------------------------
+    @property
+    def model_dir(self) -> str:
+        return str(Path(self.output_dir) / "model_dump")
+
+    @property
+    def vis_dir(self) -> str:
+        return str(Path(self.output_dir) / "vis")
+
+    @property
+    def log_dir(self) -> str:
+        return str(Path(self.output_dir) / "log")
+
+    @property
+    def result_dir(self) -> str:
+        return str(Path(self.output_dir) / "result")
+
+    def options(self) -> Dict[str, Any]:
+        """All settable options with their current values."""
+        names = [n for n in dir(type(self)) if not n.startswith("_")]
+        return {
+            n: getattr(self, n)
+            for n in names
+            if not callable(getattr(type(self), n)) and not isinstance(getattr(type(self), n), property)
+        }
+
+    def set(self, name: str, value: Any, source: str = "code") -> None:
+        """Set one option, coercing ``value`` to the type of its default."""
+        defaults = Config.options(Config())
+        if name not in defaults:
+            raise ConfigError(
+                f"{source}: unknown option '{name}'; options are: {', '.join(sorted(defaults))}"
+            )
+        setattr(self, name, _coerce(name, value, defaults[name], source))
+
+    def update(self, values: Dict[str, Any], source: str = "code") -> "Config":
+        for name, value in values.items():
+            self.set(name, value, source)
+        return self
+
+    def update_from_yaml(self, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: configuration file not found")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
+        return self.update(values, source=str(path))
+
+    def update_from_strings(self, assignments: Iterable[str]) -> "Config":
+        for text in assignments:
+            if "=" not in text:
+                raise ConfigError(f"--set {text}: expected option=value")
+            name, raw = text.split("=", 1)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            self.set(name.strip(), value, source=f"--set {text}")
+        return self
+
+    def copy(self) -> "Config":
+        return copy.deepcopy(self)
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in sorted(self.options().items())) + ")"
+
+
+def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
+    """Convert ``value`` to the type of ``default``; tuples/lists keep their element types."""
+    def fail(expected: str):
+        raise ConfigError(f"{source}: option '{name}' expects {expected}, got {value!r}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        fail("true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            fail("an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if isinstance(default, (tuple, list)):
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                fail(f"a list like {list(default)!r}")
+        if not isinstance(value, (tuple, list)):
+            fail(f"a list like {list(default)!r}")
+        if isinstance(default, tuple) and len(value) != len(default):
+            fail(f"{len(default)} numbers")
+        elem = type(default[0]) if default else None
+        items = [_coerce(name, v, default[0], source) for v in value] if elem else list(value)
+        return type(default)(items)
+    if isinstance(default, str):
+        return "" if value is None else str(value)
+    return value
+
+
+cfg = Config()

@@ -1,0 +1,48 @@
+"""Shared fixtures. The real MakeHuman hand lives outside the project (../shared); tests that
+need it skip with the reason when it is absent."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from main.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+MAKEHUMAN_DIR = REPO.parent / "shared" / "hand_models" / "makehuman_right"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def makehuman_dir() -> Path:
+    if not (MAKEHUMAN_DIR / "hand.obj").is_file():
+        pytest.skip(f"the MakeHuman hand is not available: {MAKEHUMAN_DIR} not found "
+                    "(it lives in ../shared beside the repository)")
+    return MAKEHUMAN_DIR
+
+
+@pytest.fixture(scope="session")
+def makehuman(makehuman_dir):
+    from common.utils.hand_model import load_hand_model
+
+    return load_hand_model(makehuman_dir)
+
+
+@pytest.fixture(scope="session")
+def default_hand():
+    from common.utils.default_hand import make_default_hand
+
+    return make_default_hand()
+
+
+@pytest.fixture(params=["default", "makehuman"])
+def any_hand(request):
+    """Each test using it runs on the project's default hand and on the MakeHuman hand."""
+    return request.getfixturevalue("default_hand" if request.param == "default" else "makehuman")
+
+
+@pytest.fixture
+def small_cfg() -> Config:
+    config = Config()
+    config.resnet_type = 18
+    return config

@@ -1,0 +1,208 @@
+"""Vectorised kinematics and decode against the plain loop reference of DESIGN §3."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.utils.kinematics import euler_to_matrix, pose_hand, rigid_align, tree_levels
+from main.model import get_model
+from tests.reference import decode_loop_model, decode_reference, euler_matrix_4x4
+
+
+def random_euler(hand, batch, seed, scale=math.pi / 2):
+    g = torch.Generator().manual_seed(seed)
+    e = (torch.rand(batch, hand.joint_num, 3, generator=g) * 2 - 1) * scale
+    return e * torch.from_numpy(hand.dof_mask)
+
+
+def test_euler_to_matrix_matches_rz_ry_rx():
+    theta = (torch.rand(50, 3, dtype=torch.float64) * 2 - 1) * math.pi
+    ours = euler_to_matrix(theta)
+    ref = torch.stack([euler_matrix_4x4(t)[:3, :3] for t in theta])
+    assert torch.allclose(ours, ref, atol=1e-12)
+    # Orthonormal with determinant 1.
+    eye = torch.eye(3, dtype=torch.float64).expand(50, 3, 3)
+    assert torch.allclose(ours @ ours.transpose(1, 2), eye, atol=1e-12)
+    assert torch.allclose(torch.det(ours), torch.ones(50, dtype=torch.float64), atol=1e-12)
+
+
+def test_euler_z_is_flexion_towards_palm(any_hand):
+    # DESIGN §2: a positive z angle at index1 curls the finger towards the palm, which is the
+    # +y side of the wrist frame (y = z × x, x towards the fingers).
+    e = torch.zeros(1, any_hand.joint_num, 3, dtype=torch.float64)
+    rest, _ = pose_hand(any_hand, e)
+    tip = any_hand.joint_index("index_null")
+    e[0, any_hand.joint_index("index1"), 2] = math.radians(60)
+    bent, _ = pose_hand(any_hand, e)
+    palm_normal = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    assert float((bent[0, tip] - rest[0, tip]) @ palm_normal) > 10.0
+
+
+def test_tree_levels_parents_before_children(makehuman):
+    levels = tree_levels(makehuman.parents)
+    seen = {makehuman.root_index}
+    for ids, parents in levels:
+        assert all(p in seen for p in parents)
+        seen.update(ids)
+    assert seen == set(range(22))
+    assert len(levels) == 5
+
+
+def test_tree_levels_rejects_cycle():
+    with pytest.raises(ValueError, match="cycle"):
+        tree_levels([-1, 2, 1])
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_rigid_align_recovers_transform(reflect):
+    g = torch.Generator().manual_seed(1)
+    B, K = 4, 5
+    src = torch.randn(B, K, 3, generator=g, dtype=torch.float64) * 50
+    R = euler_to_matrix((torch.rand(B, 3, generator=g, dtype=torch.float64) * 2 - 1) * math.pi)
+    t = torch.randn(B, 3, generator=g, dtype=torch.float64) * 100
+    tgt = src @ R.transpose(1, 2) + t[:, None]
+    if reflect:
+        # A mirrored target: the best proper rotation, never a reflection.
+        tgt = tgt * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    M = rigid_align(src, tgt)
+    assert torch.allclose(torch.det(M[:, :3, :3]), torch.ones(B, dtype=torch.float64), atol=1e-9)
+    if not reflect:
+        assert torch.allclose(M[:, :3, :3], R, atol=1e-9) and torch.allclose(M[:, :3, 3], t, atol=1e-7)
+    else:
+        # The result is a least-squares optimum: no small rotation about it does better.
+        def err(Mx):
+            return ((src @ Mx[:, :3, :3].transpose(1, 2) + Mx[:, None, :3, 3] - tgt) ** 2).sum()
+        base = err(M)
+        for axis in range(3):
+            d = torch.zeros(B, 3, dtype=torch.float64)
+            d[:, axis] = 1e-3
+            Mp = M.clone()
+            Mp[:, :3, :3] = euler_to_matrix(d) @ M[:, :3, :3]
+            assert err(Mp) >= base - 1e-9
+
+
+def test_rigid_align_matches_loop_formula():
+    # The original's per-sample formula: R = V Uᵀ, flipping V's last column when det < 0.
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 5, 3, generator=g, dtype=torch.float64)
+    Bp = torch.randn(6, 5, 3, generator=g, dtype=torch.float64)
+    M = rigid_align(A, Bp)
+    for i in range(6):
+        ca, cb = A[i].mean(0), Bp[i].mean(0)
+        H = (A[i] - ca).T @ (Bp[i] - cb)
+        U, S, V = torch.svd(H)
+        R = V @ U.T
+        if torch.det(R) < 0:
+            V = torch.stack((V[:, 0], V[:, 1], -V[:, 2]), 1)
+            R = V @ U.T
+        t = cb - R @ ca
+        assert torch.allclose(M[i, :3, :3], R, atol=1e-9) and torch.allclose(M[i, :3, 3], t, atol=1e-9)
+
+
+def randomise_correctives(model, seed):
+    """Give the corrective networks random weights so that correctives are a few mm, not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for net in (model.skeleton_refine_net, model.skin_refine_net):
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_equals_loop_reference(any_hand, small_cfg, batch):
+    torch.manual_seed(0)
+    model = get_model("test", any_hand, small_cfg).eval()
+    randomise_correctives(model, seed=batch)
+    euler = random_euler(any_hand, batch, seed=batch)
+    with torch.no_grad():
+        out = model.decode(euler)
+        skeleton_c = model.skeleton_refine_net(model.id_code)
+        pose_c, id_c = model.skin_refine_net(euler, model.id_code[None])
+    assert skeleton_c.abs().max() > 0.5 and pose_c.abs().max() > 0.5 and id_c.abs().max() > 0.5
+    joints, verts = decode_reference(any_hand, euler.double(), skeleton_c, pose_c, id_c[0])
+    assert out["joint_out"].shape == (batch, any_hand.joint_num, 3)
+    assert out["mesh_out_refined"].shape == (batch, any_hand.vertex_num, 3)
+    assert (out["joint_out"].double() - joints).abs().max() < 1e-4
+    assert (out["mesh_out_refined"].double() - verts).abs().max() < 1e-4
+    # The original's own float32 loop approach agrees too.
+    with torch.no_grad():
+        j2, v2 = decode_loop_model(model, euler)
+    assert (j2.double() - joints).abs().max() < 1e-4 and (v2.double() - verts).abs().max() < 1e-4
+
+
+def test_decode_rest_pose_reproduces_template_in_wrist_frame(any_hand, small_cfg):
+    model = get_model("test", any_hand, small_cfg).eval()
+    model.zero_correctives()
+    with torch.no_grad():
+        out = model.decode(torch.zeros(2, any_hand.joint_num, 3))
+    inv_root = torch.from_numpy(any_hand.global_pose_inv[any_hand.root_index])
+    v = torch.from_numpy(any_hand.vertices)
+    expected = v @ inv_root[:3, :3].T + inv_root[:3, 3]
+    wsum = torch.from_numpy(any_hand.skinning_weights.sum(1))[:, None]
+    # LBS of the rest pose maps every vertex by the root's inverse, scaled by its weight sum.
+    assert (out["mesh_out_refined"][0].double() - expected * wsum).abs().max() < 1e-3
+    joints = torch.from_numpy(any_hand.global_pose[:, :3, 3])
+    expected_j = joints @ inv_root[:3, :3].T + inv_root[:3, 3]
+    assert (out["joint_out"][1].double() - expected_j).abs().max() < 1e-3
+
+
+def test_decode_root_transform_training_mode(makehuman, small_cfg):
+    # With a root transform (training mode), joints follow [R|t] · G'_root.
+    model = get_model("test", makehuman, small_cfg).eval()
+    randomise_correctives(model, seed=7)
+    euler = random_euler(makehuman, 2, seed=5)
+    root = torch.eye(4).repeat(2, 1, 1)
+    root[:, :3, :3] = euler_to_matrix(torch.tensor([[0.3, -0.2, 1.0], [1.2, 0.1, -0.5]]))
+    root[:, :3, 3] = torch.tensor([[10.0, -20.0, 500.0], [0.0, 5.0, 700.0]])
+    G_root = model.refined_template_pose()[model.root_joint_idx]
+    with torch.no_grad():
+        out = model.pose(euler, root @ G_root)
+        skeleton_c = model.skeleton_refine_net(model.id_code)
+        pose_c, id_c = model.skin_refine_net(euler, model.id_code[None])
+        ref_root = (root @ G_root).double()
+    joints, verts = decode_reference(makehuman, euler.double(), skeleton_c, pose_c, id_c[0], root_transform=ref_root)
+    assert (out["joint_out"].double() - joints).abs().max() < 1e-3
+    assert (out["mesh_out_refined"].double() - verts).abs().max() < 1e-3
+
+
+def test_decode_gradients_flow(makehuman, small_cfg):
+    model = get_model("train", makehuman, small_cfg)
+    euler = random_euler(makehuman, 2, seed=2).requires_grad_(True)
+    out = model.decode(euler)
+    (out["mesh_out_refined"].square().mean() + out["joint_out"].square().mean()).backward()
+    assert torch.isfinite(euler.grad).all() and euler.grad.abs().sum() > 0
+    for name in ("skeleton_refine_net.fc_skeleton.2.weight", "skin_refine_net.fc_pose.2.weight",
+                 "skin_refine_net.fc_id.2.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_decode_rejects_wrong_shape(makehuman, small_cfg):
+    model = get_model("test", makehuman, small_cfg)
+    with pytest.raises(ValueError, match=r"expected shape \[B, 22, 3\]"):
+        model.decode(torch.zeros(1, 21, 3))
+
+
+def test_pose_net_fills_dof_slots_in_row_major_order(makehuman, small_cfg):
+    model = get_model("test", makehuman, small_cfg)
+    D = makehuman.dof_num
+    raw = torch.linspace(-2, 2, D)[None]
+    euler = model.pose_net.output_to_euler_angle(raw)
+    slots = np.argwhere(makehuman.dof_mask > 0)
+    assert euler.shape == (1, 22, 3)
+    for k, (j, axis) in enumerate(slots):
+        assert torch.isclose(euler[0, j, axis], torch.tanh(raw[0, k]) * math.pi)
+    mask = torch.from_numpy(makehuman.dof_mask) == 0
+    assert (euler[0][mask] == 0).all()
+
+
+@pytest.mark.parametrize("resnet_type,channels", [(18, 512), (34, 512), (50, 2048)])
+def test_model_forward_image_to_mesh(makehuman, small_cfg, resnet_type, channels):
+    small_cfg.resnet_type = resnet_type
+    model = get_model("test", makehuman, small_cfg).eval()
+    assert model.backbone_net.resnet.out_channels == channels
+    with torch.no_grad():
+        out = model({"img": torch.rand(2, 3, 64, 64)})
+    assert out["mesh_out_refined"].shape == (2, 1622, 3) and out["joint_euler"].shape == (2, 22, 3)
+    assert (out["joint_euler"].abs() <= math.pi).all()

@@ -1,0 +1,484 @@
+"""Tests of the differentiable depth renderer (common/nets/renderer.py, DESIGN §6).
+
+The references here are independent of PyTorch3D: analytic planes, a numpy
+ray/triangle brute force through every pixel centre, and ``cv2.projectPoints``.
+Pixel convention under test: OpenCV, pixel centres at integer coordinates.
+"""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from common.nets.renderer import DepthRenderer, project_points
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MAKEHUMAN = SHARED / "hand_models" / "makehuman_right"
+
+# Full-size camera of the data set (DESIGN §5: 512 high, 334 wide).
+IMG_H, IMG_W = 512, 334
+FOCAL = (1210.0, 1195.0)
+PRINCPT = (170.3, 251.8)
+
+
+# ----------------------------------------------------------------- helpers
+def makehuman():
+    if not MAKEHUMAN.is_dir():
+        pytest.skip(f"../shared/hand_models/makehuman_right not found: {MAKEHUMAN}")
+    from common.utils.hand_model import load_hand_model
+    return load_hand_model(MAKEHUMAN)
+
+
+def look_at(campos, target, up):
+    """World→camera rotation (rows = camera x right, y down, z forward) of a camera at
+    ``campos`` looking at ``target`` with ``up`` pointing up in the image."""
+    z = np.asarray(target, float) - np.asarray(campos, float)
+    z /= np.linalg.norm(z)
+    y = -np.asarray(up, float)
+    y = y - (y @ z) * z
+    y /= np.linalg.norm(y)
+    x = np.cross(y, z)
+    return np.stack([x, y, z])
+
+
+def crop_affine(uv, out_h, out_w, scale=1.5, img_h=IMG_H, img_w=IMG_W):
+    """2x3 affine taking the bounding box of ``uv`` (enlarged ``scale``× about its centre and
+    clipped to the image) onto an ``out_h × out_w`` image, box edges onto image edges, as the
+    data pipeline's crop (DESIGN §5), in the pixel-centre-at-integer convention."""
+    lo, hi = uv.min(0), uv.max(0)
+    c, half = (lo + hi) / 2, (hi - lo) / 2 * scale
+    x0, y0 = max(c[0] - half[0], -0.5), max(c[1] - half[1], -0.5)
+    x1, y1 = min(c[0] + half[0], img_w - 0.5), min(c[1] + half[1], img_h - 0.5)
+    sx, sy = out_w / (x1 - x0), out_h / (y1 - y0)
+    return np.array([[sx, 0.0, -0.5 - sx * x0], [0.0, sy, -0.5 - sy * y0]])
+
+
+def cv2_project(points, camrot, campos, focal, princpt):
+    rvec, _ = cv2.Rodrigues(np.asarray(camrot, np.float64))
+    tvec = -np.asarray(camrot, np.float64) @ np.asarray(campos, np.float64)
+    K = np.array([[focal[0], 0, princpt[0]], [0, focal[1], princpt[1]], [0, 0, 1]], np.float64)
+    uv, _ = cv2.projectPoints(np.asarray(points, np.float64).reshape(-1, 1, 3), rvec, tvec, K, np.zeros(5))
+    return uv.reshape(-1, 2)
+
+
+def apply_affine(A, uv):
+    return uv @ A[:, :2].T + A[:, 2]
+
+
+def brute_force_depth(verts, faces, camrot, campos, focal, princpt, affine, H, W, near=1.0, chunk=256):
+    """Nearest camera depth through every pixel centre by ray/triangle intersection in camera
+    space (Möller–Trumbore), float64.  The ray of pixel (r, c) is K⁻¹ A⁻¹ (c, r, 1).
+
+    Returns ``depth [H, W]`` (0 = empty) and ``margin [H, W]``: for the winning face, the
+    smallest barycentric coordinate, i.e. how far inside its triangle the ray passes
+    (tiny = the pixel centre is on an edge, where coverage is a matter of rounding).
+    """
+    xc = (np.asarray(verts, float) - np.asarray(campos, float)) @ np.asarray(camrot, float).T
+    tri = xc[np.asarray(faces)]                                       # [F, 3, 3]
+    rr, cc = np.mgrid[0:H, 0:W].astype(float)
+    uvp = np.stack([cc.ravel(), rr.ravel()], -1)
+    A = np.eye(3)[:2] if affine is None else np.asarray(affine, float)
+    uv = (uvp - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
+    d = np.stack([(uv[:, 0] - princpt[0]) / focal[0], (uv[:, 1] - princpt[1]) / focal[1],
+                  np.ones(len(uv))], -1)[:, None, :]                  # [P, 1, 3]
+    best = np.full(len(uv), np.inf)
+    margin = np.zeros(len(uv))
+    for s in range(0, len(tri), chunk):
+        p0, e1, e2 = tri[s:s + chunk, 0], tri[s:s + chunk, 1] - tri[s:s + chunk, 0], tri[s:s + chunk, 2] - tri[s:s + chunk, 0]
+        pvec = np.cross(d, e2)                                        # [P, f, 3]
+        det = (pvec * e1).sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = 1.0 / det
+            tvec = -p0[None]
+            a = (tvec * pvec).sum(-1) * inv
+            qvec = np.cross(tvec, e1)
+            b = (d * qvec).sum(-1) * inv
+            t = (e2 * qvec).sum(-1) * inv                             # ray z = 1, so t = depth
+            m = np.minimum(np.minimum(a, b), 1 - a - b)
+            hit = (m > 0) & (t >= near) & np.isfinite(t)
+        t = np.where(hit, t, np.inf)
+        k = t.argmin(1)
+        tk = t[np.arange(len(uv)), k]
+        better = tk < best
+        best[better] = tk[better]
+        margin[better] = m[np.arange(len(uv)), k][better]
+    depth = np.where(np.isfinite(best), best, 0.0)
+    return depth.reshape(H, W), margin.reshape(H, W)
+
+
+def to_t(x, dtype=torch.float32):
+    return torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+def cams_t(camrot, campos, focal, princpt, affine=None, dtype=torch.float32):
+    """One camera as [1, 1, ...] tensors."""
+    out = [to_t(camrot, dtype)[None, None], to_t(campos, dtype)[None, None],
+           to_t(focal, dtype)[None, None], to_t(princpt, dtype)[None, None]]
+    out.append(None if affine is None else to_t(affine, dtype)[None, None])
+    return out
+
+
+def hand_view(verts, azimuth_deg, elevation_deg, distance=700.0):
+    """A camera ``distance`` mm from the mesh's bounding-box centre, looking at it, with the
+    box's longest axis (a hand's fingers) up in the image; azimuth turns about that axis,
+    elevation tilts towards it."""
+    centre = (verts.min(0) + verts.max(0)) / 2
+    long_axis = int(np.argmax(verts.max(0) - verts.min(0)))
+    e = np.eye(3)
+    a, b = (e[i] for i in range(3) if i != long_axis)
+    az, el = np.radians(azimuth_deg), np.radians(elevation_deg)
+    offset = distance * (np.sin(az) * np.cos(el) * a - np.cos(az) * np.cos(el) * b + np.sin(el) * e[long_axis])
+    campos = centre + offset
+    return look_at(campos, centre, up=e[long_axis]), campos
+
+
+# ------------------------------------------------------ 1. analytic planes
+@pytest.mark.parametrize("case", ["triangle_fronto", "tilted_plane", "tilted_plane_affine"])
+def test_plane_depth_and_coverage_are_exact(case):
+    # Non-square on purpose, both ways round: PyTorch3D scales NDC by the shorter side.
+    H, W = (56, 42) if case == "tilted_plane_affine" else (40, 56)
+    focal, princpt = (61.0, 73.0), (27.3, 19.6)
+    camrot, campos = np.eye(3), np.zeros(3)
+    affine = None
+    if case == "triangle_fronto":
+        verts = np.array([[-130.0, -90.0, 500.0], [160.0, -40.0, 500.0], [-20.0, 140.0, 500.0]])
+        faces = np.array([[0, 1, 2]])
+    else:
+        # Depth goes from ~280 to ~730 mm across the image: linear (non-perspective-correct)
+        # interpolation would be off by tens of mm.
+        xy = np.array([[-150.0, -100], [150, -110], [160, 120], [-140, 115]])
+        verts = np.concatenate([xy, 500 + xy @ [[1.25], [0.3]]], 1)
+        faces = np.array([[0, 1, 2], [0, 2, 3]])
+        # A camera that is not at the origin nor axis-aligned: express the same camera-space
+        # geometry in a rotated, shifted world.
+        rot = cv2.Rodrigues(np.array([0.3, -0.5, 0.2]))[0]
+        campos = np.array([40.0, -25.0, 13.0])
+        camrot = rot
+        verts = verts @ rot + campos                  # x = Rᵀ x_c + C  ⇔  x_c = R (x − C)
+    if case == "tilted_plane_affine":
+        # Rotation + anisotropic scale + shift: a general crop affine.
+        ang = np.radians(12.0)
+        A2 = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]) @ np.diag([0.8, 0.65])
+        affine = np.concatenate([A2, np.array([[6.2], [-3.1]])], 1)
+    renderer = DepthRenderer(torch.as_tensor(faces), image_size=(H, W))
+    depth = renderer(to_t(verts)[None], *cams_t(camrot, campos, focal, princpt, affine))[0, 0].double().numpy()
+
+    # Analytic depth of the plane along each pixel's ray, and coverage by a 2-D inside test
+    # in the output image.
+    xc = (verts - campos) @ camrot.T
+    n = np.cross(xc[1] - xc[0], xc[2] - xc[0])
+    rr, cc = np.mgrid[0:H, 0:W].astype(float)
+    uvp = np.stack([cc, rr], -1)
+    A = np.eye(3)[:2] if affine is None else affine
+    uv = (uvp - A[:, 2]) @ np.linalg.inv(A[:, :2]).T
+    ray = np.stack([(uv[..., 0] - princpt[0]) / focal[0], (uv[..., 1] - princpt[1]) / focal[1], np.ones((H, W))], -1)
+    z_true = (n @ xc[0]) / (ray @ n)
+
+    proj = apply_affine(A, np.stack([focal[0] * xc[:, 0] / xc[:, 2] + princpt[0],
+                                     focal[1] * xc[:, 1] / xc[:, 2] + princpt[1]], -1))
+    inside = np.zeros((H, W), bool)
+    edge_dist = np.full((H, W), np.inf)
+    for f in faces:
+        q = proj[f]
+        sd = []
+        for i in range(3):
+            a, b = q[i], q[(i + 1) % 3]
+            e = b - a
+            cross = e[0] * (uvp[..., 1] - a[1]) - e[1] * (uvp[..., 0] - a[0])
+            sd.append(cross / np.linalg.norm(e))
+        e1, e2 = q[1] - q[0], q[2] - q[0]
+        sd = np.stack(sd) * np.sign(e1[0] * e2[1] - e1[1] * e2[0])
+        inside |= (sd > 0).all(0)
+        edge_dist = np.minimum(edge_dist, np.abs(sd).min(0))
+    # The diagonal shared by the two triangles is not an edge of the plane.
+    if len(faces) == 2:
+        edge_dist = np.full((H, W), np.inf)
+        q = proj[[0, 1, 2, 3]]
+        for i in range(4):
+            a, b = q[i], q[(i + 1) % 4]
+            e = b - a
+            cross = e[0] * (uvp[..., 1] - a[1]) - e[1] * (uvp[..., 0] - a[0])
+            edge_dist = np.minimum(edge_dist, np.abs(cross) / np.linalg.norm(e))
+
+    covered = depth > 0
+    clear = edge_dist > 1e-3
+    assert inside.sum() > 300, "test geometry should cover a good part of the image"
+    assert (~inside).sum() > 100, "test geometry should leave part of the image empty"
+    np.testing.assert_array_equal(covered[clear], inside[clear])
+    both = covered & inside
+    assert np.abs(depth[both] - z_true[both]).max() < 1e-3
+
+
+def test_near_plane_clips_triangles_exactly():
+    """A triangle with one vertex behind the camera: only the part at z >= near is drawn,
+    at its exact depth (the reference intersects every pixel's ray with the 3-D triangle)."""
+    H, W = 32, 32
+    focal, princpt = (40.0, 40.0), (15.5, 15.5)
+    near = 20.0
+    verts = np.array([[-200.0, 60.0, 300.0], [230.0, 75.0, 320.0], [15.0, -20.0, -50.0]])
+    faces = np.array([[0, 1, 2]])
+    renderer = DepthRenderer(torch.as_tensor(faces), image_size=(H, W), near=near)
+    camrot, campos = np.eye(3), np.zeros(3)
+    depth = renderer(to_t(verts)[None], *cams_t(camrot, campos, focal, princpt))[0, 0].double().numpy()
+    ref, margin = brute_force_depth(verts, faces, camrot, campos, focal, princpt, None, H, W, near=near)
+    # How far each ray's plane intersection is from the near plane (ambiguous pixels).
+    n = np.cross(verts[1] - verts[0], verts[2] - verts[0])
+    rr, cc = np.mgrid[0:H, 0:W].astype(float)
+    ray = np.stack([(cc - princpt[0]) / focal[0], (rr - princpt[1]) / focal[1], np.ones((H, W))], -1)
+    z_plane = (n @ verts[0]) / (ray @ n)
+    clear = (np.abs(margin) > 1e-6) & (np.abs(z_plane - near) > 1e-3)
+    assert (ref > 0).sum() > 100 and (ref == 0).sum() > 50
+    np.testing.assert_array_equal((depth > 0)[clear], (ref > 0)[clear])
+    both = (depth > 0) & (ref > 0)
+    assert np.abs(depth[both] - ref[both]).max() < 1e-3
+    assert depth[depth > 0].min() >= near - 1e-4
+
+    # The far plane empties pixels whose nearest surface lies beyond it.
+    far = 200.0
+    depth_far = DepthRenderer(torch.as_tensor(faces), image_size=(H, W), near=near, far=far)(
+        to_t(verts)[None], *cams_t(camrot, campos, focal, princpt))[0, 0].numpy()
+    np.testing.assert_array_equal(depth_far, np.where(depth <= far, depth, 0.0).astype(np.float32))
+    assert (depth_far > 0).sum() < (depth > 0).sum()
+
+
+# ------------------------------------------------- 2. real hand vs brute force
+def _check_against_brute_force(verts, faces, size=48, views=((20.0, 10.0), (115.0, -25.0))):
+    focal, princpt = FOCAL, PRINCPT
+    renderer = DepthRenderer(torch.as_tensor(faces), image_size=(size, size))
+    for az, el in views:
+        camrot, campos = hand_view(verts, az, el)
+        uv = cv2_project(verts, camrot, campos, focal, princpt)
+        assert (uv.min(0) > 0).all() and (uv.max(0) < [IMG_W, IMG_H]).all(), "hand must fit the 512x334 image"
+        affine = crop_affine(uv, size, size)
+        depth = renderer(to_t(verts)[None], *cams_t(camrot, campos, focal, princpt, affine))[0, 0].double().numpy()
+        ref, margin = brute_force_depth(verts, faces, camrot, campos, focal, princpt, affine, size, size)
+        cov, cov_ref = depth > 0, ref > 0
+        iou = (cov & cov_ref).sum() / (cov | cov_ref).sum()
+        assert cov_ref.sum() > 0.2 * size * size, "the hand should fill a good part of the crop"
+        assert iou >= 0.99, f"view az={az} el={el}: coverage IoU {iou:.4f}"
+        both = cov & cov_ref
+        err = np.abs(depth - ref)[both]
+        assert err.max() < 0.01, f"view az={az} el={el}: max depth error {err.max():.4g} mm"
+        assert 500 < ref[cov_ref].min() < ref[cov_ref].max() < 800
+
+
+def test_makehuman_hand_matches_brute_force():
+    hand = makehuman()
+    _check_against_brute_force(np.asarray(hand.vertices, float), np.asarray(hand.faces))
+
+
+def test_default_hand_matches_brute_force():
+    mod = pytest.importorskip("common.utils.default_hand",
+                              reason="common.utils.default_hand not written yet")
+    if not hasattr(mod, "make_default_hand"):
+        pytest.skip("common.utils.default_hand has no make_default_hand yet")
+    hand = mod.make_default_hand()
+    _check_against_brute_force(np.asarray(hand.vertices, float), np.asarray(hand.faces))
+
+
+# ------------------------------------------------------ 3. pixel convention
+def test_project_points_matches_cv2():
+    hand = makehuman()
+    joints = np.asarray(hand.global_pose, float)[:, :3, 3]
+    verts = np.asarray(hand.vertices, float)
+    camrot, campos = hand_view(verts, 35.0, 20.0)
+    uv_cv = cv2_project(joints, camrot, campos, FOCAL, PRINCPT)
+    z_cv = ((joints - campos) @ camrot.T)[:, 2]
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 0.01)):
+        cams = cams_t(camrot, campos, FOCAL, PRINCPT, dtype=dtype)
+        out = project_points(to_t(joints, dtype)[None], *cams)[0, 0].double().numpy()
+        assert np.abs(out[:, :2] - uv_cv).max() < tol
+        assert np.abs(out[:, 2] - z_cv).max() < tol
+        affine = crop_affine(cv2_project(verts, camrot, campos, FOCAL, PRINCPT), 64, 48)
+        cams[-1] = to_t(affine, dtype)[None, None]
+        out = project_points(to_t(joints, dtype)[None], *cams)[0, 0].double().numpy()
+        assert np.abs(out[:, :2] - apply_affine(affine, uv_cv)).max() < tol
+
+
+def bicone(centre, camrot, radius, sides=32):
+    """A camera-facing double cone about ``centre``: a ``sides``-gon of ``radius`` mm in the
+    camera's x-y plane and two apexes ``radius`` mm in front and behind, so that its
+    silhouette is a near-disc symmetric about the projected centre."""
+    axes = np.asarray(camrot, float)                 # rows: camera x, y, z in world
+    ang = 2 * np.pi * (np.arange(sides) + 0.5) / sides
+    ring = (np.cos(ang)[:, None] * axes[0] + np.sin(ang)[:, None] * axes[1]) * radius
+    v = np.concatenate([ring, -axes[2:] * radius, axes[2:] * radius]) + centre
+    i, j = np.arange(sides), (np.arange(sides) + 1) % sides
+    f = np.concatenate([np.stack([i, j, np.full(sides, sides)], 1),
+                        np.stack([j, i, np.full(sides, sides + 1)], 1)])
+    return v, f
+
+
+def test_rendered_blob_lands_where_cv2_projects():
+    hand = makehuman()
+    verts = np.asarray(hand.vertices, float)
+    camrot, campos = hand_view(verts, -30.0, 15.0)
+    H, W = 48, 64
+    for j in (hand.joint_index("index2"), hand.joint_index("thumb3"), hand.joint_index("wrist")):
+        centre = np.asarray(hand.global_pose, float)[j, :3, 3]
+        uv = cv2_project(centre[None], camrot, campos, FOCAL, PRINCPT)[0]
+        # Crop a 48x64 window around the point, scaled 1.3x, with the point off the
+        # pixel grid (u' = 30.37, v' = 21.71), so that half-pixel slips would show.
+        s = 1.3
+        affine = np.array([[s, 0.0, 30.37 - s * uv[0]], [0.0, s, 21.71 - s * uv[1]]])
+        target = apply_affine(affine, uv[None])[0]
+        radius = 6.0                                 # ~14 px in the crop
+        bv, bf = bicone(centre, camrot, radius)
+        depth = DepthRenderer(torch.as_tensor(bf), image_size=(H, W))(
+            to_t(bv)[None], *cams_t(camrot, campos, FOCAL, PRINCPT, affine))[0, 0].numpy()
+        rr, cc = np.nonzero(depth > 0)
+        assert len(rr) > 300
+        centroid = np.array([cc.mean(), rr.mean()])
+        # A half-pixel convention error would move the centroid by 0.5 px; sampling a disc
+        # this size on the pixel grid moves it by a few hundredths.
+        assert np.abs(centroid - target).max() < 0.1, (centroid, target)
+        # The pixel nearest the projected point sees the blob's front, close to its apex.
+        z_c = ((centre - campos) @ camrot.T)[2]
+        d = depth[int(round(target[1])), int(round(target[0]))]
+        assert z_c - radius - 1e-3 <= d <= z_c - radius + 1.0
+        # And pixel by pixel it is what rays through the pixel centres see.
+        ref, margin = brute_force_depth(bv, bf, camrot, campos, FOCAL, PRINCPT, affine, H, W)
+        clear = np.abs(margin) > 1e-6
+        np.testing.assert_array_equal((depth > 0)[clear], (ref > 0)[clear])
+        both = (depth > 0) & (ref > 0)
+        assert np.abs(depth[both] - ref[both]).max() < 1e-3
+
+
+# ----------------------------------------------------------------- 4. batch
+def test_batched_views_equal_separate_renders():
+    hand = makehuman()
+    verts0 = np.asarray(hand.vertices, float)
+    faces = torch.as_tensor(hand.faces)
+    size = 24
+    rng = np.random.default_rng(0)
+    B, N = 2, 3
+    verts = np.stack([verts0, verts0 + rng.normal(0, 2.0, verts0.shape)])
+    rots, poss, affs = [], [], []
+    for b in range(B):
+        for n in range(N):
+            camrot, campos = hand_view(verts[b], 60.0 * n + 25.0 * b, 10.0 * n - 15.0)
+            rots.append(camrot)
+            poss.append(campos)
+            affs.append(crop_affine(cv2_project(verts[b], camrot, campos, FOCAL, PRINCPT), size, size))
+    camrot = to_t(np.stack(rots)).reshape(B, N, 3, 3)
+    campos = to_t(np.stack(poss)).reshape(B, N, 3)
+    affine = to_t(np.stack(affs)).reshape(B, N, 2, 3)
+    focal = to_t(FOCAL).expand(B, N, 2).clone()
+    focal[1, 2] = torch.tensor([1100.0, 1150.0])
+    princpt = to_t(PRINCPT).expand(B, N, 2).clone()
+    renderer = DepthRenderer(faces, image_size=(size, size))
+    v = to_t(verts)
+    together = renderer(v, camrot, campos, focal, princpt, affine)
+    assert together.shape == (B, N, size, size)
+    for b in range(B):
+        for n in range(N):
+            alone = renderer(v[b:b + 1], camrot[b:b + 1, n:n + 1], campos[b:b + 1, n:n + 1],
+                             focal[b:b + 1, n:n + 1], princpt[b:b + 1, n:n + 1], affine[b:b + 1, n:n + 1])
+            assert (alone[0, 0] > 0).sum() > 50
+            assert torch.equal(together[b, n], alone[0, 0]), (b, n)
+    # project_points is batched the same way.
+    proj = project_points(v, camrot, campos, focal, princpt, affine)
+    assert torch.equal(proj[1, 2], project_points(v[1:], camrot[1:, 2:], campos[1:, 2:], focal[1:, 2:],
+                                                  princpt[1:, 2:], affine[1:, 2:])[0, 0])
+
+
+# ------------------------------------------------------------- 5. gradients
+def test_depth_loss_gradient_descends():
+    hand = makehuman()
+    verts0 = np.asarray(hand.vertices, float)
+    size = 32
+    camrot, campos = hand_view(verts0, 10.0, 5.0)
+    affine = crop_affine(cv2_project(verts0, camrot, campos, FOCAL, PRINCPT), size, size)
+    cams = cams_t(camrot, campos, FOCAL, PRINCPT, affine)
+    renderer = DepthRenderer(torch.as_tensor(hand.faces), image_size=(size, size))
+    # Target: the same hand 3 mm farther from the camera.
+    view_dir = to_t(camrot[2])
+    target = renderer(to_t(verts0)[None] + 3.0 * view_dir, *cams).detach()
+
+    def loss_of(v):
+        d = renderer(v, *cams)
+        both = (d > 0) & (target > 0)
+        return (d - target).abs()[both].mean()
+
+    v = to_t(verts0)[None].clone().requires_grad_(True)
+    loss = loss_of(v)
+    loss.backward()
+    g = v.grad
+    assert torch.isfinite(g).all()
+    assert g.abs().sum() > 0
+    # Most of the gradient pushes vertices away from the camera (towards the target).
+    assert (g[0] @ view_dir).sum() < 0
+    with torch.no_grad():
+        stepped = v - 0.5 * g / g.abs().max()
+        assert loss_of(stepped) < loss.detach() - 1e-3
+
+
+def test_depth_gradient_matches_finite_differences():
+    """On a tilted triangle: d(sum of depth over the pixels covered throughout)/d(vertex)
+    from autograd agrees with central differences of the rendered depth."""
+    H, W = 32, 32
+    cams = cams_t(np.eye(3), np.zeros(3), (40.0, 40.0), (15.5, 15.5), dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2]])
+    renderer = DepthRenderer(faces, image_size=(H, W))
+    v0 = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 420.0], [15.0, -180.0, 250.0]]], dtype=torch.float64)
+    v = v0.clone().requires_grad_(True)
+    depth = renderer(v, *cams)
+    h = 0.25
+    for i in range(3):
+        for k in range(3):
+            dv = torch.zeros_like(v0)
+            dv[0, i, k] = h
+            plus, minus = renderer(v0 + dv, *cams), renderer(v0 - dv, *cams)
+            mask = (depth > 0) & (plus > 0) & (minus > 0)
+            assert mask.sum() > 100
+            (g,) = torch.autograd.grad((depth * mask).sum(), v, retain_graph=True)
+            fd = ((plus - minus) * mask).sum() / (2 * h)
+            assert abs(g[0, i, k] - fd) <= 0.01 * abs(fd) + 1e-2, (i, k, float(g[0, i, k]), float(fd))
+
+    # Through the near-plane clipper the gradient stays finite.  (It is not exact there:
+    # PyTorch3D's clip.py detaches one of the two cut-point weights; see the renderer's
+    # module docstring.)
+    v = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 320.0], [15.0, -20.0, -50.0]]],
+                     dtype=torch.float64, requires_grad=True)
+    DepthRenderer(faces, image_size=(H, W), near=20.0)(v, *cams).sum().backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- 6. errors
+def test_shape_errors_are_clear():
+    faces = torch.tensor([[0, 1, 2]])
+    r = DepthRenderer(faces, image_size=(8, 8))
+    assert "faces" not in r.state_dict()
+    assert r.faces.dtype == torch.int64
+    B, N = 2, 3
+    v = torch.zeros(B, 3, 3)
+    rot = torch.eye(3).expand(B, N, 3, 3)
+    pos, f, c, a = torch.zeros(B, N, 3), torch.ones(B, N, 2), torch.zeros(B, N, 2), torch.zeros(B, N, 2, 3)
+    with pytest.raises(ValueError, match=r"camrot: expected \[B, N, 3, 3\] matching vertices' batch B=2"):
+        r(v, rot[:1], pos, f, c, a)
+    with pytest.raises(ValueError, match=r"camrot: expected \[B, N, 3, 3\]"):
+        r(v, torch.eye(3).expand(B, 3, 3), pos, f, c, a)
+    with pytest.raises(ValueError, match=r"vertices: expected \[B, V, 3\]"):
+        r(v[0], rot, pos, f, c, a)
+    with pytest.raises(ValueError, match=r"campos: expected \[B, N, 3\] with B=2, N=3"):
+        r(v, rot, pos[:, :2], f, c, a)
+    with pytest.raises(ValueError, match=r"focal: expected \[B, N, 2\]"):
+        r(v, rot, pos, f[..., :1], c, a)
+    with pytest.raises(ValueError, match=r"princpt: expected \[B, N, 2\]"):
+        r(v, rot, pos, f, c.transpose(0, 1), a)
+    with pytest.raises(ValueError, match=r"affine: expected \[B, N, 2, 3\]"):
+        r(v, rot, pos, f, c, a[..., :2])
+    with pytest.raises(ValueError, match=r"vertices: faces index vertex 2, but vertices has only V=2"):
+        r(v[:, :2], rot, pos, f, c, a)
+    with pytest.raises(ValueError, match=r"points: expected \[B, V, 3\]"):
+        project_points(v[..., :2], rot, pos, f, c)
+    with pytest.raises(ValueError, match=r"faces: expected \[F, 3\]"):
+        DepthRenderer(torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"image_size"):
+        DepthRenderer(faces, image_size=(8, 0))
+    with pytest.raises(ValueError, match=r"near"):
+        DepthRenderer(faces, near=0.0)
+    # Right shapes work, affine optional.
+    assert r(v, rot, pos, f, c, None).shape == (B, N, 8, 8)
