@@ -1,46 +1,52 @@
 """The project's own default right hand: a generated template in the released hand-model format.
 
-:func:`make_default_hand` builds, deterministically and in well under a second, a plausible adult
-right hand (not any particular person) with the released model's 22 joints (same names, ids and
-parents as ``skeleton.txt``; ``b_r_wrist`` is the root), a closed triangle mesh, smooth skinning
-weights and the three pose files. ``python -m common.utils.default_hand --out DIR`` writes the six
-files with :func:`~common.utils.hand_model.save_hand_model`.
+:func:`make_default_hand` builds, deterministically (no randomness) and in a fraction of a second,
+a plausible adult right hand (not any particular person) with the released model's 22 joints (same
+names, ids and parents as its ``skeleton.txt``; ``b_r_wrist``, id 21, is the root), a closed
+triangle mesh (4,932 vertices, 9,860 triangles), smooth skinning weights and the three pose files.
+``python -m common.utils.default_hand --out DIR`` writes the six files with
+:func:`~common.utils.hand_model.save_hand_model`.
 
-World frame (mm; the mesh is written in cm as the format wants):
+World frame (mm; the mesh is stored in cm as the format wants), rest pose a flat open hand with
+the fingers slightly spread:
 
 * origin at the wrist joint (the wrist crease),
 * ``+y`` from the wrist towards the middle finger's knuckle (the fingers point up ``+y``),
 * ``+z`` the palm normal (out of the palm; the back of the hand faces ``-z``),
-* ``+x`` the radial side (towards the thumb), so ``x, y, z`` is right-handed.
+* ``+x`` the radial side (towards the thumb); ``x, y, z`` is right-handed.
 
 Looking at the palm (from ``+z``) with the fingers up, the thumb is on the viewer's right, as for
-any right hand seen palm-on.
+any right hand seen palm-on (from the back it is on the left).
 
-Joint frames (DESIGN §2): ``x`` along the bone towards the child, ``y`` towards the palm (the
-side a finger curls to), ``z = x × y`` the flexion axis, so a positive ``z`` angle at
-``X1/X2/X3`` and at the thumb joints curls a digit towards the palm; a ``_null`` tip keeps its
-parent's orientation. The wrist's ``x`` points at the middle knuckle and its ``y`` out of the
-palm (positive ``z`` flexes the hand palm-wards).
+Joint frames (DESIGN §2): ``x`` along the bone towards the child, ``y`` towards the palm side (the
+side a digit curls to), ``z = x × y`` the flexion axis, so a positive ``z`` angle at ``X1/X2/X3``
+curls a finger towards the palm and at the thumb joints curls the thumb across it; a ``_null``
+tip keeps its parent's orientation. The wrist's ``x`` points at the middle knuckle (world ``+y``),
+its ``y`` out of the palm (``+z``) and its ``z`` to the thumb (``+x``): positive ``z`` flexes the
+hand palm-wards. These are the conventions of the released model (and of ``makehuman_right``).
+Thumb joints: ``thumb0`` inside the palm between the wrist and the CMC joint, ``thumb1`` the CMC
+joint, ``thumb2`` the MCP joint, ``thumb3`` the IP joint, ``thumb_null`` the tip.
 
-Proportions (DESIGN §2): wrist crease to middle fingertip ≈ 187 mm, wrist to middle knuckle
-95 mm, breadth across the index-little knuckles ≈ 80 mm, phalanges (proximal / middle / distal)
-index 40/23/18, middle 45/27/19, ring 42/26/19, little 33/18/17 mm, thumb metacarpal 45, proximal
-32, distal 27 mm; fingers 17-19.5 mm wide at the base tapering to 13.5-15 mm at the tip; the
-knuckles on an arc with the little finger's lowest; the thumb's CMC joint (``b_r_thumb1``) on the
-radial side a third of the way from the wrist to the index knuckle, the thumb pointing 40° away
-from the index and rotated 45° towards the palm. ``b_r_thumb0`` sits between the wrist and the
-CMC joint, inside the palm.
+Proportions (DESIGN §2): wrist crease to middle fingertip 187 mm; wrist to middle knuckle 95 mm;
+breadth across the index-little knuckles 80 mm; knuckles on an arc (index 92, middle 95, ring
+91.5, little 83 mm from the wrist); phalanges (proximal / middle / distal) index 40/23/18, middle
+45/27/19, ring 42/26/19, little 33/18/17 mm, thumb metacarpal 45, proximal 32, distal 27 mm;
+fingers 17-19.5 mm wide at the base tapering to 13.5-15 mm at the tip; the thumb's CMC joint on
+the radial side a third of the way from the wrist to the index knuckle, the thumb pointing 40° away
+from the index and rotated 45° towards the palm.
 
-Mesh: one closed, consistently outward-oriented triangle surface built from quad grids: a palm
-tube whose top rim is split into the four finger tubes (neighbouring fingers share a short web
-edge), a thumb tube grown out of a hole on the palm's radial side, rounded fingertips and a
-closed wrist cap. Each part has its own uv chart (cylindrical unwrap, seams duplicated).
+Mesh: one closed, consistently outward-oriented, genus-0 triangle surface built from quad grids: a
+palm tube whose top rim is split into the four finger tubes (neighbouring fingers share a short
+web edge), a thumb tube grown out of a hole on the palm's radial side through a thenar mound,
+rounded fingertips and a closed wrist cap. Each part has its own uv chart (cylindrical unwrap,
+seams duplicated).
 
-Skinning: a vertex between joint ``X1`` and ``X2`` belongs to ``X1`` (the bone from a joint to
-its child moves with that joint). Weights blend smoothly (smoothstep along the bone) across every
-joint, over ±8 mm on the back of a digit and wider on the palm side, where the skin folds when the
-digit flexes, so that a fist neither tears nor collapses. The palm goes to the wrist, the
-thenar region to ``b_r_thumb0``/``b_r_thumb1``; tips (``_null``) carry no weight.
+Skinning: a vertex between joint ``X1`` and ``X2`` belongs to ``X1`` (the bone from a joint to its
+child moves with that joint). Weights pass smoothly (smoothstep along the bone) from a parent to a
+child joint over ±8 mm on the back of a digit and wider on the palm side, where the skin folds as
+the digit flexes, so that a fist neither tears nor collapses. The palm goes to the wrist, the
+thenar region to ``b_r_thumb0``/``b_r_thumb1``; tips (``_null``) carry no weight. Weights have six
+decimals, as in the released files.
 """
 from __future__ import annotations
 
@@ -78,7 +84,7 @@ _THUMB_LENGTHS = (45.0, 32.0, 27.0)  # metacarpal, proximal, distal
 _THUMB_SPREAD, _THUMB_PALMAR_TILT, _THUMB_PAD_TILT = 40.0, 45.0, 50.0  # degrees
 
 _HOLE_PHI = (-35.0, 75.0)  # where the thumb leaves the palm: outline angle (deg, 0 radial, 90 palmar)
-_HOLE_Y = (12.0, 58.0)     # ... and height (mm)
+_HOLE_Y = (8.0, 58.0)      # ... and height (mm)
 _THUMB_FREE = 40.0         # the thumb tube is round from here (mm from the CMC joint along the thumb)
 _THENAR = 7.0              # bulge of the thenar mound (mm)
 _RING = 20          # vertices around a finger
@@ -87,6 +93,8 @@ _PALM_LEVELS = 30   # palm vertex rows from the wrist cap to the finger rim
 _STEP = 3.0         # target ring spacing along the digits (mm)
 _TIP_OVERHANG = 1.0  # skin beyond the tip joint (mm)
 _BLEND_BACK, _BLEND_PALM = 8.0, 1.05  # skinning blend half-width: mm + factor x palmar depth
+_THUMB_CORE, _THUMB_FADE = 14.0, 30.0  # the thumb joints move what lies within 14 mm of the thumb's
+# bones (the thumb and the thenar mound), fading to nothing 30 mm further out
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -194,7 +202,7 @@ def _palm_outline(y):
     radial = np.interp(y, [-12, 0, 30, 60, 80, 110], [27.0, 27.5, 30.0, 31.5, 31.0, 30.0])
     ulnar = np.interp(y, [-12, 0, 30, 55, 75, 110], [-28.5, -29.5, -38.0, -45.5, -48.5, -49.0])
     dorsal = np.interp(y, [-12, 0, 30, 60, 90], [-17.0, -16.0, -13.0, -11.5, -10.5])
-    palmar = np.interp(y, [-12, 0, 30, 60, 90], [18.0, 18.0, 17.5, 16.5, 16.0])
+    palmar = np.interp(y, [-12, 0, 30, 60, 85, 105], [18.0, 18.0, 17.5, 16.5, 15.0, 11.0])
     return radial, ulnar, dorsal, palmar
 
 
@@ -230,15 +238,18 @@ class _Builder:
     def __init__(self):
         self.points: List[np.ndarray] = []
         self.labels: List[np.ndarray] = []
+        self.rim_dist: List[np.ndarray] = []
         self.uvs: List[np.ndarray] = []
         self.n = self.n_uv = 0
         self.polys: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
 
-    def add(self, pts, label: int) -> np.ndarray:
+    def add(self, pts, label: int, rim_dist=np.inf) -> np.ndarray:
+        """Add vertices of one part; ``rim_dist``: how far up a finger tube from the palm (mm)."""
         pts = np.asarray(pts, np.float64).reshape(-1, 3)
         ids = np.arange(self.n, self.n + len(pts))
         self.points.append(pts)
         self.labels.append(np.full(len(pts), label))
+        self.rim_dist.append(np.broadcast_to(np.asarray(rim_dist, np.float64), (len(pts),)))
         self.n += len(pts)
         return ids
 
@@ -288,7 +299,7 @@ class _Builder:
             for o in order:
                 faces.append(tuple(v[i] for i in o))
                 face_uvs.append(tuple(t[i] for i in o))
-        return (verts, np.concatenate(self.labels), np.concatenate(self.uvs),
+        return (verts, np.concatenate(self.labels), np.concatenate(self.rim_dist), np.concatenate(self.uvs),
                 np.asarray(faces, np.int64), np.asarray(face_uvs, np.int64))
 
 
@@ -342,7 +353,12 @@ def _fix_orientation(faces: np.ndarray, verts: np.ndarray) -> np.ndarray:
 
 
 def _build_mesh():
-    """Vertices (mm), labels, uvs, faces, face_uvs and the thumb hole's vertex ids."""
+    """The template surface.
+
+    Returns:
+        ``(vertices [V, 3] mm, part labels [V], distance up a finger tube from the palm [V] (mm, inf
+        elsewhere), uvs [T, 2], faces [F, 3], face_uvs [F, 3])``, faces oriented outward.
+    """
     fingers = _finger_geometry()
     thumb = _thumb_geometry()
     B = _Builder()
@@ -374,7 +390,7 @@ def _build_mesh():
     t = np.arange(_PALM_LEVELS + 1) / _PALM_LEVELS
     y = _WRIST_Y + t[:, None] * (rim_xyz[None, :, 1] - _WRIST_Y)            # [levels, cols]
     palm = _palm_point(phi[None, :], y)
-    blend = _smoothstep((y - (rim_xyz[None, :, 1] - 26.0)) / 26.0)[..., None]
+    blend = _smoothstep((y - (rim_xyz[None, :, 1] - 32.0)) / 32.0)[..., None]
     palm = (1 - blend) * palm + blend * rim_xyz[None]
     palm[..., 1] = y
     palm_ids = B.add(palm.reshape(-1, 3), _PALM).reshape(palm.shape[:2])
@@ -387,7 +403,8 @@ def _build_mesh():
     col_phi = (np.degrees(phi) + 180.0) % 360.0 - 180.0
     cols = [c for c in range(n_cols) if _HOLE_PHI[0] <= col_phi[c] <= _HOLE_PHI[1]]
     c0, c1 = min(cols), max(cols)
-    assert cols == list(range(c0, c1 + 1)), "thumb hole columns must be contiguous"
+    if cols != list(range(c0, c1 + 1)):
+        raise RuntimeError("default hand: the thumb's hole in the palm is not one patch")
     y_mid = y[:, c0:c1 + 1].mean(axis=1)
     k0, k1 = (int(np.argmin(np.abs(y_mid - h))) for h in _HOLE_Y)
     n_around = 2 * ((c1 - c0) + (k1 - k0))
@@ -442,7 +459,7 @@ def _build_mesh():
         prev_uv = B.add_uv(_ring_uv(_RING, 0.0, chart))
         for j in range(1, n_rings + 1):
             s = s_base + (s_end - s_base) * j / n_rings
-            ids = B.add(_finger_point(fg, s, theta), 1 + f)
+            ids = B.add(_finger_point(fg, s, theta), 1 + f, s - s_base)
             uv = B.add_uv(_ring_uv(_RING, j / total, chart))
             B.strip(prev, ids, prev_uv, uv)
             prev, prev_uv = ids, uv
@@ -450,7 +467,8 @@ def _build_mesh():
         lateral, palm_dir = fg["frame"][:, 2], fg["frame"][:, 1]
         for i, ang in enumerate(np.radians([22.5, 45.0, 67.5])):
             shrink = np.cos(ang)
-            off = (a * np.cos(theta))[:, None] * lateral + (np.where(np.sin(theta) > 0, pal, dor) * np.sin(theta))[:, None] * palm_dir
+            off = ((a * np.cos(theta))[:, None] * lateral
+                   + (np.where(np.sin(theta) > 0, pal, dor) * np.sin(theta))[:, None] * palm_dir)
             pts = fg["mcp"] + (s_end + cap_len * np.sin(ang)) * fg["u"] + shrink * off
             ids = B.add(pts, 1 + f)
             uv = B.add_uv(_ring_uv(_RING, (n_rings + 1 + i) / total, chart))
@@ -495,7 +513,7 @@ def _build_mesh():
 
     cap_len = 8.0
     tau_end = length + _TIP_OVERHANG - cap_len
-    n_trans = 8
+    n_trans = 11
     taus = np.arange(_THUMB_FREE, tau_end, _STEP)
     taus = np.append(taus[:-1] if tau_end - taus[-1] < 0.5 * _STEP else taus, tau_end)
     total = n_trans + len(taus) + 3
@@ -508,39 +526,41 @@ def _build_mesh():
     radial_dir = np.cos(uniform)[:, None] * e1 + np.sin(uniform)[:, None] * e2
     out = np.clip(radial_dir @ np.array([0.0, 0.0, 1.0]), 0.0, None)
     chart = (0.0, 0.5, 0.5, 0.5)
+    n_half, half = n_around // 2, uniform[::2]
     prev, prev_uv = hole, B.add_uv(_ring_uv(n_around, 0.0, chart))
     for j in range(1, n_trans + len(taus)):
         if j < n_trans:   # the thenar mound: a Hermite sweep from the hole to the first round ring
             g = j / n_trans
             pts = (2 * g ** 3 - 3 * g ** 2 + 1) * hole_pts + (-2 * g ** 3 + 3 * g ** 2) * ring_free
-            pts += (g ** 3 - 2 * g ** 2 + g) * reach * start_dir * 0.9 + (g ** 3 - g ** 2) * reach * d[None] * 0.6
-            pts += (_THENAR * np.sin(np.pi * g) * out)[:, None] * radial_dir
-        else:
-            tau = np.full(n_around, taus[j - n_trans])
-            pts = thumb_point(tau, uniform, thumb_radius(tau, uniform))
-        ids = B.add(pts, _THUMB)
-        uv = B.add_uv(_ring_uv(n_around, j / total, chart))
-        B.strip(prev, ids, prev_uv, uv)
+            pts += (g ** 3 - 2 * g ** 2 + g) * reach * start_dir * 1.3 + (g ** 3 - g ** 2) * reach * d[None] * 0.6
+            pts += (_THENAR * np.sin(np.pi * g) ** 2 * out)[:, None] * radial_dir
+            ids = B.add(pts, _THUMB)
+            uv = B.add_uv(_ring_uv(n_around, j / total, chart))
+            B.strip(prev, ids, prev_uv, uv)
+        else:  # the round thumb, with half as many vertices around as the hole
+            tau = np.full(n_half, taus[j - n_trans])
+            ids = B.add(thumb_point(tau, half, thumb_radius(tau, half)), _THUMB)
+            uv = B.add_uv(_ring_uv(n_half, j / total, chart))
+            (B.halving if j == n_trans else B.strip)(prev, ids, prev_uv, uv)
         prev, prev_uv = ids, uv
     for i, a in enumerate(np.radians([22.5, 45.0, 67.5])):
-        pts = thumb_point(tau_end + cap_len * np.sin(a), uniform, thumb_radius(tau_end, uniform, np.cos(a)))
+        pts = thumb_point(tau_end + cap_len * np.sin(a), half, thumb_radius(tau_end, half, np.cos(a)))
         ids = B.add(pts, _THUMB)
-        uv = B.add_uv(_ring_uv(n_around, (n_trans + len(taus) + i) / total, chart))
+        uv = B.add_uv(_ring_uv(n_half, (n_trans + len(taus) + i) / total, chart))
         B.strip(prev, ids, prev_uv, uv)
         prev, prev_uv = ids, uv
     tip = B.add(_THUMB_CMC + (tau_end + cap_len) * d + 1.0 * e2, _THUMB)[0]
     B.fan(prev, tip, prev_uv, B.add_uv([[chart[0] + 0.5 * chart[2], chart[1] + chart[3]]])[0])
 
-    verts, labels, uvs, faces, face_uvs = B.triangles()
+    verts, labels, rim_dist, uvs, faces, face_uvs = B.triangles()
     # drop the palm vertices inside the thumb hole (no face uses them)
     used = np.zeros(len(verts), bool)
     used[faces.ravel()] = True
     remap = np.cumsum(used) - 1
-    hole_new = remap[hole]
-    verts, labels, faces = verts[used], labels[used], remap[faces]
+    verts, labels, rim_dist, faces = verts[used], labels[used], rim_dist[used], remap[faces]
     faces, flipped = _fix_orientation(faces, verts)
     face_uvs[flipped] = face_uvs[flipped, ::-1]
-    return verts, labels, uvs, faces, face_uvs, hole_new
+    return verts, labels, rim_dist, uvs, faces, face_uvs
 
 
 # ----------------------------------------------------------------------------- skinning
@@ -568,14 +588,16 @@ def _half_widths(verts, joints, palm_dir):
     return _BLEND_BACK + _BLEND_PALM * depth
 
 
-def _skinning_weights(verts, labels, hole_ids):
+def _skinning_weights(verts, labels, rim_dist):
+    """``[V, 22]`` skinning weights: non-negative, each row summing to 1, none on the ``_null`` tips."""
     V = len(verts)
     W = np.zeros((V, len(JOINT_NAMES)))
     fingers = _finger_geometry()
     thumb = _thumb_geometry()
 
-    # finger affinity: soft assignment by distance to each finger's axis line (in the hand plane);
-    # 1 along a finger's own tube, shared half and half on the web between two fingers.
+    # finger affinity: on the palm a soft assignment by distance to each finger's axis line (in the
+    # hand plane), half and half on the web between two fingers; a finger's own tube from ~10 mm
+    # beyond the web.
     dist = []
     for f in fingers:
         rel = verts - f["mcp"]
@@ -585,6 +607,8 @@ def _skinning_weights(verts, labels, hole_ids):
     affinity = np.exp(-((dist - dist.min(axis=1, keepdims=True)) / 6.0) ** 2)
     affinity /= affinity.sum(axis=1, keepdims=True)
     tube = (labels >= 1) & (labels <= 4)
+    own = _smoothstep(rim_dist[tube] / 10.0)[:, None]
+    affinity[tube] = (1 - own) * affinity[tube] + own * np.eye(4)[labels[tube] - 1]
 
     W_fingers = np.zeros_like(W)
     for i, f in enumerate(fingers):
@@ -594,10 +618,11 @@ def _skinning_weights(verts, labels, hole_ids):
         ids = [_J["wrist"], _J[f["name"] + "1"], _J[f["name"] + "2"], _J[f["name"] + "3"]]
         W_fingers[:, ids] += affinity[:, i:i + 1] * w
 
-    # thumb affinity: its tube, fading over ~16 mm of palm around the hole
-    d_hole = np.min(np.linalg.norm(verts[:, None, :] - verts[None, hole_ids, :], axis=2), axis=1)
-    a_thumb = 1.0 - _smoothstep(d_hole / 16.0)
-    a_thumb[labels == _THUMB] = 1.0
+    # thumb affinity: by distance from the thumb's bones (thumb0 to the tip)
+    a, b = _THUMB0, thumb["joints"][-1]
+    t = np.clip((verts - a) @ (b - a) / np.dot(b - a, b - a), 0.0, 1.0)
+    d_axis = np.linalg.norm(verts - (a + t[:, None] * (b - a)), axis=1)
+    a_thumb = 1.0 - _smoothstep((d_axis - _THUMB_CORE) / _THUMB_FADE)
     a_thumb[tube] = 0.0
     s = (verts - _THUMB_CMC) @ thumb["d"]
     stations = np.array([(_THUMB0 - _THUMB_CMC) @ thumb["d"], 0.0, thumb["stations"][1], thumb["stations"][2]])
@@ -607,8 +632,10 @@ def _skinning_weights(verts, labels, hole_ids):
     W_thumb[:, [_J["wrist"], _J["thumb0"], _J["thumb1"], _J["thumb2"], _J["thumb3"]]] = w
 
     W = a_thumb[:, None] * W_thumb + (1 - a_thumb[:, None]) * W_fingers
-    W[W < 1e-3] = 0.0
-    return W / W.sum(axis=1, keepdims=True)
+    # six decimals as in the released files; the largest weight absorbs the rounding
+    W = np.round(np.where(W < 1e-3, 0.0, W) / W.sum(axis=1, keepdims=True), 6)
+    W[np.arange(V), W.argmax(axis=1)] += 1.0 - W.sum(axis=1)
+    return W
 
 
 # ----------------------------------------------------------------------------- the model
@@ -618,14 +645,14 @@ def make_default_hand() -> HandModel:
     Returns:
         A validated :class:`HandModel`; vertices in cm as the files hold them, poses in mm.
     """
-    verts, labels, uvs, faces, face_uvs, hole = _build_mesh()
+    verts, labels, rim_dist, uvs, faces, face_uvs = _build_mesh()
     G = _skeleton()
     parents = np.array(PARENTS, np.int64)
     G_inv = np.linalg.inv(G)
     local = np.array([G[j] if p < 0 else G_inv[p] @ G[j] for j, p in enumerate(parents)])
-    weights = _skinning_weights(verts, labels, hole)
+    weights = _skinning_weights(verts, labels, rim_dist)
     model = HandModel(
-        joint_names=list(JOINT_NAMES), parents=parents, vertices_cm=verts / 10.0, uvs=uvs,
+        joint_names=list(JOINT_NAMES), parents=parents, vertices_cm=np.round(verts / 10.0, 6), uvs=np.round(uvs, 6),
         faces=faces, face_uvs=face_uvs, skinning_weights=weights, local_pose=local,
         global_pose=G, global_pose_inv=G_inv, source=f"<{DEFAULT_HAND_NAME}>",
     )

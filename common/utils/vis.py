@@ -10,6 +10,11 @@ out of the palm and ``z`` to the thumb side of a right hand. Every view has the 
 * ``"back"``: looking at the back of the hand (thumb on the left),
 * ``"side"``: looking from the thumb side (palm on the left),
 * ``"ulnar"``: looking from the little-finger side (palm on the right).
+
+Rendering: orthographic, one scale for all panels fitted to the mesh's extent, painter's algorithm
+(triangles sorted far to near, filled with ``cv2.fillConvexPoly``), flat Lambert + ambient shading
+from a fixed light. Antialiasing comes from drawing at twice the size and shrinking (INTER_AREA):
+``LINE_AA`` on every triangle would leave faint seams between neighbouring triangles.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def _view_matrix(view) -> np.ndarray:
 
 def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("palm", "side", "back"),
                 frame=None, joints_mm=None, parents=None, cull_back: bool = True,
-                color_bgr=SKIN_BGR) -> np.ndarray:
+                color_bgr=SKIN_BGR, face_colors=None) -> np.ndarray:
     """Orthographic, flat-shaded pictures of a triangle mesh, one square panel per view, side by side.
 
     Args:
@@ -60,11 +65,16 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
             as parent-to-child lines.
         cull_back: skip faces turned away from the viewer (right for closed meshes); otherwise they
             are drawn darker, as seen through holes in an open mesh.
+        color_bgr: base colour; face_colors: optional ``[F, 3]`` BGR base colour per face (e.g. to mark faces).
     Returns:
         ``uint8 [image_size, image_size * len(views), 3]`` BGR image.
     """
     verts = np.asarray(vertices_mm, np.float64)
     faces = np.asarray(faces, np.int64)
+    if verts.ndim != 2 or verts.shape[1] != 3 or len(verts) == 0:
+        raise ValueError(f"render_mesh: expected vertices of shape [V, 3] with V > 0, got {verts.shape}")
+    if faces.ndim != 2 or faces.shape[1] != 3 or (faces.size and (faces.min() < 0 or faces.max() >= len(verts))):
+        raise ValueError(f"render_mesh: expected faces [F, 3] indexing {len(verts)} vertices, got {faces.shape}")
     frame = np.eye(3) if frame is None else np.asarray(frame, np.float64)
     local = verts @ frame  # coordinates in the hand frame
     centre = 0.5 * (local.min(0) + local.max(0))
@@ -72,10 +82,11 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
     # one scale for all panels: the widest projected extent fits 90 % of a panel
     extent = max(np.ptp((local - centre) @ m[:2].T, axis=0).max() for m in cams)
     scale = 0.9 * image_size / max(extent, 1e-9)
+    colors = np.broadcast_to(np.asarray(color_bgr if face_colors is None else face_colors, np.float64),
+                             (len(faces), 3))
     panels = []
     for m in cams:
-        panels.append(_render_view((local - centre) @ m.T, faces, image_size, scale, cull_back,
-                                   np.asarray(color_bgr, np.float64),
+        panels.append(_render_view((local - centre) @ m.T, faces, image_size, scale, cull_back, colors,
                                    None if joints_mm is None else (np.asarray(joints_mm) @ frame - centre) @ m.T,
                                    parents))
     return np.concatenate(panels, axis=1)
@@ -94,9 +105,9 @@ def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> 
     if cull_back:
         keep &= front
     light = LIGHT / np.linalg.norm(LIGHT)
-    lambert = np.abs(normal @ light)
+    lambert = np.clip(np.where(front, 1.0, -1.0) * (normal @ light), 0.0, None)  # back faces lit from behind
     shade = np.where(front, 0.28 + 0.72 * lambert, 0.18 + 0.25 * lambert)
-    colors = np.clip(shade[:, None] * color[None], 0, 255)
+    colors = np.clip(shade[:, None] * color, 0, 255)
     order = np.flatnonzero(keep)
     order = order[np.argsort(tri[order, :, 2].mean(1), kind="stable")]  # far (small z) first
     pts = np.round(px[faces] * 16).astype(np.int32)
@@ -119,16 +130,22 @@ def save_image(path, img: np.ndarray) -> None:
     """Write an image atomically (a temporary file, then ``os.replace``); the format follows the suffix.
 
     Raises:
-        OSError: OpenCV could not encode or write the image.
+        OSError: OpenCV could not encode or write the image; nothing is left at ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        ok = cv2.imwrite(str(tmp), img)
+        try:
+            ok = cv2.imwrite(str(tmp), img)
+        except cv2.error as err:
+            ok, reason = False, str(err).strip().splitlines()[-1]
+        else:
+            reason = "cv2.imwrite returned False"
         if not ok:
-            raise OSError(f"save_image: OpenCV could not write {path} (image {getattr(img, 'shape', '?')}, "
-                          f"dtype {getattr(img, 'dtype', '?')}; is the suffix a known image format?)")
+            raise OSError(f"save_image: could not write {path} ({reason}; image shape "
+                          f"{getattr(img, 'shape', '?')}, dtype {getattr(img, 'dtype', '?')}; "
+                          "use a writable folder and an image suffix such as .png or .jpg)")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
