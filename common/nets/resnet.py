@@ -83,11 +83,16 @@ class ResNetBackbone(nn.Module):
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
             raise ValueError(
                 f"{path}: not a torchvision ResNet-{self.resnet_type} state dict "
-                f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})"
+                f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, "
+                f"e.g. {unexpected[:3]}; wrong shape {len(wrong)}, e.g. {wrong[:3]})"
             )
+        self.load_state_dict(state)
         log.info("backbone: ResNet-%d initialised from %s", self.resnet_type, path)
         return True
