@@ -52,6 +52,7 @@ class Model(nn.Module):
         self.skin_refine_net = skin_refine_net
 
         f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        self._identity_cache = None
         for name, value in (
             ("template_vertices", f32(hand_model.vertices)),  # [V, 3] mm
             ("skinning_weight", f32(hand_model.skinning_weights)),  # [V, J]
@@ -78,9 +79,31 @@ class Model(nn.Module):
         root = self.global_pose[self.root_joint_idx]
         return forward_kinematics(local_refined[None], root, self.levels, self.root_joint_idx)[0]
 
-    def rest_vertices(self, joint_euler: torch.Tensor) -> torch.Tensor:
+    def identity_terms(self):
+        """``(local_pose_refined [J, 4, 4], identity_offset [3V])``: everything that depends on the
+        identity code but not on the pose.
+
+        Without gradients (inference) they are computed once and reused until a parameter or
+        buffer they depend on changes (an optimizer step, a checkpoint load, ``.to()``): at batch 1
+        the decoder is memory-bound, and this halves the weight traffic of a call.
+        """
+        sources = [self.id_code, self.local_pose, self.template_vertices]
+        sources += list(self.skeleton_refine_net.parameters()) + list(self.skin_refine_net.fc_id.parameters())
+        sources.append(self.skin_refine_net.fc_pose[-1].bias)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+        if not needs_grad and self._identity_cache is not None and self._identity_cache[0] == key:
+            return self._identity_cache[1]
+        terms = (self.refined_local_pose(),
+                 self.skin_refine_net.identity_offset(self.template_vertices, self.id_code))
+        self._identity_cache = None if needs_grad else (key, tuple(t.detach() for t in terms))
+        return terms
+
+    def rest_vertices(self, joint_euler: torch.Tensor, identity_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[B, V, 3]`` template + pose corrective + identity corrective (mm), in the rest pose."""
-        return self.skin_refine_net.corrected_vertices(self.template_vertices, joint_euler.detach(), self.id_code)
+        if identity_offset is None:
+            identity_offset = self.identity_terms()[1]
+        return self.skin_refine_net.corrected_vertices(joint_euler.detach(), identity_offset)
 
     def pose(self, joint_euler: torch.Tensor, root_transform: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Forward kinematics and skinning.
@@ -96,10 +119,10 @@ class Model(nn.Module):
             raise ValueError(
                 f"joint_euler: expected shape [B, {self.joint_num}, 3] (radians), got {tuple(joint_euler.shape)}"
             )
-        local_refined = self.refined_local_pose()
+        local_refined, identity_offset = self.identity_terms()
         rotation = to_homogeneous(euler_to_matrix(joint_euler))
         G = forward_kinematics(local_refined @ rotation, root_transform, self.levels, self.root_joint_idx)
-        rest_mesh = self.rest_vertices(joint_euler)
+        rest_mesh = self.rest_vertices(joint_euler, identity_offset)
         mesh = linear_blend_skinning(rest_mesh, self.skinning_weight, G @ self.global_pose_inv)
         return {
             "joint_out": G[..., :3, 3],

@@ -206,3 +206,33 @@ def test_model_forward_image_to_mesh(makehuman, small_cfg, resnet_type, channels
         out = model({"img": torch.rand(2, 3, 64, 64)})
     assert out["mesh_out_refined"].shape == (2, 1622, 3) and out["joint_euler"].shape == (2, 22, 3)
     assert (out["joint_euler"].abs() <= math.pi).all()
+
+
+def test_identity_cache_never_serves_stale_results(makehuman, small_cfg, tmp_path):
+    from common.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    model = get_model("test", makehuman, small_cfg).eval()
+    euler = random_euler(makehuman, 2, seed=11)
+
+    def fresh():
+        model._identity_cache = None
+        return model.decode(euler)["mesh_out_refined"]
+
+    with torch.no_grad():
+        first = model.decode(euler)["mesh_out_refined"]
+        assert torch.equal(model.decode(euler)["mesh_out_refined"], first)  # served from the cache
+        # In-place changes of every input of the identity terms must invalidate it.
+        for tensor in (model.skin_refine_net.fc_id[2].weight, model.skeleton_refine_net.fc_skeleton[0].bias,
+                       model.skin_refine_net.fc_pose[2].bias, model.id_code):
+            before = model.decode(euler)["mesh_out_refined"]
+            tensor.add_(0.5)
+            after = model.decode(euler)["mesh_out_refined"]
+            assert not torch.allclose(before, after), "cache ignored an in-place change"
+            assert torch.equal(after, fresh())
+        path = tmp_path / "s.pth.tar"
+        save_checkpoint({"epoch": 0, "network": get_model("test", makehuman, small_cfg).state_dict()}, path)
+        load_checkpoint(model, path)
+        assert torch.equal(model.decode(euler)["mesh_out_refined"], fresh())
+    # With gradients the identity terms are recomputed and carry the graph.
+    model.decode(euler)["mesh_out_refined"].sum().backward()
+    assert model.skin_refine_net.fc_id[2].weight.grad is not None
