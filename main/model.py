@@ -15,6 +15,7 @@ import torch.nn as nn
 from common.nets.module import BackboneNet, PoseNet, SkeletonRefineNet, SkinRefineNet
 from common.utils.hand_model import HandModel
 from common.utils.kinematics import (
+    add_translation,
     euler_to_matrix,
     forward_kinematics,
     linear_blend_skinning,
@@ -67,10 +68,7 @@ class Model(nn.Module):
     # ---------------------------------------------------------------- pieces
     def refined_local_pose(self) -> torch.Tensor:
         """``[J, 4, 4]`` local poses with the identity's skeleton corrective (mm) added to the translations."""
-        corrective = self.skeleton_refine_net(self.id_code)
-        offset = torch.zeros_like(self.local_pose)
-        offset[:, :3, 3] = corrective
-        return self.local_pose + offset
+        return add_translation(self.local_pose, self.skeleton_refine_net(self.id_code))
 
     def refined_template_pose(self, local_refined: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[J, 4, 4]`` global rest poses of the refined skeleton (no rotation, template root)."""

@@ -236,3 +236,18 @@ def test_identity_cache_never_serves_stale_results(makehuman, small_cfg, tmp_pat
     # With gradients the identity terms are recomputed and carry the graph.
     model.decode(euler)["mesh_out_refined"].sum().backward()
     assert model.skin_refine_net.fc_id[2].weight.grad is not None
+
+
+def test_pose_hand_with_explicit_correctives_matches_reference(any_hand):
+    g = torch.Generator().manual_seed(4)
+    euler = random_euler(any_hand, 2, seed=9).double()
+    offset = torch.randn(any_hand.joint_num, 3, generator=g, dtype=torch.float64) * 2
+    rest = torch.from_numpy(any_hand.vertices) + torch.randn(2, any_hand.vertex_num, 3, generator=g,
+                                                             dtype=torch.float64)
+    root = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    root[:, :3, :3] = euler_to_matrix(torch.tensor([[0.1, 0.2, 0.3], [-1.0, 0.5, 2.0]], dtype=torch.float64))
+    root[:, :3, 3] = torch.tensor([[5.0, 6.0, 7.0], [-50.0, 0.0, 900.0]], dtype=torch.float64)
+    joints, verts = pose_hand(any_hand, euler, root, offset, rest)
+    ref_j, ref_v = decode_reference(any_hand, euler, offset, rest - torch.from_numpy(any_hand.vertices),
+                                    None, root_transform=root)
+    assert (joints - ref_j).abs().max() < 1e-9 and (verts - ref_v).abs().max() < 1e-9

@@ -42,6 +42,13 @@ def to_homogeneous(rotation: torch.Tensor, translation: torch.Tensor | None = No
     return out
 
 
+def add_translation(transforms: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``transforms [..., 4, 4]`` with ``offset [..., 3]`` (mm) added to their translations (out of place)."""
+    pad = torch.zeros_like(transforms)
+    pad[..., :3, 3] = offset
+    return transforms + pad
+
+
 def tree_levels(parents: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
     """Group the non-root joints by depth in the tree.
 
@@ -147,21 +154,35 @@ def rigid_align(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return to_homogeneous(R, t)
 
 
-def pose_hand(hand_model, euler: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pose a hand template without correctives (decode mode: the root at identity).
+def pose_hand(
+    hand_model,
+    euler: torch.Tensor,
+    root_transform: torch.Tensor | None = None,
+    skeleton_offset: torch.Tensor | None = None,
+    rest_vertices: torch.Tensor | None = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pose a hand template with explicit (or no) correctives.
 
     Args:
         hand_model: a :class:`common.utils.hand_model.HandModel`.
         euler: ``[B, J, 3]`` Euler angles in radians.
+        root_transform: ``[B, 4, 4]`` or ``[4, 4]`` global transform of the root; identity (the
+            decode mode, output in the wrist's frame) when None.
+        skeleton_offset: ``[J, 3]`` mm added to the local translations, or None.
+        rest_vertices: ``[B, V, 3]`` or ``[V, 3]`` rest-pose vertices with correctives (mm);
+            the template when None.
     Returns:
-        ``(joints [B, J, 3], vertices [B, V, 3])`` in mm, in the wrist's frame.
+        ``(joints [B, J, 3], vertices [B, V, 3])`` in mm.
     """
     dtype, device = euler.dtype, euler.device
     as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
     local = as_t(hand_model.local_pose)
+    if skeleton_offset is not None:
+        local = add_translation(local, skeleton_offset)
     rot = to_homogeneous(euler_to_matrix(euler))
-    root = torch.eye(4, dtype=dtype, device=device)
+    root = torch.eye(4, dtype=dtype, device=device) if root_transform is None else root_transform
     G = forward_kinematics(local @ rot, root, tree_levels(hand_model.parents), hand_model.root_index)
     T = G @ as_t(hand_model.global_pose_inv)
-    verts = as_t(hand_model.vertices).expand(euler.shape[0], -1, -1)
+    verts = as_t(hand_model.vertices) if rest_vertices is None else rest_vertices
+    verts = verts.expand(euler.shape[0], -1, -1)
     return G[..., :3, 3], linear_blend_skinning(verts, as_t(hand_model.skinning_weights), T)

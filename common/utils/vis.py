@@ -92,11 +92,22 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
     return np.concatenate(panels, axis=1)
 
 
-def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> np.ndarray:
-    big = size * SUPERSAMPLE
-    # camera coordinates -> pixels (y down); fixed-point with 4 fractional bits for cv2
-    px = np.stack([big / 2 + cam[:, 0] * scale * SUPERSAMPLE, big / 2 - cam[:, 1] * scale * SUPERSAMPLE], 1)
-    tri = cam[faces]
+def paint_mesh(img: np.ndarray, pixels: np.ndarray, view: np.ndarray, faces: np.ndarray, color,
+               cull_back: bool = True, shift: int = 4) -> np.ndarray:
+    """Painter's algorithm: fill the mesh's triangles into ``img`` (in place), far ones first.
+
+    Args:
+        img: ``uint8 [H, W, 3]`` BGR canvas.
+        pixels: ``[V, 2]`` vertex positions in ``img``'s pixel coordinates (x right, y down).
+        view: ``[V, 3]`` vertices in a right-handed viewing frame with ``+z`` towards the viewer
+            (orders the faces and shades them).
+        faces: ``[F, 3]`` vertex indices (outward = counter-clockwise); color: ``[3]`` or ``[F, 3]`` BGR.
+        cull_back: skip faces turned away from the viewer, else draw them darker.
+        shift: fractional bits of the fixed-point coordinates handed to OpenCV.
+    Returns:
+        ``img``.
+    """
+    tri = view[faces]
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     norm = np.linalg.norm(normal, axis=1)
     keep = norm > 0
@@ -107,13 +118,21 @@ def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> 
     light = LIGHT / np.linalg.norm(LIGHT)
     lambert = np.clip(np.where(front, 1.0, -1.0) * (normal @ light), 0.0, None)  # back faces lit from behind
     shade = np.where(front, 0.28 + 0.72 * lambert, 0.18 + 0.25 * lambert)
-    colors = np.clip(shade[:, None] * color, 0, 255)
+    colors = np.clip(shade[:, None] * np.broadcast_to(np.asarray(color, np.float64), (len(faces), 3)), 0, 255)
     order = np.flatnonzero(keep)
     order = order[np.argsort(tri[order, :, 2].mean(1), kind="stable")]  # far (small z) first
-    pts = np.round(px[faces] * 16).astype(np.int32)
-    img = np.full((big, big, 3), BACKGROUND_BGR, np.uint8)
+    pts = np.round(pixels[faces] * (1 << shift)).astype(np.int32)
     for f in order:
-        cv2.fillConvexPoly(img, pts[f], colors[f].tolist(), lineType=cv2.LINE_8, shift=4)
+        cv2.fillConvexPoly(img, pts[f], colors[f].tolist(), lineType=cv2.LINE_8, shift=shift)
+    return img
+
+
+def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> np.ndarray:
+    big = size * SUPERSAMPLE
+    # camera coordinates -> pixels (y down)
+    px = np.stack([big / 2 + cam[:, 0] * scale * SUPERSAMPLE, big / 2 - cam[:, 1] * scale * SUPERSAMPLE], 1)
+    img = np.full((big, big, 3), BACKGROUND_BGR, np.uint8)
+    paint_mesh(img, px, cam, faces, color, cull_back)
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     if joints is not None:
         jp = np.stack([size / 2 + joints[:, 0] * scale, size / 2 - joints[:, 1] * scale], 1)

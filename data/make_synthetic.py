@@ -1,0 +1,377 @@
+"""Write a synthetic data set in exactly the released DeepHandMesh layout (DESIGN §5).
+
+    python data/make_synthetic.py --out data/synthetic                 # the small default
+    python data/make_synthetic.py --out data/synth_big --frames 50 --sequences 4 --cameras 12 \\
+        --image_size 256x167 --depth_size 128x84                       # a larger set
+
+Layout written under ``--out``::
+
+    hand_model/                                             the six hand-model files
+    images/subject_4/<seq>/cam<cam>/image<frame:04d>.jpg    shaded renders on a background
+    annotations/KRT_512                                     cameras
+    annotations/keypoints/subject_4/keypoints<frame:04d>.pts
+    annotations/depthmaps/subject_4/<frame:06d>/depthmap<cam>.pkl
+    gt/                                                     ground truth, never read by the data reader:
+        identity.npz   skeleton_offset [J,3] mm, id_corrective [V,3] mm
+        frames.npz     frame ids, euler [T,J,3] rad, root [T,4,4], joints [T,J,3] mm, vertices [T,V,3] mm
+        meta.json      the options and the camera names
+
+Ground truth comes from the project's own posing code (:func:`common.utils.kinematics.pose_hand`)
+with a known identity — non-zero skeleton offsets and a smooth identity corrective of a few mm along
+the surface normals — and a known pose-dependent corrective (a soft-tissue bulge near each joint
+that grows with its flexion). Poses are random within joint limits; the wrist gets a random rotation
+and a position inside the capture volume; the cameras stand on a dome around it. Depth maps are
+rendered by the project's :class:`common.nets.renderer.DepthRenderer`, so a model that recovers the
+ground truth renders them back exactly. The output depends only on the options and ``--seed``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common.nets.renderer import DepthRenderer, project_points  # noqa: E402
+from common.utils.hand_model import HandModel, save_hand_model  # noqa: E402
+from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
+from common.utils.kinematics import pose_hand  # noqa: E402
+from common.utils.vis import paint_mesh  # noqa: E402
+
+# The .pts files list the right hand's 21 keypoints in this order (DESIGN §5).
+PTS_ORDER = ["thumb_null", "thumb3", "thumb2", "thumb1"] + [
+    f"{finger}{part}" for finger in ("index", "middle", "ring", "pinky") for part in ("_null", "3", "2", "1")
+] + ["wrist"]
+
+# Joint limits in degrees, (x, y, z) ranges by joint-name suffix; z is the flexion axis.
+JOINT_LIMITS = {
+    "thumb0": ((-10, 10), (-10, 10), (-10, 20)),
+    "thumb1": ((-15, 15), (-10, 35), (-10, 40)),
+    "thumb2": ((0, 0), (0, 0), (-5, 50)),
+    "thumb3": ((0, 0), (0, 0), (-5, 70)),
+    "1": ((-8, 8), (-15, 15), (-10, 90)),
+    "2": ((0, 0), (0, 0), (0, 100)),
+    "3": ((0, 0), (0, 0), (0, 80)),
+}
+
+
+def joint_limits(model: HandModel) -> np.ndarray:
+    """``[J, 3, 2]`` lower/upper angle (radians) of every joint; zero where it has no DoF."""
+    limits = np.zeros((model.joint_num, 3, 2))
+    for j, name in enumerate(model.joint_names):
+        for suffix in ("thumb0", "thumb1", "thumb2", "thumb3", "1", "2", "3"):
+            if name.endswith(suffix) and not name.endswith("null"):
+                limits[j] = np.radians(JOINT_LIMITS[suffix])
+                break
+    return limits * model.dof_mask[:, :, None]
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """``[V, 3]`` unit area-weighted vertex normals (outward for an outward-oriented mesh)."""
+    tri = vertices[faces]
+    face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normals = np.zeros_like(vertices)
+    for k in range(3):
+        np.add.at(normals, faces[:, k], face_n)
+    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+
+def make_identity(model: HandModel, rng: np.random.Generator, skeleton_mm: float = 3.0,
+                  corrective_mm: float = 3.0, bumps: int = 8, sigma_mm: float = 25.0):
+    """A person: skeleton offsets ``[J, 3]`` and a smooth identity corrective ``[V, 3]`` (mm).
+
+    Bones get longer or shorter by up to ``skeleton_mm`` (mostly along the bone, the local x) and
+    the skin swells or shrinks along its normals by a sum of Gaussian bumps, at most ``corrective_mm``.
+    """
+    J = model.joint_num
+    offset = np.zeros((J, 3))
+    offset[:, 0] = rng.uniform(-skeleton_mm, skeleton_mm, J)
+    offset[:, 1:] = rng.normal(0, skeleton_mm / 4, (J, 2))
+    offset[model.root_index] = 0.0  # the root's local pose is never used
+    verts = model.vertices
+    centres = verts[rng.choice(len(verts), bumps, replace=False)]
+    amplitude = rng.uniform(-1, 1, bumps)
+    d2 = ((verts[:, None, :] - centres[None]) ** 2).sum(-1)
+    field = (np.exp(-d2 / (2 * sigma_mm ** 2)) * amplitude).sum(1)
+    field *= corrective_mm / max(np.abs(field).max(), 1e-9)
+    return offset, field[:, None] * vertex_normals(verts, model.faces)
+
+
+class BulgeCorrective:
+    """Pose-dependent corrective: skin near a flexing joint bulges outwards along its normal,
+    growing linearly with the flexion angle (``bulge_mm`` at 90°), Gaussian in the distance
+    to the joint (``radius_mm``)."""
+
+    def __init__(self, model: HandModel, bulge_mm: float = 2.0, radius_mm: float = 12.0):
+        flex = [j for j in range(model.joint_num) if model.dof_mask[j, 2] and j != model.root_index]
+        centres = model.global_pose[flex, :3, 3]
+        d2 = ((model.vertices[:, None, :] - centres[None]) ** 2).sum(-1)
+        self.flex_joints = np.array(flex)
+        self.falloff = np.exp(-d2 / (2 * radius_mm ** 2))  # [V, Jf]
+        self.normals = vertex_normals(model.vertices, model.faces)
+        self.bulge_mm = bulge_mm
+
+    def __call__(self, euler: np.ndarray) -> np.ndarray:
+        """``euler [B, J, 3]`` radians → ``[B, V, 3]`` mm."""
+        flexion = np.clip(euler[:, self.flex_joints, 2], 0, None) / (math.pi / 2)  # [B, Jf]
+        amount = flexion @ self.falloff.T * self.bulge_mm  # [B, V]
+        return amount[:, :, None] * self.normals[None]
+
+
+def sample_pose(limits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[J, 3]`` radians, uniform within the limits (fingers flex together more often than not)."""
+    lo, hi = limits[..., 0], limits[..., 1]
+    u = rng.uniform(0, 1, lo.shape)
+    # A shared "grip" term makes curled fingers come together, as real hands do.
+    u[:, 2] = np.clip(0.6 * rng.uniform() + 0.4 * u[:, 2] + rng.normal(0, 0.1, len(u)), 0, 1)
+    return lo + u * (hi - lo)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly distributed 3x3 rotation."""
+    q = rng.normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def dome_cameras(count: int, image_hw, rng: np.random.Generator, radius_mm: float = 600.0,
+                 fill: float = 0.55):
+    """Cameras on the upper half of a sphere around the origin, looking at it (world +z is up).
+
+    Returns ``{name: {'K' [3,3], 'dist' [5], 'R' [3,3], 't' [3]}}`` with OpenCV conventions
+    (``x_c = R x + t``, x right, y down, z forward); names ``400000``, ``400001``… (colour cameras).
+    """
+    h, w = image_hw
+    focal = fill * h * radius_mm / 200.0  # a 200 mm hand spans ``fill`` of the image height
+    golden = math.pi * (3 - math.sqrt(5))
+    cams = {}
+    for i in range(count):
+        elevation = math.radians(15 + 60 * (i + 0.5) / count)
+        azimuth = i * golden + rng.uniform(-0.1, 0.1)
+        pos = radius_mm * np.array([math.cos(elevation) * math.cos(azimuth),
+                                    math.cos(elevation) * math.sin(azimuth), math.sin(elevation)])
+        forward = -pos / np.linalg.norm(pos)
+        right = np.cross(forward, [0.0, 0.0, 1.0])
+        right /= np.linalg.norm(right)
+        down = np.cross(forward, right)
+        R = np.stack([right, down, forward])
+        K = np.array([[focal, 0, (w - 1) / 2], [0, focal, (h - 1) / 2], [0, 0, 1.0]])
+        cams[f"{400000 + i:06d}"] = {"K": K, "dist": np.zeros(5), "R": R, "t": -R @ pos}
+    return cams
+
+
+def scale_affine(src_hw, dst_hw) -> np.ndarray:
+    """``[2, 3]`` affine from pixel coordinates of an image of size ``src_hw`` to one of ``dst_hw``
+    (pixel centres at integers)."""
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]])
+
+
+def render_depth_maps(renderer_faces: torch.Tensor, vertices: np.ndarray, cams, image_hw, depth_hw,
+                      margin: int = 2) -> np.ndarray:
+    """``[N, Hd, Wd]`` float32 depth (mm, 0 empty) of one posed mesh in every camera.
+
+    Only the window around the mesh's projection is rasterised (the CPU rasteriser costs
+    pixels × faces); the window is the same crop of the full map, so the values are identical.
+    """
+    names = list(cams)
+    N = len(names)
+    camrot = torch.tensor(np.stack([cams[c]["R"] for c in names]))[None]
+    campos = torch.tensor(np.stack([-cams[c]["R"].T @ cams[c]["t"] for c in names]))[None]
+    focal = torch.tensor(np.stack([[cams[c]["K"][0, 0], cams[c]["K"][1, 1]] for c in names]))[None]
+    princpt = torch.tensor(np.stack([[cams[c]["K"][0, 2], cams[c]["K"][1, 2]] for c in names]))[None]
+    to_depth = torch.tensor(scale_affine(image_hw, depth_hw)).expand(1, N, 2, 3)
+    verts = torch.tensor(vertices)[None]
+    uv = project_points(verts, camrot, campos, focal, princpt, to_depth)[0, ..., :2].numpy()
+    lo = np.floor(uv.min(1)).astype(int) - margin
+    hi = np.ceil(uv.max(1)).astype(int) + margin
+    lo = np.clip(lo, 0, [depth_hw[1] - 1, depth_hw[0] - 1])
+    hi = np.clip(hi, 0, [depth_hw[1] - 1, depth_hw[0] - 1])
+    win_w, win_h = int((hi - lo)[:, 0].max()) + 1, int((hi - lo)[:, 1].max()) + 1
+    shift = to_depth.clone()
+    shift[0, :, 0, 2] -= torch.tensor(lo[:, 0], dtype=shift.dtype)
+    shift[0, :, 1, 2] -= torch.tensor(lo[:, 1], dtype=shift.dtype)
+    window = DepthRenderer(renderer_faces, (win_h, win_w))(verts, camrot, campos, focal, princpt, shift)[0]
+    out = np.zeros((N,) + tuple(depth_hw), np.float32)
+    for n in range(N):
+        x0, y0 = lo[n]
+        h = min(win_h, depth_hw[0] - y0)
+        w = min(win_w, depth_hw[1] - x0)
+        out[n, y0:y0 + h, x0:x0 + w] = window[n, :h, :w].numpy()
+    return out
+
+
+def background(image_hw, rng: np.random.Generator) -> np.ndarray:
+    """A studio-like backdrop: a smooth colour gradient with a little noise (uint8 BGR)."""
+    h, w = image_hw
+    top, bottom = rng.uniform(40, 200, 3), rng.uniform(40, 200, 3)
+    t = np.linspace(0, 1, h)[:, None, None]
+    img = top * (1 - t) + bottom * t + rng.normal(0, 4, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_image(vertices: np.ndarray, faces: np.ndarray, cam, image_hw, backdrop: np.ndarray,
+                 skin_bgr, supersample: int = 2) -> np.ndarray:
+    """A shaded picture of the posed mesh through one camera (painter's algorithm), uint8 BGR."""
+    xc = vertices @ cam["R"].T + cam["t"]
+    K = cam["K"]
+    uv = np.stack([K[0, 0] * xc[:, 0] / xc[:, 2] + K[0, 2], K[1, 1] * xc[:, 1] / xc[:, 2] + K[1, 2]], 1)
+    s = supersample
+    big = cv2.resize(backdrop, (image_hw[1] * s, image_hw[0] * s), interpolation=cv2.INTER_NEAREST)
+    # Supersampled pixel centres: (u + 0.5) * s - 0.5. The viewing frame has +z towards the camera.
+    paint_mesh(big, (uv + 0.5) * s - 0.5, xc * np.array([1.0, -1.0, -1.0]), faces, skin_bgr)
+    return cv2.resize(big, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_AREA)
+
+
+def write_krt(path: Path, cams) -> None:
+    lines = []
+    for name, c in cams.items():
+        lines.append(name)
+        lines += [" ".join(repr(float(x)) for x in row) for row in c["K"]]
+        lines.append(" ".join(repr(float(x)) for x in c["dist"]))
+        Rt = np.concatenate([c["R"], c["t"][:, None]], 1)
+        lines += [" ".join(repr(float(x)) for x in row) for row in Rt]
+        lines.append("")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def write_pts(path: Path, model: HandModel, joints: np.ndarray, valid: np.ndarray, views: int) -> None:
+    lines = []
+    for idx, short in enumerate(PTS_ORDER):
+        j = model.joint_index("_" + short if not short.startswith("_") else short)
+        if valid[j]:
+            x, y, z = (float(v) for v in joints[j])
+            lines.append(f"{idx} {x!r} {y!r} {z!r} 1.0 {views}")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def parse_hw(text: str):
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+        if h <= 0 or w <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels like 128x84, got '{text}'") from None
+    return h, w
+
+
+def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2, frames: int = 3,
+             cameras: int = 6, image_hw=(128, 84), depth_hw=(64, 42), subject: int = 4,
+             drop_keypoints: float = 0.05, progress: bool = True) -> dict:
+    """Write the data set; returns the ``gt/meta.json`` dict."""
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    save_hand_model(hand_model, out / "hand_model")
+    cams = dome_cameras(cameras, image_hw, rng)
+    write_krt(out / "annotations" / "KRT_512", cams)
+    skeleton_offset, id_corrective = make_identity(hand_model, rng)
+    bulge = BulgeCorrective(hand_model)
+    limits = joint_limits(hand_model)
+    faces_t = torch.as_tensor(hand_model.faces)
+    backdrops = {c: background(image_hw, rng) for c in cams}
+    skin = rng.uniform([90, 130, 170], [140, 180, 230])
+    seq_names = [f"{i:04d}_RT_synthetic" for i in range(sequences)]
+    record = {"frame": [], "sequence": [], "euler": [], "root": [], "joints": [], "vertices": []}
+    root_index = hand_model.root_index
+    total = sequences * frames
+    bar = tqdm(total=total, desc="synthetic frames", disable=not progress, unit="frame")
+    for s, seq in enumerate(seq_names):
+        for k in range(frames):
+            frame = s * frames + k
+            euler = sample_pose(limits, rng)[None]
+            rest = hand_model.vertices + id_corrective + bulge(euler)[0]
+            root = np.eye(4)
+            root[:3, :3] = random_rotation(rng)
+            root = root @ hand_model.global_pose[root_index]
+            e64 = torch.tensor(euler)
+            args = (torch.tensor(skeleton_offset), torch.tensor(rest))
+            _, verts = pose_hand(hand_model, e64, torch.tensor(root), *args)
+            # Move the hand so that its centre lands at a random point of the capture volume.
+            root[:3, 3] += rng.uniform(-40, 40, 3) - verts[0].numpy().mean(0)
+            joints, verts = pose_hand(hand_model, e64, torch.tensor(root), *args)
+            joints, verts = joints[0].numpy(), verts[0].numpy()
+
+            depth = render_depth_maps(faces_t, verts, cams, image_hw, depth_hw)
+            for n, cam in enumerate(cams):
+                img = render_image(verts, hand_model.faces, cams[cam], image_hw, backdrops[cam], skin)
+                path = out / "images" / f"subject_{subject}" / seq / f"cam{cam}" / f"image{frame:04d}.jpg"
+                ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                if not ok:
+                    raise OSError(f"{path}: could not encode the image")
+                atomic_write_bytes(path, buf.tobytes())
+                pkl = out / "annotations" / "depthmaps" / f"subject_{subject}" / f"{frame:06d}" / f"depthmap{cam}.pkl"
+                atomic_write_bytes(pkl, pickle.dumps(depth[n], protocol=2))
+            valid = rng.uniform(size=hand_model.joint_num) >= drop_keypoints
+            write_pts(out / "annotations" / "keypoints" / f"subject_{subject}" / f"keypoints{frame:04d}.pts",
+                      hand_model, joints, valid, cameras)
+            for key, value in (("frame", frame), ("sequence", seq), ("euler", euler[0]), ("root", root),
+                               ("joints", joints), ("vertices", verts)):
+                record[key].append(value)
+            bar.update(1)
+    bar.close()
+    gt = out / "gt"
+    gt.mkdir(parents=True, exist_ok=True)
+    np.savez(gt / "identity.npz", skeleton_offset=skeleton_offset, id_corrective=id_corrective)
+    np.savez(gt / "frames.npz", **{k: np.asarray(v) for k, v in record.items()})
+    meta = {"seed": seed, "subject": subject, "sequences": seq_names, "frames_per_sequence": frames,
+            "cameras": list(cams), "image_hw": list(image_hw), "depth_hw": list(depth_hw),
+            "hand_model": hand_model.source, "drop_keypoints": drop_keypoints}
+    atomic_write_bytes(gt / "meta.json", json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to write the data set into")
+    parser.add_argument("--hand_model", help="hand-model folder (default: data/hand_model or the default hand)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequences", type=int, default=2, help="RT sequences")
+    parser.add_argument("--frames", type=int, default=3, help="frames per sequence")
+    parser.add_argument("--cameras", type=int, default=6)
+    parser.add_argument("--image_size", type=parse_hw, default=(128, 84), help="HxW of the images")
+    parser.add_argument("--depth_size", type=parse_hw, default=(64, 42), help="HxW of the depth maps")
+    parser.add_argument("--subject", type=int, default=4)
+    parser.add_argument("--drop_keypoints", type=float, default=0.05,
+                        help="probability that a keypoint is missing from a .pts file")
+    args = parser.parse_args(argv)
+    for name in ("sequences", "frames", "cameras"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    from common.utils.hand_model import HandModelError
+
+    try:
+        hand = resolve_hand_model(args.hand_model)
+    except HandModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = generate(Path(args.out), hand, args.seed, args.sequences, args.frames, args.cameras,
+                    args.image_size, args.depth_size, args.subject, args.drop_keypoints)
+    print(f"wrote {args.sequences * args.frames} frames × {args.cameras} cameras to {args.out} "
+          f"(ground truth in {Path(args.out) / 'gt'}; seed {meta['seed']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
