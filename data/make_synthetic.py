@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -47,12 +46,9 @@ from common.nets.renderer import DepthRenderer, project_points  # noqa: E402
 from common.utils.hand_model import HandModel, save_hand_model  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.kinematics import pose_hand  # noqa: E402
+from common.utils.io import atomic_write_bytes  # noqa: E402
 from common.utils.vis import paint_mesh  # noqa: E402
-
-# The .pts files list the right hand's 21 keypoints in this order (DESIGN §5).
-PTS_ORDER = ["thumb_null", "thumb3", "thumb2", "thumb1"] + [
-    f"{finger}{part}" for finger in ("index", "middle", "ring", "pinky") for part in ("_null", "3", "2", "1")
-] + ["wrist"]
+from data.dataset import write_krt, write_pts  # noqa: E402
 
 # Joint limits in degrees, (x, y, z) ranges by joint-name suffix; z is the flexion axis.
 JOINT_LIMITS = {
@@ -238,35 +234,6 @@ def render_image(vertices: np.ndarray, faces: np.ndarray, cam, image_hw, backdro
     return cv2.resize(big, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_AREA)
 
 
-def write_krt(path: Path, cams) -> None:
-    lines = []
-    for name, c in cams.items():
-        lines.append(name)
-        lines += [" ".join(repr(float(x)) for x in row) for row in c["K"]]
-        lines.append(" ".join(repr(float(x)) for x in c["dist"]))
-        Rt = np.concatenate([c["R"], c["t"][:, None]], 1)
-        lines += [" ".join(repr(float(x)) for x in row) for row in Rt]
-        lines.append("")
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def write_pts(path: Path, model: HandModel, joints: np.ndarray, valid: np.ndarray, views: int) -> None:
-    lines = []
-    for idx, short in enumerate(PTS_ORDER):
-        j = model.joint_index("_" + short if not short.startswith("_") else short)
-        if valid[j]:
-            x, y, z = (float(v) for v in joints[j])
-            lines.append(f"{idx} {x!r} {y!r} {z!r} 1.0 {views}")
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def parse_hw(text: str):
     try:
         h, w = (int(x) for x in text.lower().split("x"))
@@ -285,6 +252,7 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
     out = Path(out)
     save_hand_model(hand_model, out / "hand_model")
     cams = dome_cameras(cameras, image_hw, rng)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
     write_krt(out / "annotations" / "KRT_512", cams)
     skeleton_offset, id_corrective = make_identity(hand_model, rng)
     bulge = BulgeCorrective(hand_model)
@@ -324,8 +292,9 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
                 pkl = out / "annotations" / "depthmaps" / f"subject_{subject}" / f"{frame:06d}" / f"depthmap{cam}.pkl"
                 atomic_write_bytes(pkl, pickle.dumps(depth[n], protocol=2))
             valid = rng.uniform(size=hand_model.joint_num) >= drop_keypoints
-            write_pts(out / "annotations" / "keypoints" / f"subject_{subject}" / f"keypoints{frame:04d}.pts",
-                      hand_model, joints, valid, cameras)
+            pts = out / "annotations" / "keypoints" / f"subject_{subject}" / f"keypoints{frame:04d}.pts"
+            pts.parent.mkdir(parents=True, exist_ok=True)
+            write_pts(pts, joints, valid, hand_model.joint_names, score=1.0, num_views=cameras)
             for key, value in (("frame", frame), ("sequence", seq), ("euler", euler[0]), ("root", root),
                                ("joints", joints), ("vertices", verts)):
                 record[key].append(value)

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from common.utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from common.utils.device import select_device  # noqa: E402
 from common.utils.hand_model import HandModelError, save_obj  # noqa: E402
+from common.utils.io import atomic_write_text  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.pose_io import PoseError, build_pose, preset_names  # noqa: E402
 from common.utils.vis import render_mesh, save_image  # noqa: E402
@@ -93,7 +94,7 @@ def run(args) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_obj(out_dir / "mesh.obj", verts, hand_model)
     lines = [f"{name} {x!r} {y!r} {z!r}" for name, (x, y, z) in zip(hand_model.joint_names, joints.tolist())]
-    (out_dir / "joints.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "joints.txt", "\n".join(lines) + "\n")
     # decode() puts the root at identity, so the output is in the wrist's own frame.
     image = render_mesh(verts, hand_model.faces, joints_mm=joints, parents=hand_model.parents, frame=np.eye(3))
     save_image(out_dir / "render.png", image)

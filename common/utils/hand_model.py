@@ -24,6 +24,8 @@ from typing import List, Sequence
 
 import numpy as np
 
+from common.utils.io import atomic_write_text
+
 OBJ_FILE = "hand.obj"
 SKELETON_FILE = "skeleton.txt"
 WEIGHTS_FILE = "skinning_weight.txt"
@@ -404,13 +406,6 @@ def format_number(x: float) -> str:
     return np.format_float_positional(float(x), unique=True, trim="-")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fp:
-        fp.write(text)
-    os.replace(tmp, path)
-
-
 def save_hand_model(model: HandModel, folder: os.PathLike | str) -> None:
     """Write the six hand-model files into ``folder`` (created if needed).
 
@@ -427,23 +422,23 @@ def save_hand_model(model: HandModel, folder: os.PathLike | str) -> None:
         "f " + " ".join(f"{a + 1}/{b + 1}" for a, b in zip(f, ft))
         for f, ft in zip(model.faces, model.face_uvs)
     ]
-    _atomic_write(folder / OBJ_FILE, "\n".join(obj) + "\n")
+    atomic_write_text(folder / OBJ_FILE, "\n".join(obj) + "\n")
 
     skel = ["# joint_name joint_id parent_id"]
     skel += [f"{n} {j} {int(p)}" for j, (n, p) in enumerate(zip(model.joint_names, model.parents))]
-    _atomic_write(folder / SKELETON_FILE, "\n".join(skel) + "\n")
+    atomic_write_text(folder / SKELETON_FILE, "\n".join(skel) + "\n")
 
     lines = ["# vertex_idx joint_name weight ..."]
     for v, row in enumerate(model.skinning_weights):
         pairs = "".join(f"{model.joint_names[j]} {fmt(row[j])} " for j in np.flatnonzero(row))
         lines.append(f"{v} {pairs}")
-    _atomic_write(folder / WEIGHTS_FILE, "\n".join(lines) + "\n")
+    atomic_write_text(folder / WEIGHTS_FILE, "\n".join(lines) + "\n")
 
     for key, fname in POSE_FILES.items():
         pose = getattr(model, key)
         lines = ["# joint_name 4x4 row-major (mm)"]
         lines += [n + " " + "".join(fmt(x) + " " for x in pose[j].reshape(-1)) for j, n in enumerate(model.joint_names)]
-        _atomic_write(folder / fname, "\n".join(lines) + "\n")
+        atomic_write_text(folder / fname, "\n".join(lines) + "\n")
 
 
 def save_obj(path: os.PathLike | str, vertices_mm: np.ndarray, model: HandModel) -> None:
@@ -461,9 +456,7 @@ def save_obj(path: os.PathLike | str, vertices_mm: np.ndarray, model: HandModel)
         "f " + " ".join(f"{a + 1}/{b + 1}" for a, b in zip(f, ft))
         for f, ft in zip(model.faces.tolist(), model.face_uvs.tolist())
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, "\n".join(out) + "\n")
+    atomic_write_text(path, "\n".join(out) + "\n")
 
 
 def dof_description(model: HandModel, joint: int) -> str:

@@ -194,7 +194,8 @@ def load_depthmap(path: os.PathLike | str) -> np.ndarray:
         raise DepthmapError(f"{path}: expected a 2-D depth map, found an array of shape {arr.shape}")
     if arr.size == 0:
         raise DepthmapError(f"{path}: expected a 2-D depth map, found an empty array {arr.shape}")
-    out = arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise DepthmapError(f"{path}: depth map has {bad} non-finite value(s) (NaN/inf, or too "

@@ -18,12 +18,13 @@ from a fixed light. Antialiasing comes from drawing at twice the size and shrink
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
+
+from common.utils.io import atomic_write_bytes
 
 # Rows: the camera's right, up and towards-the-viewer axes, in the hand frame.
 VIEWS = {
@@ -146,26 +147,20 @@ def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> 
 
 
 def save_image(path, img: np.ndarray) -> None:
-    """Write an image atomically (a temporary file, then ``os.replace``); the format follows the suffix.
+    """Write an image atomically (see :mod:`common.utils.io`); the format follows the suffix.
 
     Raises:
-        OSError: OpenCV could not encode or write the image; nothing is left at ``path``.
+        OSError: OpenCV could not encode the image; nothing is written to ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        try:
-            ok = cv2.imwrite(str(tmp), img)
-        except cv2.error as err:
-            ok, reason = False, str(err).strip().splitlines()[-1]
-        else:
-            reason = "cv2.imwrite returned False"
-        if not ok:
-            raise OSError(f"save_image: could not write {path} ({reason}; image shape "
-                          f"{getattr(img, 'shape', '?')}, dtype {getattr(img, 'dtype', '?')}; "
-                          "use a writable folder and an image suffix such as .png or .jpg)")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        ok, buf = cv2.imencode(path.suffix or ".png", img)
+    except cv2.error as err:
+        ok, reason = False, str(err).strip().splitlines()[-1]
+    else:
+        reason = "cv2.imencode returned False"
+    if not ok:
+        raise OSError(f"save_image: could not write {path} ({reason}; image shape "
+                      f"{getattr(img, 'shape', '?')}, dtype {getattr(img, 'dtype', '?')}; "
+                      "use an image suffix such as .png or .jpg)")
+    atomic_write_bytes(path, buf.tobytes())

@@ -1,0 +1,699 @@
+"""Reader for the released DeepHandMesh data (DESIGN §5) and the training samples built from it.
+
+Layout, relative to ``data_dir``::
+
+    images/subject_<S>/<seq>/cam<cam>/image<frame>.jpg|.png
+    annotations/KRT_512
+    annotations/keypoints/subject_<S>/keypoints<frame:04d>.pts
+    annotations/depthmaps/subject_<S>/<frame:06d>/depthmap<cam>.pkl
+
+Selection (as the original): sequences whose name contains ``RT`` and not ``ROM``; cameras of
+``KRT_512`` whose name starts with ``40`` (the colour cameras), in file order; every
+``image<digits>`` file of such a camera in such a sequence is one sample ``(seq, cam, frame)``.
+
+Split. The original has none: its trainer and tester both read every selected frame (the model
+is personalised: fitting this subject is the goal). Here ``mode='train'`` and ``mode='test'``
+likewise cover the same samples unless ``holdout_sequences`` is given, in which case those
+sequences form the test set and are left out of the training set. Differences between the modes:
+the choice of target views (below) and nothing else.
+
+Target views. As the original, ``render_view_num`` cameras are drawn without replacement from
+*all* colour cameras; the input camera may be among them (its depth map is then a target too).
+With ``seed=None``, training draws from torch's generator, which ``DataLoader`` seeds differently
+in every worker and every epoch (fresh views each epoch, as the original); with an integer seed
+the draw for sample ``i`` is a function of ``(seed, epoch, i)`` (call :meth:`set_epoch`). In
+``mode='test'`` the draw is a function of ``(seed or 0, i)`` only: the same views every time.
+
+Geometry. Pixel convention is OpenCV's, as ``cv2.warpAffine`` uses it: pixel centres at integer
+coordinates, so an image of width ``W`` spans ``[-0.5, W - 0.5]``. World -> camera ``x_c = R (x -
+campos)``, pixel ``u = fx x/z + cx``, ``v = fy y/z + cy`` (skew and lens distortion are ignored,
+as in the original). The pixel space of ``K`` (the "K space") is the image's own resolution by
+default, or ``image_shape`` when given. In it, the valid keypoints (in front of the camera) are
+projected, their bounding box is enlarged 1.5x about its centre and clipped to ``[-0.5, W-0.5] x
+[-0.5, H-0.5]``. The returned ``affine`` ``[2, 3]`` maps K-space pixel coordinates to crop pixel
+coordinates, sending the box's left/top edge to -0.5 and its right/bottom edge to ``W_crop - 0.5``
+(``H_crop - 0.5``) independently in x and y (no aspect preservation): apply it to ``(u, v, 1)`` of
+projected vertices before rasterising (DESIGN §6). A raster at another resolution ``h x w`` (a
+depth map, a larger image) is resampled with the centre-aligned rule ``r = (k + 0.5) * w / W -
+0.5`` (the rule of ``cv2.resize``), composed into the affine handed to ``cv2.warpAffine``.
+
+Warping. Input images: bilinear, RGB, float32 in [0, 1], ``[3, H, W]``. Depth maps: nearest
+neighbour, so every output pixel is a depth that was measured (or 0): bilinear warping would
+invent depths on the silhouette and across depth edges by mixing foreground, background and the
+0 of empty pixels. Outside the source: 0 (image black, depth "no depth").
+
+Errors. A missing or unreadable file for a sample (image, keypoints, depth map), including a
+depth-map pickle that is not a plain numeric array (see ``common.utils.safe_pickle``), becomes a
+:class:`SampleError` whose message starts with the file's path. ``on_error='stop'`` raises it.
+``on_error='skip'`` logs a warning the first time a file fails (per process), counts the skipped
+sample in :attr:`DeepHandMeshDataset.skipped` (shared by ``DataLoader`` workers, also logged with
+every warning) and returns the next sample in index order that loads (``i+1``, ``i+2``, ...,
+wrapping around): the replacement is deterministic. After 100 consecutive failures it raises.
+Problems of the data set as a whole (missing folders, a malformed ``KRT_512``, no sample, fewer
+colour cameras than ``render_view_num``) raise at construction whatever the policy.
+
+The dataset holds no open file and no lambda; it pickles, so it works with ``DataLoader``
+workers under ``fork`` and ``spawn``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import multiprocessing.context
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.utils.data
+
+from common.utils.io import atomic_write_text
+from common.utils.safe_pickle import DepthmapError, load_depthmap
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PTS_JOINT_NAMES", "HAND_PREFIX", "DataFormatError", "SampleError", "read_krt", "write_krt",
+    "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "project", "crop_box",
+    "box_affine", "raster_affine", "warp", "DeepHandMeshDataset",
+]
+
+# Right-hand joints of a keypoint file, by their index 0..20 (21..41 are the left hand).
+PTS_JOINT_NAMES = (
+    "thumb_null", "thumb3", "thumb2", "thumb1",
+    "index_null", "index3", "index2", "index1",
+    "middle_null", "middle3", "middle2", "middle1",
+    "ring_null", "ring3", "ring2", "ring1",
+    "pinky_null", "pinky3", "pinky2", "pinky1",
+    "wrist",
+)
+HAND_PREFIX = "b_r_"
+BOX_SCALE = 1.5
+MAX_CONSECUTIVE_SKIPS = 100
+COLOUR_CAMERA_PREFIX = "40"
+IMAGE_RE = re.compile(r"^image(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+
+
+class DataFormatError(ValueError):
+    """A KRT or keypoint file that cannot be parsed; the message names the file and line."""
+
+
+class SampleError(RuntimeError):
+    """One sample could not be built; the message starts with the offending file's path."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
+
+
+# --------------------------------------------------------------------------------- KRT files
+def read_krt(path: os.PathLike | str) -> Dict[str, Dict[str, np.ndarray]]:
+    """Read a ``KRT`` camera file.
+
+    Per camera: a name line, three lines of ``K``, one line of distortion, three lines of
+    ``[R | t]``, then a blank line (blank lines between blocks are optional here).
+
+    Returns:
+        ``{name: {'K' [3,3], 'dist' [n], 'R' [3,3], 't' [3], 'campos' [3] = -R^T t,
+        'camrot' [3,3] = R, 'focal' [2] = (K00, K11), 'princpt' [2] = (K02, K12)}}``, float64,
+        in file order.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: camera file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not a text file ({err})") from None
+
+    cams: Dict[str, Dict[str, np.ndarray]] = {}
+    i, n = 0, len(lines)
+    while True:
+        while i < n and not lines[i].strip():
+            i += 1
+        if i >= n:
+            break
+        name, name_line = lines[i].strip(), i + 1
+        if name in cams:
+            raise DataFormatError(f"{path}:{name_line}: camera '{name}' appears twice")
+        i += 1
+
+        def row(count: Optional[int], what: str) -> List[float]:
+            nonlocal i
+            if i >= n:
+                raise DataFormatError(f"{path}:{n}: camera '{name}' (line {name_line}) ends "
+                                      f"early: {what} is missing")
+            tokens = lines[i].split()
+            try:
+                values = [float(t) for t in tokens]
+            except ValueError:
+                raise DataFormatError(f"{path}:{i + 1}: camera '{name}': {what} must be numbers, "
+                                      f"found '{lines[i].strip()}'") from None
+            if count is not None and len(values) != count:
+                raise DataFormatError(f"{path}:{i + 1}: camera '{name}': {what} needs {count} "
+                                      f"numbers, found {len(values)}")
+            if not all(math.isfinite(v) for v in values):
+                raise DataFormatError(f"{path}:{i + 1}: camera '{name}': {what} is not finite")
+            i += 1
+            return values
+
+        K = np.array([row(3, f"row {r + 1} of K") for r in range(3)])
+        dist = np.array(row(None, "the distortion line"))
+        Rt = np.array([row(4, f"row {r + 1} of [R|t]") for r in range(3)])
+        R, t = Rt[:, :3], Rt[:, 3]
+        cams[name] = {
+            "K": K, "dist": dist, "R": R, "t": t,
+            "campos": -R.T @ t, "camrot": R.copy(),
+            "focal": np.array([K[0, 0], K[1, 1]]), "princpt": np.array([K[0, 2], K[1, 2]]),
+        }
+    if not cams:
+        raise DataFormatError(f"{path}: no camera in the file")
+    return cams
+
+
+def write_krt(path: os.PathLike | str, cams: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Write cameras (each with ``'K'``, ``'R'``, ``'t'`` and optional ``'dist'``) as a KRT file.
+
+    Numbers are written with Python's shortest round-trip repr: reading back gives them exactly.
+    """
+    out = []
+    for name, cam in cams.items():
+        name = str(name)
+        if not name.strip() or "\n" in name or name != name.strip():
+            raise ValueError(f"camera name {name!r} cannot be written to a KRT file")
+        K = np.asarray(cam["K"], np.float64).reshape(3, 3)
+        R = np.asarray(cam["R"], np.float64).reshape(3, 3)
+        t = np.asarray(cam["t"], np.float64).reshape(3)
+        dist = np.asarray(cam.get("dist", np.zeros(5)), np.float64).reshape(-1)
+        out.append(name)
+        out.extend(_fmt(r) for r in K)
+        out.append(_fmt(dist))
+        out.extend(_fmt(np.append(R[r], t[r])) for r in range(3))
+        out.append("")
+    atomic_write_text(path, "\n".join(out) + "\n")
+
+
+def _fmt(values: Iterable[float]) -> str:
+    return " ".join(repr(float(v)) for v in values)
+
+
+# ---------------------------------------------------------------------------- keypoint files
+def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, float]]:
+    """Read a ``.pts`` keypoint file: ``{index: (xyz [3] world mm, score, num_views)}``.
+
+    Lines are ``idx x y z score num_views``; blank lines and ``#`` comments are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: keypoint file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not a text file ({err})") from None
+    points: Dict[int, Tuple[np.ndarray, float, float]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        tokens = line.split()
+        if not tokens or tokens[0].startswith("#"):
+            continue
+        if len(tokens) != 6:
+            raise DataFormatError(f"{path}:{number}: expected 'idx x y z score num_views', "
+                                  f"found {len(tokens)} field(s)")
+        try:
+            values = [float(t) for t in tokens]
+        except ValueError:
+            raise DataFormatError(f"{path}:{number}: fields must be numbers, found "
+                                  f"'{line.strip()}'") from None
+        idx = values[0]
+        if idx != int(idx) or idx < 0:
+            raise DataFormatError(f"{path}:{number}: joint index must be a non-negative integer, "
+                                  f"found {tokens[0]}")
+        if not all(math.isfinite(v) for v in values[1:4]):
+            raise DataFormatError(f"{path}:{number}: coordinates are not finite")
+        if int(idx) in points:
+            raise DataFormatError(f"{path}:{number}: joint {int(idx)} appears twice")
+        points[int(idx)] = (np.array(values[1:4]), values[4], values[5])
+    return points
+
+
+def pts_to_model_index(joint_names: Sequence[str]) -> np.ndarray:
+    """``[21]`` int64: the hand-model joint of each right-hand keypoint index, matched by name.
+
+    A keypoint ``name`` matches the model joint ``b_r_<name>`` (or ``<name>``). Model joints that
+    no keypoint names (``b_r_thumb0``) stay invalid. A keypoint without a model joint is an error.
+    """
+    names = list(joint_names)
+    index = np.empty(len(PTS_JOINT_NAMES), np.int64)
+    for k, pts_name in enumerate(PTS_JOINT_NAMES):
+        hits = [j for j, n in enumerate(names) if n in (HAND_PREFIX + pts_name, pts_name)]
+        if len(hits) != 1:
+            found = "none" if not hits else f"{len(hits)}"
+            raise ValueError(f"the hand model needs exactly one joint named "
+                             f"'{HAND_PREFIX}{pts_name}' for keypoint {k}, found {found}; "
+                             f"its joints are: {', '.join(names)}")
+        index[k] = hits[0]
+    return index
+
+
+def read_pts(path: os.PathLike | str, joint_names: Sequence[str],
+             model_index: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Right-hand keypoints of a ``.pts`` file in the hand model's joint order.
+
+    Returns:
+        ``joint_world [J, 3]`` float32 (mm; 0 for invalid joints), ``joint_valid [J]`` float32
+        (1 for joints in the file, 0 otherwise, e.g. always for ``thumb0``).
+    """
+    if model_index is None:
+        model_index = pts_to_model_index(joint_names)
+    J = len(joint_names)
+    joint_world = np.zeros((J, 3), np.float32)
+    joint_valid = np.zeros(J, np.float32)
+    for idx, (xyz, _score, _views) in read_pts_raw(path).items():
+        if idx < len(PTS_JOINT_NAMES):  # 21..41: left hand
+            joint_world[model_index[idx]] = xyz
+            joint_valid[model_index[idx]] = 1.0
+    return joint_world, joint_valid
+
+
+def write_pts(path: os.PathLike | str, joint_world: np.ndarray, joint_valid: np.ndarray,
+              joint_names: Sequence[str], score: float = 1.0, num_views: int = 1) -> None:
+    """Write the valid right-hand joints (model order) as a ``.pts`` file, in keypoint order."""
+    model_index = pts_to_model_index(joint_names)
+    joint_world = np.asarray(joint_world, np.float64).reshape(len(joint_names), 3)
+    joint_valid = np.asarray(joint_valid).reshape(len(joint_names))
+    lines = []
+    for k, j in enumerate(model_index):
+        if joint_valid[j] > 0:
+            lines.append(f"{k} {_fmt(joint_world[j])} {score!r} {num_views!r}")
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+# --------------------------------------------------------------------------------- geometry
+def project(points: np.ndarray, camrot: np.ndarray, campos: np.ndarray, focal: np.ndarray,
+            princpt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """World points ``[P, 3]`` -> pixels ``[P, 2]`` and camera depth ``z [P]`` (float64)."""
+    cam = (np.asarray(points, np.float64) - np.asarray(campos, np.float64)) @ np.asarray(
+        camrot, np.float64).T
+    z = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = cam[:, :2] / z[:, None] * np.asarray(focal, np.float64) + np.asarray(princpt, np.float64)
+    return uv, z
+
+
+def crop_box(uv: np.ndarray, image_shape: Tuple[int, int], scale: float = BOX_SCALE) -> np.ndarray:
+    """Box ``[x0, y0, x1, y1]`` (continuous pixel edges) around ``uv [P, 2]``.
+
+    The points' bounding box, enlarged ``scale`` times about its centre, clipped to the image
+    ``[-0.5, W-0.5] x [-0.5, H-0.5]`` of ``image_shape = (H, W)``.
+
+    Raises:
+        ValueError: no point, or the clipped box is less than one pixel wide or high.
+    """
+    uv = np.asarray(uv, np.float64).reshape(-1, 2)
+    if len(uv) == 0:
+        raise ValueError("no keypoint to frame")
+    lo, hi = uv.min(0), uv.max(0)
+    centre, half = (lo + hi) / 2, (hi - lo) / 2 * scale
+    H, W = image_shape
+    x0, y0 = np.maximum(centre - half, -0.5)
+    x1, y1 = np.minimum(centre + half, [W - 0.5, H - 0.5])
+    if not (x1 - x0 >= 1 and y1 - y0 >= 1):
+        raise ValueError(f"the keypoints' box {np.round([*(centre - half), *(centre + half)], 2)} "
+                         f"leaves less than a pixel inside the {W}x{H} image")
+    return np.array([x0, y0, x1, y1])
+
+
+def box_affine(box: np.ndarray, out_shape: Tuple[int, int]) -> np.ndarray:
+    """``[2, 3]`` affine sending ``box`` (pixel edges) onto an ``out_shape = (H, W)`` crop.
+
+    x0 -> -0.5 and x1 -> W-0.5 (likewise y): the crop's pixel edges, OpenCV convention.
+    """
+    x0, y0, x1, y1 = np.asarray(box, np.float64)
+    H, W = out_shape
+    sx, sy = W / (x1 - x0), H / (y1 - y0)
+    return np.array([[sx, 0.0, -0.5 - sx * x0], [0.0, sy, -0.5 - sy * y0]])
+
+
+def raster_affine(affine: np.ndarray, kspace_shape: Tuple[int, int],
+                  raster_shape: Tuple[int, int]) -> np.ndarray:
+    """The affine of a raster of ``raster_shape`` whose pixels cover the K space of shape
+    ``kspace_shape``: ``affine`` composed with raster -> K space, ``k = (r + 0.5) * S/s - 0.5``."""
+    (KH, KW), (h, w) = kspace_shape, raster_shape
+    ax, ay = KW / w, KH / h
+    k_from_r = np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5], [0.0, 0.0, 1.0]])
+    return np.asarray(affine, np.float64) @ k_from_r
+
+
+def warp(raster: np.ndarray, affine: np.ndarray, out_shape: Tuple[int, int],
+         nearest: bool) -> np.ndarray:
+    """``cv2.warpAffine`` of ``raster`` with the forward map ``affine``; 0 outside the source."""
+    H, W = out_shape
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.warpAffine(raster, np.asarray(affine, np.float64), (int(W), int(H)), flags=flags,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+# ------------------------------------------------------------------------------ skip counter
+class _SkipCounter:
+    """A count shared by the dataset and its ``DataLoader`` workers.
+
+    The counts live in shared memory (a ``multiprocessing`` raw array that reaches workers by
+    inheritance, under ``fork`` and ``spawn`` alike), one slot per process: the main process
+    writes slot 0, worker ``w`` slot ``w + 1``, so no lock is needed. A plain pickle carries
+    only the current total.
+    """
+
+    SLOTS = 256
+
+    def __init__(self, value: int = 0):
+        try:
+            self._shared = multiprocessing.RawArray("q", self.SLOTS)
+        except (OSError, ImportError):  # no shared memory here: count in this process only
+            self._shared = [0] * self.SLOTS
+        self._shared[0] = value
+
+    def add(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._shared[slot] += 1
+        return self.value
+
+    @property
+    def value(self) -> int:
+        return int(sum(self._shared[:]))
+
+    def __getstate__(self):
+        if (not isinstance(self._shared, list)
+                and multiprocessing.context.get_spawning_popen() is not None):
+            return {"shared": self._shared}
+        return {"value": self.value}
+
+    def __setstate__(self, state):
+        if "shared" in state:
+            self._shared = state["shared"]
+        else:
+            self.__init__(state["value"])
+
+
+# ---------------------------------------------------------------------------------- dataset
+class DeepHandMeshDataset(torch.utils.data.Dataset):
+    """Training / test samples of one subject of the released DeepHandMesh data.
+
+    Each item is a dict (collates with the default ``collate_fn``), ``N = render_view_num``:
+
+    ================  ==================  ==========================================================
+    ``img``           ``[3, H, W]`` f32    input crop, RGB in [0, 1], ``(H, W) = input_img_shape``
+    ``img_affine``    ``[2, 3]`` f32       K space of the input camera -> input crop pixels
+    ``depthmap``      ``[N, Hr, Wr]`` f32  target depth crops (mm, 0 = none), ``rendered_img_shape``
+    ``camrot``        ``[N, 3, 3]`` f32    R of each target camera (``x_c = R (x - campos)``)
+    ``campos``        ``[N, 3]`` f32       camera centres, world mm
+    ``focal``         ``[N, 2]`` f32       (fx, fy), K-space pixels
+    ``princpt``       ``[N, 2]`` f32       (cx, cy), K-space pixels
+    ``affine``        ``[N, 2, 3]`` f32    K space of each target camera -> rendered crop pixels
+    ``view_cam_idx``  ``[N]`` int64        indices of the target cameras in :attr:`cameras`
+    ``joint_world``   ``[J, 3]`` f32       keypoints in the hand model's joint order, world mm
+    ``joint_valid``   ``[J]`` f32          1 where the keypoint file has the joint
+    ``index``         int                  the sample's index (after any skip)
+    ``frame``         int                  frame number
+    ``cam``           str                  input camera name
+    ``seq``           str                  sequence name
+    ================  ==================  ==========================================================
+
+    Args:
+        data_dir: folder holding ``images/`` and ``annotations/``.
+        subject: subject number (``subject_<n>`` folders).
+        mode: ``'train'`` or ``'test'`` (see the module notes on the split and view draws).
+        joint_names: the hand model's joint names (``HandModel.joint_names``).
+        input_img_shape, rendered_img_shape: ``(H, W)`` of the input and target crops.
+        render_view_num: target views per sample.
+        on_error: ``'stop'`` (raise :class:`SampleError`) or ``'skip'``.
+        seed: ``None`` or an integer (see the module notes).
+        image_shape: ``(H, W)`` of the pixel space of the cameras' ``K``; ``None``: the size of
+            the sample's input image (the released images and ``KRT_512`` agree: 512 x 334).
+        holdout_sequences: sequences kept for ``mode='test'`` and left out of ``'train'``.
+    """
+
+    def __init__(self, data_dir: os.PathLike | str, subject: int = 4, mode: str = "train",
+                 joint_names: Sequence[str] = (), input_img_shape: Tuple[int, int] = (256, 256),
+                 rendered_img_shape: Tuple[int, int] = (256, 256), render_view_num: int = 6,
+                 on_error: str = "stop", seed: Optional[int] = None,
+                 image_shape: Optional[Tuple[int, int]] = None,
+                 holdout_sequences: Sequence[str] = ()):
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if on_error not in ("stop", "skip"):
+            raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+        if render_view_num < 1:
+            raise ValueError(f"render_view_num must be at least 1, got {render_view_num}")
+        self.data_dir = Path(data_dir)
+        self.subject = int(subject)
+        self.mode = mode
+        self.joint_names = list(joint_names)
+        self.input_img_shape = _shape(input_img_shape, "input_img_shape")
+        self.rendered_img_shape = _shape(rendered_img_shape, "rendered_img_shape")
+        self.render_view_num = int(render_view_num)
+        self.on_error = on_error
+        self.seed = None if seed is None else int(seed)
+        self.image_shape = None if image_shape is None else _shape(image_shape, "image_shape")
+        self.epoch = 0
+        self._model_index = pts_to_model_index(self.joint_names)
+
+        subject_dir = f"subject_{self.subject}"
+        self.image_dir = self.data_dir / "images" / subject_dir
+        self.krt_path = self.data_dir / "annotations" / "KRT_512"
+        self.keypoint_dir = self.data_dir / "annotations" / "keypoints" / subject_dir
+        self.depthmap_dir = self.data_dir / "annotations" / "depthmaps" / subject_dir
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"{self.image_dir}: image folder not found")
+
+        # cameras
+        krt = read_krt(self.krt_path)
+        self.cameras: List[str] = [c for c in krt if c.startswith(COLOUR_CAMERA_PREFIX)]
+        if not self.cameras:
+            raise ValueError(f"{self.krt_path}: no colour camera (name starting with "
+                             f"'{COLOUR_CAMERA_PREFIX}') among {len(krt)} camera(s)")
+        if self.render_view_num > len(self.cameras):
+            raise ValueError(f"render_view_num={self.render_view_num} but {self.krt_path} has "
+                             f"only {len(self.cameras)} colour camera(s)")
+        self.camrot = np.stack([krt[c]["camrot"] for c in self.cameras]).astype(np.float32)
+        self.campos = np.stack([krt[c]["campos"] for c in self.cameras]).astype(np.float32)
+        self.focal = np.stack([krt[c]["focal"] for c in self.cameras]).astype(np.float32)
+        self.princpt = np.stack([krt[c]["princpt"] for c in self.cameras]).astype(np.float32)
+
+        # sequences
+        found = sorted(d.name for d in self.image_dir.iterdir() if d.is_dir())
+        sequences = [s for s in found if "RT" in s and "ROM" not in s]
+        holdout = list(holdout_sequences)
+        unknown = [s for s in holdout if s not in sequences]
+        if unknown:
+            raise ValueError(f"holdout_sequences {unknown} are not among the selected sequences "
+                             f"of {self.image_dir}: {sequences}")
+        if holdout:
+            sequences = [s for s in sequences if (s in holdout) == (mode == "test")]
+        self.sequences: List[str] = sequences
+
+        # samples: (sequence index, camera index, frame, image file name)
+        samples: List[Tuple[int, int, int, str]] = []
+        for si, seq in enumerate(self.sequences):
+            for ci, cam in enumerate(self.cameras):
+                cam_dir = self.image_dir / seq / f"cam{cam}"
+                if not cam_dir.is_dir():
+                    continue
+                frames: Dict[int, str] = {}
+                for name in sorted(os.listdir(cam_dir)):
+                    match = IMAGE_RE.match(name)
+                    if match:
+                        frames.setdefault(int(match.group(1)), name)
+                samples.extend((si, ci, f, frames[f]) for f in sorted(frames))
+        if not samples:
+            raise ValueError(f"{self.image_dir}: no image of a colour camera in sequences "
+                             f"{self.sequences} (of {found})")
+        self._samples = samples
+        self._skips = _SkipCounter()
+        self._warned: set = set()
+        logger.info("DeepHandMesh %s set: %d samples from %d sequence(s) %s, %d colour camera(s), "
+                    "%d target view(s) each", mode, len(samples), len(self.sequences),
+                    self.sequences, len(self.cameras), self.render_view_num)
+
+    @classmethod
+    def from_config(cls, cfg, mode: str, hand_model, **overrides) -> "DeepHandMeshDataset":
+        """Build from a ``Config`` and a ``HandModel`` (or a list of joint names).
+
+        ``overrides`` set the arguments the configuration does not hold (``on_error``, ``seed``,
+        ``image_shape``, ``holdout_sequences``) or replace those it does.
+        """
+        names = getattr(hand_model, "joint_names", hand_model)
+        kwargs = dict(data_dir=cfg.data_dir, subject=cfg.subject, mode=mode, joint_names=names,
+                      input_img_shape=tuple(cfg.input_img_shape),
+                      rendered_img_shape=tuple(cfg.rendered_img_shape),
+                      render_view_num=cfg.render_view_num)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @property
+    def samples(self) -> List[Tuple[str, str, int]]:
+        """``(sequence, camera, frame)`` of every sample, in index order."""
+        return [(self.sequences[s], self.cameras[c], f) for s, c, f, _ in self._samples]
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (``on_error='skip'``), summed over ``DataLoader`` workers."""
+        return self._skips.value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the target views of a seeded training set from one epoch to the next."""
+        self.epoch = int(epoch)
+
+    def image_path(self, idx: int) -> Path:
+        s, c, _f, name = self._samples[idx]
+        return self.image_dir / self.sequences[s] / f"cam{self.cameras[c]}" / name
+
+    def keypoint_path(self, frame: int) -> Path:
+        return self.keypoint_dir / f"keypoints{frame:04d}.pts"
+
+    def depthmap_path(self, frame: int, cam: str) -> Path:
+        return self.depthmap_dir / f"{frame:06d}" / f"depthmap{cam}.pkl"
+
+    def __getitem__(self, idx: int) -> Dict[str, object]:
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"sample index {idx} out of range for {n} samples")
+        idx %= n
+        last: Optional[SampleError] = None
+        for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
+            j = (idx + attempt) % n
+            try:
+                return self.load_sample(j)
+            except SampleError as err:
+                if self.on_error == "stop":
+                    raise
+                self._record_skip(err, j)
+                last = err
+        raise SampleError(f"{min(n, MAX_CONSECUTIVE_SKIPS)} consecutive samples from index {idx} "
+                          f"could not be loaded; the last error: {last}",
+                          None if last is None else last.path)
+
+    def _record_skip(self, err: SampleError, idx: int) -> None:
+        count = self._skips.add()
+        key = err.path or str(err)
+        if key in self._warned:
+            logger.debug("skipped sample %d: %s (%d skipped so far)", idx, err, count)
+            return
+        self._warned.add(key)
+        logger.warning("skipped sample %d: %s (%d sample(s) skipped so far; further failures of "
+                       "this file are not reported again)", idx, err, count)
+
+    # ------------------------------------------------------------------------- loading
+    def draw_views(self, idx: int) -> np.ndarray:
+        """Indices into :attr:`cameras` of the target views of sample ``idx``."""
+        n, k = len(self.cameras), self.render_view_num
+        if self.mode == "train" and self.seed is None:
+            return torch.randperm(n)[:k].numpy().astype(np.int64)
+        seed = 0 if self.seed is None else self.seed
+        key = [seed, idx] if self.mode == "test" else [seed, self.epoch, idx]
+        return np.random.default_rng(key).choice(n, size=k, replace=False).astype(np.int64)
+
+    def sample_box(self, joint_world: np.ndarray, joint_valid: np.ndarray, cam_idx: int,
+                   kspace_shape: Tuple[int, int]) -> np.ndarray:
+        """The crop box ``[x0, y0, x1, y1]`` of camera ``cam_idx`` in its K space."""
+        uv, z = project(joint_world[joint_valid > 0], self.camrot[cam_idx], self.campos[cam_idx],
+                        self.focal[cam_idx], self.princpt[cam_idx])
+        return crop_box(uv[z > 0], kspace_shape)
+
+    def load_sample(self, idx: int) -> Dict[str, object]:
+        """Build sample ``idx`` (no skipping); raises :class:`SampleError`."""
+        s, c, frame, _name = self._samples[idx]
+        cam = self.cameras[c]
+
+        kp_path = self.keypoint_path(frame)
+        try:
+            joint_world, joint_valid = read_pts(kp_path, self.joint_names, self._model_index)
+        except (OSError, DataFormatError) as err:
+            raise _sample_error(kp_path, err) from err
+        if not joint_valid.any():
+            raise SampleError(f"{kp_path}: no right-hand keypoint (indices 0-20)", str(kp_path))
+
+        img_path = self.image_path(idx)
+        img = _read_image(img_path)
+        kspace = self.image_shape or img.shape[:2]
+
+        def box_of(view: int) -> np.ndarray:
+            try:
+                return self.sample_box(joint_world, joint_valid, view, kspace)
+            except ValueError as err:
+                raise SampleError(f"{kp_path}: camera {self.cameras[view]}: {err}",
+                                  str(kp_path)) from None
+
+        img_affine = box_affine(box_of(c), self.input_img_shape)
+        img = warp(img, raster_affine(img_affine, kspace, img.shape[:2]), self.input_img_shape,
+                   nearest=False)
+
+        views = self.draw_views(idx)
+        depthmaps, affines = [], []
+        for v in views:
+            affine = box_affine(box_of(int(v)), self.rendered_img_shape)
+            path = self.depthmap_path(frame, self.cameras[v])
+            try:
+                depth = load_depthmap(path)
+            except (OSError, DepthmapError) as err:
+                raise _sample_error(path, err) from err
+            depthmaps.append(warp(depth, raster_affine(affine, kspace, depth.shape),
+                                  self.rendered_img_shape, nearest=True))
+            affines.append(affine)
+
+        return {
+            "img": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "img_affine": torch.from_numpy(img_affine.astype(np.float32)),
+            "depthmap": torch.from_numpy(np.stack(depthmaps).astype(np.float32)),
+            "camrot": torch.from_numpy(self.camrot[views]),
+            "campos": torch.from_numpy(self.campos[views]),
+            "focal": torch.from_numpy(self.focal[views]),
+            "princpt": torch.from_numpy(self.princpt[views]),
+            "affine": torch.from_numpy(np.stack(affines).astype(np.float32)),
+            "view_cam_idx": torch.from_numpy(views),
+            "joint_world": torch.from_numpy(joint_world),
+            "joint_valid": torch.from_numpy(joint_valid),
+            "index": idx,
+            "frame": frame,
+            "cam": cam,
+            "seq": self.sequences[s],
+        }
+
+
+# -------------------------------------------------------------------------------- helpers
+def _shape(value, what: str) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be (height, width), got {value!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return h, w
+
+
+def _sample_error(path: Path, err: Exception) -> SampleError:
+    text = str(err)
+    if isinstance(err, FileNotFoundError):
+        text = f"{path}: file not found"
+    elif not text.startswith(str(path)):
+        text = f"{path}: {type(err).__name__}: {text}"
+    return SampleError(text, str(path))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """``[H, W, 3]`` float32 RGB in [0, 1]; SampleError naming ``path`` on failure."""
+    if not path.is_file():
+        raise SampleError(f"{path}: file not found", str(path))
+    data = np.fromfile(str(path), np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if img is None:
+        raise SampleError(f"{path}: could not be decoded as an image (corrupt or not an image)",
+                          str(path))
+    return img[:, :, ::-1].astype(np.float32) * np.float32(1 / 255)

@@ -1,0 +1,129 @@
+"""Depth-map pickles: numeric 2-D arrays load; anything else is refused without running code."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from common.utils.safe_pickle import DepthmapError, load_depthmap
+
+
+def dump(path, obj, protocol=pickle.DEFAULT_PROTOCOL):
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int32])
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_numeric_arrays_round_trip(tmp_path, dtype, protocol):
+    depth = (np.arange(12).reshape(3, 4) * 7).astype(dtype)
+    out = load_depthmap(dump(tmp_path / "d.pkl", depth, protocol))
+    assert out.dtype == np.float32 and out.shape == (3, 4)
+    np.testing.assert_array_equal(out, depth.astype(np.float32))
+
+
+def test_non_contiguous_and_fortran_arrays(tmp_path):
+    depth = np.arange(30, dtype=np.float64).reshape(5, 6)
+    for arr in (depth[:, ::2], np.asfortranarray(depth)):
+        for protocol in (2, 5):
+            np.testing.assert_array_equal(load_depthmap(dump(tmp_path / "d.pkl", arr, protocol)), arr)
+
+
+def py2_pickle(data: np.ndarray) -> bytes:
+    """A protocol-2 pickle as Python 2 with numpy 1.x writes it: ``numpy.core.multiarray``
+    names and the array bytes as a Python 2 ``str`` (SHORT_BINSTRING)."""
+    raw = data.astype("<f4").tobytes()
+    assert len(raw) < 256
+    h, w = data.shape
+    return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02"
+            b"K\x00\x85U\x01b\x87Rq\x03(K\x01K" + bytes([h]) + b"K" + bytes([w]) + b"\x86"
+            b"cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R"
+            b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            b"\x89U" + bytes([len(raw)]) + raw + b"tb.")
+
+
+def test_python2_protocol2_pickle(tmp_path):
+    depth = np.array([[0.0, 512.5, 600.0], [0.0, 0.0, 1e4]], np.float32)
+    path = tmp_path / "depthmap400266.pkl"
+    path.write_bytes(py2_pickle(depth))
+    # the same bytes need encoding='latin1' with the plain unpickler too
+    np.testing.assert_array_equal(pickle.loads(path.read_bytes(), encoding="latin1"), depth)
+    np.testing.assert_array_equal(load_depthmap(path), depth)
+
+
+class RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class Prints:
+    def __reduce__(self):
+        return (print, ("this should never be printed",))
+
+
+def test_malicious_pickles_are_refused_without_running(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = dump(tmp_path / "depthmap400266.pkl", RunsShell(marker))
+    with pytest.raises(DepthmapError) as err:
+        load_depthmap(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "refused to load" in msg and "system" in msg
+    assert "only numeric arrays are allowed" in msg
+    assert not marker.exists()
+
+    # hidden inside an otherwise valid structure, at an old protocol
+    path = dump(tmp_path / "p.pkl", [np.zeros((2, 2)), Prints()], protocol=0)
+    with pytest.raises(DepthmapError, match=r"refused to load '(__builtin__|builtins)\.print'"):
+        load_depthmap(path)
+    assert "never be printed" not in capsys.readouterr().out
+
+
+def test_numpy_names_cannot_be_abused(tmp_path):
+    # REDUCE on numpy.ndarray would allocate whatever shape the file asks for
+    evil = b"\x80\x02cnumpy\nndarray\nJ\x00\xca\x9a;\x85R."
+    path = tmp_path / "alloc.pkl"
+    path.write_bytes(evil)
+    with pytest.raises(DepthmapError, match=r"alloc\.pkl: refused to call 'numpy.ndarray'"):
+        load_depthmap(path)
+    # another callable from numpy is not on the list
+    path.write_bytes(b"\x80\x02cnumpy\nload\nX\x03\x00\x00\x00/x/\x85R.")
+    with pytest.raises(DepthmapError, match="refused to load 'numpy.load'"):
+        load_depthmap(path)
+
+
+@pytest.mark.parametrize("obj, what", [
+    (np.array([[1.0, None]], dtype=object), "dtype object"),
+    (np.zeros((2, 3, 4), np.float32), r"shape \(2, 3, 4\)"),
+    (np.zeros(5, np.float32), r"shape \(5,\)"),
+    (np.zeros((0, 4), np.float32), "empty"),
+    ("depth", "a str"),
+    ({"depth": np.zeros((2, 2))}, "a dict"),
+    (np.zeros((2, 2), complex), "complex128"),
+    (np.zeros((2, 2), bool), "bool"),
+    (np.array([[1.0, np.nan]]), "non-finite"),
+    (np.array([[1.0, 1e300]]), "non-finite"),
+])
+def test_wrong_content_is_named(tmp_path, obj, what):
+    path = dump(tmp_path / "depthmap400001.pkl", obj)
+    with pytest.raises(DepthmapError, match=what) as err:
+        load_depthmap(path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    path = tmp_path / "depthmap400002.pkl"
+    path.write_bytes(pickle.dumps(np.ones((8, 8), np.float32))[:-30])
+    with pytest.raises(DepthmapError, match="not a readable depth-map pickle") as err:
+        load_depthmap(path)
+    assert str(err.value).startswith(str(path))
+    path.write_bytes(b"")
+    with pytest.raises(DepthmapError, match="not a readable"):
+        load_depthmap(path)
+    path.write_bytes(b"\xff\xd8\xff\xe0 a jpeg, not a pickle")
+    with pytest.raises(DepthmapError, match="not a readable"):
+        load_depthmap(path)
+    with pytest.raises(FileNotFoundError):
+        load_depthmap(tmp_path / "missing.pkl")
