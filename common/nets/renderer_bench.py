@@ -34,14 +34,17 @@ def ring_cameras(vertices: np.ndarray, views: int, size: int, distance: float = 
     verts = np.asarray(vertices, np.float64)
     centre = (verts.min(0) + verts.max(0)) / 2
     rots, poss = [], []
+    # The ring goes around the longest axis of the mesh's box, which is also the image's "up", so
+    # that a hand stands upright in every view (and no camera looks along "up").
+    long_axis = int(np.argmax(verts.max(0) - verts.min(0)))
+    up = np.eye(3)[long_axis]
+    side_a, side_b = (np.eye(3)[k] for k in range(3) if k != long_axis)
     for i in range(views):
         az = 2 * math.pi * i / views
         el = math.radians(25.0 * math.sin(2 * az))
-        campos = centre + distance * np.array([math.sin(az) * math.cos(el), -math.cos(az) * math.cos(el),
-                                               math.sin(el)])
+        campos = centre + distance * (math.cos(el) * (math.sin(az) * side_a - math.cos(az) * side_b)
+                                      + math.sin(el) * up)
         z = (centre - campos) / np.linalg.norm(centre - campos)
-        # Image "up" along the longest axis of the mesh's box, so that a hand stands upright.
-        up = np.eye(3)[int(np.argmax(verts.max(0) - verts.min(0)))]
         y = -(up - (up @ z) * z)
         y /= np.linalg.norm(y)
         rots.append(np.stack([np.cross(y, z), y, z]))
