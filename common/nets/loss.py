@@ -390,7 +390,9 @@ def uniform_laplacian(faces, vertex_num: int, dtype: torch.dtype = torch.float32
     diag = torch.nonzero(degree > 0, as_tuple=True)[0]
     index = torch.stack([torch.cat([rows, diag]), torch.cat([cols, diag])])
     values = torch.cat([-1.0 / degree[rows].double(), torch.ones(diag.numel(), dtype=torch.float64)])
-    return torch.sparse_coo_tensor(index, values.to(dtype), (V, V), check_invariants=True).coalesce()
+    # Checked once here (cheap at construction); the context also keeps torch from warning.
+    with torch.sparse.check_sparse_tensor_invariants():
+        return torch.sparse_coo_tensor(index, values.to(dtype), (V, V)).coalesce()
 
 
 class LaplacianLoss(nn.Module):

@@ -86,10 +86,13 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
     colors = np.broadcast_to(np.asarray(color_bgr if face_colors is None else face_colors, np.float64),
                              (len(faces), 3))
     panels = []
-    for m in cams:
-        panels.append(_render_view((local - centre) @ m.T, faces, image_size, scale, cull_back, colors,
-                                   None if joints_mm is None else (np.asarray(joints_mm) @ frame - centre) @ m.T,
-                                   parents))
+    for view, m in zip(views, cams):
+        panel = _render_view((local - centre) @ m.T, faces, image_size, scale, cull_back, colors,
+                             None if joints_mm is None else (np.asarray(joints_mm) @ frame - centre) @ m.T,
+                             parents)
+        if isinstance(view, str):
+            cv2.putText(panel, view, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (90, 90, 90), 1, cv2.LINE_AA)
+        panels.append(panel)
     return np.concatenate(panels, axis=1)
 
 
