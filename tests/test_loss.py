@@ -171,8 +171,9 @@ def trained_like_model(hand, cfg):
     """A ``'train'`` model (random correctives, as the original initialises them), cached per hand."""
     key = id(hand)
     if key not in _MODELS:
-        torch.manual_seed(0)
-        _MODELS[key] = get_model("train", hand, cfg).eval()
+        with torch.random.fork_rng():  # reproducible here, without touching other tests' RNG
+            torch.manual_seed(0)
+            _MODELS[key] = get_model("train", hand, cfg).eval()
     return _MODELS[key]
 
 

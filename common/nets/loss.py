@@ -12,10 +12,14 @@ Corner cases the original leaves undefined (it raises or divides by zero) and wh
   count in the average (no skin to push out of; the limit of a segment that is far away);
 * a skeleton with no pair of disjoint bones, or no non-thumb path: that term is 0;
 * a point pair at zero distance: the (sub)gradient of the distance is 0 instead of NaN.
+
+The original's training call passes the rest mesh under a name its model never defines
+(``mesh_refined_v``); what it means, and what is used here, is DESIGN's rest-pose mesh with
+correctives, ``Model.pose(...)['rest_mesh']``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -117,10 +121,10 @@ class PenetLoss(nn.Module):
       end₁ = start₂, which for tree edges is "shares a joint"; the wrist→X1 bones take part —
       the mean over the point pairs of ``max(0, r₁ + r₂ − ‖p₁ − p₂‖)``, averaged over the pairs.
     * non-rigid: for each non-rigid joint, its segmented posed vertices; for each root-to-leaf path
-      whose last bone has no joint named ``…thumb…`` (any case), the points of that last bone only: ``d`` =
-      distance to the nearest of those vertices; from the first point ``k`` with ``d < r`` on,
-      ``|mean(d[k:] − r[k:])|``, and 0 when no point is that close; averaged over the
-      (joint, path) pairs.
+      whose last bone has no joint named ``…thumb…`` (any case), the points of that last bone
+      only: ``d`` = distance to the nearest of those vertices; from the first point ``k`` with
+      ``d < r`` on, ``|mean(d[k:] − r[k:])|``, and 0 when no point is that close; averaged over
+      the (joint, path) pairs.
 
     The leaf points exist in the point table (as in the original) but neither term uses them: both
     only read the points of bones between two different joints.
@@ -253,8 +257,9 @@ class PenetLoss(nn.Module):
         return int(self.steps.numel())
 
     def extra_repr(self) -> str:
-        return (f"points={self.point_num}, bone_pairs={len(self.bone_pairs)}, last_bones={len(self.last_bones)}, "
-                f"non_rigid_joints={self.non_rigid_joint_indices}, weights=({self.rigid_weight}, {self.non_rigid_weight})")
+        return (f"points={self.point_num}, bone_pairs={len(self.bone_pairs)}, "
+                f"last_bones={len(self.last_bones)}, non_rigid_joints={self.non_rigid_joint_indices}, "
+                f"weights=({self.rigid_weight}, {self.non_rigid_weight})")
 
     # ---------------------------------------------------------------- pieces
     def _joints(self, joints: torch.Tensor, name: str) -> torch.Tensor:
@@ -294,7 +299,7 @@ class PenetLoss(nn.Module):
         if points.dim() == 2:
             points = points[None]
         points = points.expand(rest_mesh.shape[0], -1, -1)
-        # The matrix-product form of cdist loses digits on mm coordinates far from the origin.
+        # The matrix-product form of cdist loses digits on mm coordinates (see non_rigid_term).
         dist = torch.cdist(points, rest_mesh, compute_mode="donot_use_mm_for_euclid_dist")
         return dist.amin(dim=2)
 
@@ -315,14 +320,21 @@ class PenetLoss(nn.Module):
         total = points.new_zeros(B)
         if pair_num == 0:
             return total
-        tips = points[:, self.last_bone_points]  # [B, L, n, 3]
+        L, n = self.last_bone_points.shape
+        tips = points[:, self.last_bone_points.reshape(-1)]  # [B, L·n, 3]
         reach = radii[:, self.last_bone_points]  # [B, L, n]
         for lo, hi in self._nr_slices:
             if hi == lo:
                 continue  # no skin segmented to this joint: nothing to penetrate (the original crashes)
             skin = mesh_out[:, self.non_rigid_vertices[lo:hi]]  # [B, Vk, 3]
-            dist = torch.linalg.vector_norm(skin[:, :, None, None] - tips[:, None], dim=-1)
-            dist = dist.min(dim=1).values  # [B, L, n]
+            # Search without autograd, then differentiate only the distance to the nearest vertex:
+            # the same gradient as a min over all distances, without a [B, L·n, Vk] backward.
+            # Exact differences (not cdist's matrix-product form): the distances are compared
+            # with radii of a few mm at coordinates of ~100 mm.
+            with torch.no_grad():
+                nearest = torch.cdist(tips, skin, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=2)
+            near = torch.gather(skin, 1, nearest[..., None].expand(-1, -1, 3))
+            dist = torch.linalg.vector_norm(tips - near, dim=-1).view(B, L, n)
             # Points from the first collision on (a bone runs parent → child, towards the tip).
             tail = (dist < reach).cumsum(dim=-1) > 0
             excess = torch.where(tail, dist - reach, torch.zeros_like(dist)).sum(dim=-1)
@@ -336,7 +348,7 @@ class PenetLoss(nn.Module):
         if joint_out.dim() != 3:
             raise ValueError(f"joint_out: expected [B, {self.joint_num}, 3] (mm), got {_shape(joint_out)}")
         B = joint_out.shape[0]
-        if mesh_out.dim() != 3 or mesh_out.shape[0] != B or mesh_out.shape[2] != 3 or mesh_out.shape[1] != self.vertex_num:
+        if mesh_out.dim() != 3 or tuple(mesh_out.shape) != (B, self.vertex_num, 3):
             raise ValueError(f"mesh_out: expected [{B}, {self.vertex_num}, 3] (mm), got {_shape(mesh_out)}")
         if rest_mesh.shape != mesh_out.shape:
             raise ValueError(f"rest_mesh: expected {_shape(mesh_out)} like mesh_out, got {_shape(rest_mesh)}")
