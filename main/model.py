@@ -1,7 +1,9 @@
 """The DeepHandMesh model: encoder, pose decoder, identity/pose correctives, FK and LBS.
 
-Entry points (DESIGN §10): ``get_model(mode, hand_model)`` and ``model.decode(euler)``.
-The template lives in non-persistent buffers, so a state dict holds exactly the original's keys
+Entry points (DESIGN §10): ``get_model(mode, hand_model)`` and ``model.decode(euler)``; the
+training forward (``model(inputs, targets, meta_info, 'train')``) returns the per-element losses.
+The template, the renderer's faces and the losses' tables live in non-persistent buffers, so a
+state dict holds exactly the original's keys
 (``id_code``, ``backbone_net.*``, ``pose_net.*``, ``skeleton_refine_net.*``, ``skin_refine_net.*``).
 """
 from __future__ import annotations
@@ -12,17 +14,74 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss
 from common.nets.module import BackboneNet, PoseNet, SkeletonRefineNet, SkinRefineNet
+from common.nets.renderer import DepthRenderer
 from common.utils.hand_model import HandModel
 from common.utils.kinematics import (
     add_translation,
     euler_to_matrix,
     forward_kinematics,
     linear_blend_skinning,
+    rigid_align,
     to_homogeneous,
     tree_levels,
 )
 from main.config import cfg as default_cfg
+
+# A rigid transform in 3D is determined by three non-collinear points: a sample with fewer valid
+# alignment keypoints cannot be placed (see :func:`align_to_keypoints`).
+MIN_ALIGN_JOINTS = 3
+
+# Tensors of a data-set sample that the training forward reads (DataParallel scatters them).
+INPUT_KEYS = ("img",)
+TARGET_KEYS = ("joint_world", "joint_valid", "depthmap")
+META_KEYS = ("camrot", "campos", "focal", "princpt", "affine")
+
+
+def align_to_keypoints(source: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
+    """Rigid (Kabsch) transforms taking ``source`` onto the *valid* points of ``target``.
+
+    Only the valid correspondences count (a weighted Kabsch with 0/1 weights), so a keypoint the
+    annotation lacks (its coordinates are 0 in the data set) cannot pull the hand towards the
+    origin, as it would in the original, which ignores validity here. It is computed by
+    :func:`common.utils.kinematics.rigid_align` on the points with every invalid pair replaced by
+    the centroids of the valid ones: those pairs then change neither the centroids nor the
+    cross-covariance, which makes the result exactly the Kabsch solution of the valid pairs.
+
+    A sample with fewer than :data:`MIN_ALIGN_JOINTS` valid points has no defined rigid transform:
+    it gets the identity (``target`` is replaced by ``source`` for it, and no gradient flows through
+    its transform), and ``ok`` is False for it so that callers can leave it out.
+
+    Args:
+        source: ``[B, K, 3]`` (or ``[K, 3]``, shared by the batch) points, mm.
+        target: ``[B, K, 3]`` points, mm.
+        valid: ``[B, K]``, non-zero where the target point exists.
+    Returns:
+        ``(transform [B, 4, 4], ok [B] bool)`` with ``transform · source_k ≈ target_k`` on the valid ``k``.
+    """
+    if target.dim() != 3 or target.shape[-1] != 3:
+        raise ValueError(f"target: expected [B, K, 3] points (mm), got {tuple(target.shape)}")
+    B, K = target.shape[:2]
+    if valid.shape[:2] != (B, K):
+        raise ValueError(f"valid: expected [{B}, {K}], got {tuple(valid.shape)}")
+    source = source.to(target.dtype).expand(B, K, 3)
+    w = valid.reshape(B, K) > 0
+    ok = w.sum(dim=1) >= MIN_ALIGN_JOINTS
+    # Unplaceable samples: align the source onto itself (the identity), using every point.
+    w = w | ~ok[:, None]
+    target = torch.where(ok[:, None, None], target, source)
+    source = torch.where(ok[:, None, None], source, source.detach())
+    target = torch.where(ok[:, None, None], target, target.detach())
+    wf = w.to(target.dtype)[..., None]
+    count = wf.sum(dim=1, keepdim=True)
+    src_mean = (source * wf).sum(dim=1, keepdim=True) / count
+    tgt_mean = (target * wf).sum(dim=1, keepdim=True) / count
+    src = torch.where(w[..., None], source, src_mean)
+    tgt = torch.where(w[..., None], target, tgt_mean)
+    transform = rigid_align(src, tgt)
+    transform = torch.where(ok[:, None, None], transform, transform.detach())
+    return transform, ok
 
 
 class Model(nn.Module):
@@ -34,8 +93,10 @@ class Model(nn.Module):
         skin_refine_net: SkinRefineNet,
         hand_model: HandModel,
         id_code_dim: int = 32,
+        config=None,
     ):
         super().__init__()
+        config = config or default_cfg
         self.hand_model = hand_model
         self.joint_num = hand_model.joint_num
         self.vertex_num = hand_model.vertex_num
@@ -64,6 +125,20 @@ class Model(nn.Module):
             ("segmentation", torch.as_tensor(hand_model.segmentation, dtype=torch.long)),  # [V]
         ):
             self.register_buffer(name, value, persistent=False)
+
+        # Training: the depth renderer and the losses, as submodules so that ``.to(device)`` and
+        # DataParallel's replication carry their tables. Their buffers are non-persistent: the
+        # state dict keeps exactly the original's keys (DESIGN §8).
+        self.loss_lap_weight = float(config.loss_lap_weight)
+        self.renderer = DepthRenderer(self.faces, tuple(config.rendered_img_shape),
+                                      near=float(config.depth_min), far=float(config.depth_max))
+        self.joint_loss = JointLoss()
+        self.depthmap_loss = DepthmapLoss()
+        self.penet_loss = PenetLoss.from_hand_model(
+            hand_model, bone_step_size=float(config.bone_step_size),
+            rigid_weight=float(config.loss_penet_r_weight),
+            non_rigid_weight=float(config.loss_penet_nr_weight))
+        self.lap_loss = LaplacianLoss.from_hand_model(hand_model)
 
     # ---------------------------------------------------------------- pieces
     def refined_local_pose(self) -> torch.Tensor:
@@ -117,7 +192,11 @@ class Model(nn.Module):
             raise ValueError(
                 f"joint_euler: expected shape [B, {self.joint_num}, 3] (radians), got {tuple(joint_euler.shape)}"
             )
-        local_refined, identity_offset = self.identity_terms()
+        return self._pose(joint_euler, root_transform, *self.identity_terms())
+
+    def _pose(self, joint_euler: torch.Tensor, root_transform: torch.Tensor, local_refined: torch.Tensor,
+              identity_offset: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """:meth:`pose` with the identity terms given (the training forward computes them once)."""
         rotation = to_homogeneous(euler_to_matrix(joint_euler))
         G = forward_kinematics(local_refined @ rotation, root_transform, self.levels, self.root_joint_idx)
         rest_mesh = self.rest_vertices(joint_euler, identity_offset)
@@ -150,18 +229,89 @@ class Model(nn.Module):
         out = self.pose(joint_euler, identity)
         return {"joint_out": out["joint_out"], "mesh_out_refined": out["mesh_out_refined"]}
 
-    def forward(self, inputs: Dict[str, torch.Tensor], targets=None, meta_info=None, mode: str = "test"):
-        """Image → angles → mesh. ``inputs['img']``: ``[B, 3, H, W]`` crop with values in [0, 1].
+    def root_alignment(self, template_pose: torch.Tensor, joint_world: torch.Tensor,
+                       joint_valid: torch.Tensor):
+        """The training-mode root: ``[R|t] · G'_root`` (DESIGN §3).
 
-        In ``'test'`` mode the root is at identity and the result is as :meth:`decode`, plus
-        ``joint_euler [B, J, 3]``.
+        ``[R|t]`` is the Kabsch alignment of the refined template's alignment joints
+        ``G'[align, :3, 3]`` onto the ground-truth keypoints of the same joints, per sample, over
+        the valid ones only (:func:`align_to_keypoints`).
+
+        Args:
+            template_pose: ``[J, 4, 4]`` refined template poses (:meth:`refined_template_pose`).
+            joint_world: ``[B, J, 3]`` ground-truth keypoints (mm).
+            joint_valid: ``[B, J]`` 1 where a keypoint exists.
+        Returns:
+            ``(root_transform [B, 4, 4], ok [B] bool)``; where ``ok`` is False (fewer than
+            :data:`MIN_ALIGN_JOINTS` valid alignment keypoints) the root is the template's.
         """
-        if mode != "test":
-            raise ValueError(f"mode: this model supports 'test' here, got {mode!r}")
+        align = self.align_joint_idx
+        transform, ok = align_to_keypoints(template_pose[align, :3, 3], joint_world[:, align],
+                                           joint_valid[:, align])
+        return transform @ template_pose[self.root_joint_idx], ok
+
+    def forward(self, inputs: Dict[str, torch.Tensor], targets: Optional[Dict[str, torch.Tensor]] = None,
+                meta_info: Optional[Dict[str, torch.Tensor]] = None, mode: str = "test"):
+        """Image → angles → mesh; in ``'train'`` mode also depth maps and the losses.
+
+        Args:
+            inputs: ``{'img': [B, 3, H, W]}``, the crop with values in [0, 1].
+            targets: (``'train'``) ``joint_world [B, J, 3]`` keypoints (mm), ``joint_valid [B, J]``,
+                ``depthmap [B, N, Hr, Wr]`` captured depth (mm, 0 = none), ``(Hr, Wr)`` =
+                ``rendered_img_shape``.
+            meta_info: (``'train'``) the N target cameras per sample: ``camrot [B, N, 3, 3]``,
+                ``campos [B, N, 3]``, ``focal [B, N, 2]``, ``princpt [B, N, 2]``, ``affine [B, N, 2, 3]``
+                (as :class:`data.dataset.DeepHandMeshDataset` gives them).
+            mode: ``'train'`` or ``'test'``.
+        Returns:
+            ``'test'``: the root at identity, as :meth:`decode`: ``joint_out [B, J, 3]``,
+            ``mesh_out_refined [B, V, 3]`` (mm) and ``joint_euler [B, J, 3]``.
+            ``'train'``: per-element losses (the trainer takes ``.mean()`` of each and sums them):
+            ``joint [B, J, 3]`` (mm), ``depthmap [B, Hr, Wr]`` (mm), ``penet [B]`` (rigid and
+            non-rigid, weighted), ``lap [B, V]`` (× ``loss_lap_weight``). A sample with fewer than
+            :data:`MIN_ALIGN_JOINTS` valid alignment keypoints cannot be placed in the world: its
+            joint and depth-map losses are 0 (the penetration and Laplacian ones do not depend on
+            where the hand is and still apply).
+        """
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode: expected 'train' or 'test', got {mode!r}")
         joint_euler = self.pose_net(self.backbone_net(inputs["img"]))
-        out = self.decode(joint_euler)
-        out["joint_euler"] = joint_euler
-        return out
+        if mode == "test":
+            out = self.decode(joint_euler)
+            out["joint_euler"] = joint_euler
+            return out
+
+        for name, source in (("targets", targets), ("meta_info", meta_info)):
+            keys = TARGET_KEYS if name == "targets" else META_KEYS
+            missing = [k for k in keys if source is None or k not in source]
+            if missing:
+                raise ValueError(f"{name}: the training forward needs {list(keys)}, missing {missing}")
+        joint_gt = targets["joint_world"].to(joint_euler.dtype)
+        joint_valid = targets["joint_valid"].to(joint_euler.dtype)
+        depth_gt = targets["depthmap"]
+        if tuple(depth_gt.shape[-2:]) != tuple(self.renderer.image_size):
+            raise ValueError(f"targets['depthmap']: maps of {tuple(depth_gt.shape[-2:])} pixels, but the "
+                             f"renderer makes {tuple(self.renderer.image_size)} (rendered_img_shape)")
+
+        local_refined, identity_offset = self.identity_terms()
+        template_pose = self.refined_template_pose(local_refined)
+        root, placed = self.root_alignment(template_pose, joint_gt, joint_valid)
+        out = self._pose(joint_euler, root, local_refined, identity_offset)
+        joint_out, mesh_out = out["joint_out"], out["mesh_out_refined"]
+
+        depth_out = self.renderer(mesh_out, meta_info["camrot"], meta_info["campos"], meta_info["focal"],
+                                  meta_info["princpt"], meta_info["affine"])
+
+        joint = self.joint_loss(joint_out, joint_gt, joint_valid)
+        depthmap = self.depthmap_loss(depth_out, depth_gt)
+        joint = torch.where(placed[:, None, None], joint, torch.zeros_like(joint))
+        depthmap = torch.where(placed[:, None, None], depthmap, torch.zeros_like(depthmap))
+        return {
+            "joint": joint,
+            "depthmap": depthmap,
+            "penet": self.penet_loss(template_pose.detach(), out["rest_mesh"].detach(), joint_out, mesh_out),
+            "lap": self.lap_loss(mesh_out) * self.loss_lap_weight,
+        }
 
 
 def init_weights(m: nn.Module) -> None:
@@ -198,4 +348,5 @@ def get_model(mode: str, hand_model: HandModel, config=None) -> Model:
         backbone_net.init_weights(config.pretrained_backbone)
         for net in (pose_net, skeleton_refine_net, skin_refine_net):
             net.apply(init_weights)
-    return Model(backbone_net, pose_net, skeleton_refine_net, skin_refine_net, hand_model, config.id_code_dim)
+    return Model(backbone_net, pose_net, skeleton_refine_net, skin_refine_net, hand_model, config.id_code_dim,
+                 config)

@@ -1,0 +1,515 @@
+"""Trainer and Tester: the loops behind ``main/train.py`` and ``main/test.py``.
+
+Layout of the outputs (``cfg.output_dir``, default ``output/``), as the original::
+
+    model_dump/subject_<N>/snapshot_<epoch>.pth.tar   {'epoch', 'network' ('module.' keys), 'optimizer'}
+    log/train_logs.txt, log/test_logs.txt
+    result/subject_<N>/                                test crops (.png), meshes (.obj), metrics.json
+
+Reproducibility and resuming. The model is initialised under ``torch.manual_seed(seed)``; the
+order of the training samples in epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)``, and the data set's target views are a function of ``(seed, e, sample)``
+(:meth:`data.dataset.DeepHandMeshDataset.set_epoch`). Nothing of an epoch therefore depends on
+the epochs before it except the weights and the optimizer state, which a snapshot holds: a run
+stopped after epoch ``k`` and resumed with ``--continue`` computes what the uninterrupted run
+computes (same weights, bit for bit on the same machine and thread count). A run killed in the
+middle of an epoch resumes from the last complete one and repeats that epoch from its start.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.utils.data
+from torch.nn.parallel import DataParallel
+from tqdm import tqdm
+
+from common.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.utils.device import parse_gpu_ids, select_device
+from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model, save_obj
+from common.utils.hand_model_source import resolve_hand_model
+from common.utils.io import atomic_write_bytes, atomic_write_text
+from main.config import ROOT_DIR, Config
+from main.model import INPUT_KEYS, META_KEYS, TARGET_KEYS, Model, align_to_keypoints, get_model
+
+log = logging.getLogger("deephandmesh")
+
+SNAPSHOT_RE = re.compile(r"^snapshot_(\d+)\.pth\.tar$")
+# Options naming files or folders; relative values are taken from the repository root (main.config).
+PATH_OPTIONS = ("data_dir", "output_dir", "hand_model_dir", "pretrained_backbone")
+
+
+# ------------------------------------------------------------------------------------ helpers
+class Timer:
+    """Accumulates intervals between ``tic()`` and ``toc()``; ``average`` is the mean interval."""
+
+    def __init__(self):
+        self.total, self.calls, self._start = 0.0, 0, None
+
+    def tic(self) -> None:
+        self._start = time.perf_counter()
+
+    def toc(self) -> float:
+        interval = time.perf_counter() - self._start
+        self.total += interval
+        self.calls += 1
+        return interval
+
+    @property
+    def average(self) -> float:
+        return self.total / max(self.calls, 1)
+
+
+def resolve_paths(config: Config) -> Config:
+    """Make the path options absolute: relative ones are taken from the repository root."""
+    for name in PATH_OPTIONS:
+        value = getattr(config, name)
+        if value and not Path(value).is_absolute():
+            setattr(config, name, str(ROOT_DIR / value))
+    return config
+
+
+def add_config_args(parser) -> None:
+    """The command-line options ``train.py`` and ``test.py`` share."""
+    parser.add_argument("--gpu", dest="gpu_ids", default="",
+                        help="GPU ids: '0', '0,1' or '0-3'; the CPU when absent or when CUDA is not available")
+    parser.add_argument("--subject", type=int, help="subject number (default: cfg.subject, 4)")
+    parser.add_argument("--cfg", dest="cfg_file", help="YAML file of option: value overrides")
+    parser.add_argument("--data_dir", help="data folder (images/, annotations/[, hand_model/])")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one option (repeatable), e.g. --set output_dir=/tmp/run")
+
+
+def config_from_args(args, base: Optional[Config] = None) -> Config:
+    """A copy of ``base`` (the global ``cfg``) with, in this order: the ``--cfg`` YAML file, the
+    ``--set`` assignments, then the dedicated options (``--data_dir``, ``--subject``, ``--gpu``, …).
+    ``--data_dir`` is taken from the current folder; relative paths in the configuration from the
+    repository root. Raises :class:`main.config.ConfigError` or ``ValueError`` (bad ``--gpu``)."""
+    from main.config import cfg as global_cfg
+
+    config = (base or global_cfg).copy()
+    if args.cfg_file:
+        config.update_from_yaml(args.cfg_file)
+    config.update_from_strings(args.assignments)
+    if args.data_dir:
+        config.set("data_dir", str(Path(args.data_dir).resolve()), "--data_dir")
+    if args.subject is not None:
+        config.set("subject", args.subject, "--subject")
+    if args.gpu_ids:
+        parse_gpu_ids(args.gpu_ids)  # a clear error for a malformed list
+        config.set("gpu_ids", args.gpu_ids, "--gpu")
+    return resolve_paths(config)
+
+
+def snapshot_dir(config: Config) -> Path:
+    return Path(config.model_dir) / f"subject_{config.subject}"
+
+
+def snapshot_path(config: Config, epoch: int) -> Path:
+    return snapshot_dir(config) / f"snapshot_{int(epoch)}.pth.tar"
+
+
+def latest_snapshot(config: Config) -> Optional[Tuple[int, Path]]:
+    """``(epoch, path)`` of the snapshot with the highest epoch, or None. Temporary files of an
+    interrupted write (``*.tmp``) are not snapshots."""
+    folder = snapshot_dir(config)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder)
+             if (m := SNAPSHOT_RE.match(name))]
+    return max(found) if found else None
+
+
+def training_hand_model(config: Config) -> HandModel:
+    """``cfg.hand_model_dir`` when set; else ``data_dir/hand_model`` when it holds a model (a
+    synthetic set has one); else :func:`common.utils.hand_model_source.resolve_hand_model`."""
+    if config.hand_model_dir:
+        return load_hand_model(config.hand_model_dir)
+    in_data = Path(config.data_dir) / "hand_model"
+    if is_hand_model_folder(in_data):
+        return load_hand_model(in_data)
+    return resolve_hand_model()
+
+
+def split_batch(batch: Dict[str, object], device: torch.device, non_blocking: bool = False):
+    """A collated data-set batch → ``(inputs, targets, meta_info)`` of tensors on ``device``
+    (only tensors: DataParallel scatters them along the batch)."""
+    def pick(keys):
+        return {k: batch[k].to(device, non_blocking=non_blocking) for k in keys}
+    return pick(INPUT_KEYS), pick(TARGET_KEYS), pick(META_KEYS)
+
+
+def unwrap(model: torch.nn.Module) -> Model:
+    return model.module if isinstance(model, DataParallel) else model
+
+
+def network_state_dict(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state dict with DataParallel's ``module.`` prefix, as the original saves it
+    (whether or not the model is wrapped here), so the original's tooling reads our snapshots."""
+    return OrderedDict(("module." + k, v) for k, v in unwrap(model).state_dict().items())
+
+
+def pick_device(config: Config) -> Tuple[torch.device, List[int]]:
+    """The device (decided by :func:`select_device`, which logs it once) and the GPU ids in use
+    (empty on the CPU)."""
+    device = select_device(config.gpu_ids)
+    return device, (parse_gpu_ids(config.gpu_ids) if device.type == "cuda" else [])
+
+
+def place_model(model: Model, device: torch.device, gpu_ids: List[int]) -> torch.nn.Module:
+    """Move ``model`` to ``device``; several GPUs → DataParallel over them (as the original)."""
+    model = model.to(device)
+    if len(gpu_ids) > 1:
+        model = DataParallel(model, device_ids=gpu_ids, output_device=gpu_ids[0])
+        log.info("DataParallel over GPUs %s", gpu_ids)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def log_options(config: Config) -> None:
+    """Log the options that differ from the original's defaults (what makes this run this run)."""
+    defaults = Config().options()
+    changed = {k: v for k, v in config.options().items()
+               if k not in ("root_dir", "num_gpus") and v != defaults.get(k)}
+    log.info("options (changed from the defaults): %s",
+             ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())) or "none")
+
+
+def loader_workers(config: Config) -> int:
+    """``cfg.num_thread`` data-loading workers, at most one per CPU this process may use."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(int(config.num_thread), cpus))
+
+
+def epoch_time(seconds: float) -> str:
+    """``'1.25h/epoch'``, or minutes below an hour."""
+    return f"{seconds / 3600:.2f}h/epoch" if seconds >= 3600 else f"{seconds / 60:.1f}min/epoch"
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return float(x) if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------ training
+class Trainer:
+    """Adam, the original's learning-rate steps, one snapshot per epoch, ``--continue`` resuming.
+
+    Args:
+        config: a :class:`main.config.Config` (paths made absolute by :func:`resolve_paths`).
+        seed: seeds the initialisation, the sample order and the target-view draws (module notes).
+    """
+
+    def __init__(self, config: Config, seed: int = 0):
+        self.cfg = config
+        self.seed = int(seed)
+        self.start_epoch = 0
+        self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
+        self.device, self.gpu_ids = pick_device(config)
+        config.num_gpus = len(self.gpu_ids)
+        log_options(config)
+
+    # ------------------------------------------------------------------ set-up
+    def make_batch_generator(self) -> None:
+        from data.dataset import DeepHandMeshDataset
+
+        cfg = self.cfg
+        log.info("Creating dataset from %s (subject %d)...", cfg.data_dir, cfg.subject)
+        self.hand_model = training_hand_model(cfg)
+        log.info("hand model: %s (%d vertices, %d faces, %d joints)", self.hand_model.source,
+                 self.hand_model.vertex_num, len(self.hand_model.faces), self.hand_model.joint_num)
+        self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, on_error="skip",
+                                                       seed=self.seed)
+        # Reseeded at the start of every epoch (the sample order of epoch e depends on (seed, e) only).
+        self.generator = torch.Generator()
+        self.batch_size = cfg.train_batch_size * max(1, len(self.gpu_ids))  # per GPU, as the original
+        workers = loader_workers(cfg)
+        self.batch_generator = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, generator=self.generator,
+            num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False)
+        self.itr_per_epoch = math.ceil(len(self.dataset) / self.batch_size)
+        log.info("%d samples, batch %d, %d iterations per epoch, %d data-loading worker(s)",
+                 len(self.dataset), self.batch_size, self.itr_per_epoch, workers)
+
+    def make_model(self) -> None:
+        cfg = self.cfg
+        log.info("Creating graph and optimizer (ResNet-%d)...", cfg.resnet_type)
+        torch.manual_seed(self.seed)
+        model = get_model("train", self.hand_model, cfg)
+        self.model = place_model(model, self.device, self.gpu_ids)
+        self.optimizer = torch.optim.Adam(unwrap(self.model).parameters(), lr=cfg.lr)
+        if cfg.continue_train:
+            self.start_epoch = self.load_latest()
+        self.model.train()
+
+    def load_latest(self) -> int:
+        """Load the latest snapshot (weights and optimizer); returns the epoch to start from."""
+        found = latest_snapshot(self.cfg)
+        if found is None:
+            log.warning("--continue: no snapshot in %s; starting from epoch 0", snapshot_dir(self.cfg))
+            return 0
+        epoch, path = found
+        log.info("Load checkpoint from %s", path)
+        ckpt = load_checkpoint(unwrap(self.model), path)
+        if "optimizer" in ckpt:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path}: its optimizer state does not fit this model ({err})") from None
+        else:
+            log.warning("%s holds no optimizer state; Adam starts afresh", path)
+        return int(ckpt.get("epoch", epoch)) + 1
+
+    # ------------------------------------------------------------------ lr
+    def lr_at(self, epoch: int) -> float:
+        """``lr`` divided by ``lr_dec_factor`` once for every ``lr_dec_epoch`` already reached."""
+        steps = sum(1 for e in self.cfg.lr_dec_epoch if epoch >= e)
+        return self.cfg.lr / (self.cfg.lr_dec_factor ** steps)
+
+    def set_lr(self, epoch: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(epoch)
+
+    def get_lr(self) -> float:
+        return self.optimizer.param_groups[-1]["lr"]
+
+    # ------------------------------------------------------------------ loop
+    def epoch_seed(self, epoch: int) -> int:
+        return self.seed * 1_000_003 + int(epoch)
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        """One pass over the data; returns the mean of every loss over the epoch."""
+        cfg = self.cfg
+        self.set_lr(epoch)
+        self.dataset.set_epoch(epoch)
+        self.generator.manual_seed(self.epoch_seed(epoch))
+        self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
+        sums: Dict[str, float] = {}
+        cuda = self.device.type == "cuda"
+        bar = tqdm(self.batch_generator, total=self.itr_per_epoch, desc=f"epoch {epoch}/{cfg.end_epoch}",
+                   unit="itr", leave=False, dynamic_ncols=True)
+        self.tot_timer.tic()
+        self.read_timer.tic()
+        for itr, batch in enumerate(bar):
+            self.read_timer.toc()
+            self.gpu_timer.tic()
+            inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=cuda)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model(inputs, targets, meta_info, "train")
+            loss = {k: v.mean() for k, v in loss.items()}
+            total = sum(loss.values())
+            if not bool(torch.isfinite(total)):
+                values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in loss.items())
+                raise FloatingPointError(f"epoch {epoch} iteration {itr}: non-finite loss ({values}); "
+                                         f"lower the learning rate (cfg.lr = {cfg.lr:g})")
+            total.backward()
+            self.optimizer.step()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.gpu_timer.toc()
+            self.tot_timer.toc()
+
+            values = {k: float(v.detach()) for k, v in loss.items()}
+            values["total"] = sum(values.values())
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            screen = [
+                f"Epoch {epoch}/{cfg.end_epoch} itr {itr}/{self.itr_per_epoch}:",
+                f"lr: {self.get_lr():g}",
+                f"speed: {self.tot_timer.average:.2f}s/itr (compute {self.gpu_timer.average:.2f}s, "
+                f"data {self.read_timer.average:.2f}s)",
+                epoch_time(self.tot_timer.average * self.itr_per_epoch),
+            ]
+            screen += [f"loss_{k}: {v:.4f}" for k, v in values.items()]
+            log.info(" ".join(screen))
+            bar.set_postfix(loss=f"{values['total']:.3f}")
+
+            self.tot_timer.tic()
+            self.read_timer.tic()
+        bar.close()
+        count = max(1, len(bar))
+        return {k: v / count for k, v in sums.items()}
+
+    def save_model(self, epoch: int) -> Path:
+        path = snapshot_path(self.cfg, epoch)
+        save_checkpoint({"epoch": int(epoch), "network": network_state_dict(self.model),
+                         "optimizer": self.optimizer.state_dict()}, path)
+        log.info("Write snapshot into %s", path)
+        return path
+
+    def train(self) -> None:
+        cfg = self.cfg
+        if self.start_epoch >= cfg.end_epoch:
+            log.info("nothing to do: epoch %d reached end_epoch %d", self.start_epoch, cfg.end_epoch)
+            return
+        for epoch in range(self.start_epoch, cfg.end_epoch):
+            start = time.perf_counter()
+            means = self.train_epoch(epoch)
+            self.save_model(epoch)
+            log.info("epoch %d done in %.1fs (%.2fs/itr): %s; %d sample(s) skipped so far (on_error='skip')",
+                     epoch, time.perf_counter() - start, self.tot_timer.average,
+                     " ".join(f"loss_{k} {v:.4f}" for k, v in means.items()), self.dataset.skipped)
+
+
+# ------------------------------------------------------------------------------------ testing
+class Tester:
+    """Runs the test-mode model over the data set, writes crops, meshes and ``metrics.json``.
+
+    Metrics (DESIGN §3; all in mm). The test-mode output lives in the wrist's frame (root at
+    identity); it is placed in the world by the training's rigid alignment: Kabsch of the predicted
+    alignment joints onto the valid ground-truth keypoints of the same joints
+    (:func:`main.model.align_to_keypoints`). Then:
+
+    * ``joint_error_mm``: mean Euclidean distance over every valid keypoint of every sample
+      (alignment joints included), and per joint;
+    * ``depth_error_mm``: mean ``|rendered − captured|`` over the pixels of every target view where
+      both depths exist, pooled over views and samples (``depth_pixels`` of them);
+    * ``mesh_error_mm`` (only where a synthetic set's ``gt/frames.npz`` exists): mean per-vertex
+      Euclidean distance to the ground-truth mesh of the sample's frame.
+
+    Samples with fewer than three valid alignment keypoints cannot be placed and are left out of
+    the metrics (``unplaced_samples``); a sample the reader skipped (``on_error='skip'`` returns the
+    next one) is counted once (``skipped_samples``).
+    """
+
+    def __init__(self, config: Config, test_epoch: int):
+        self.cfg = config
+        self.test_epoch = int(test_epoch)
+        self.device, self.gpu_ids = pick_device(config)
+        config.num_gpus = len(self.gpu_ids)
+
+    @property
+    def result_dir(self) -> Path:
+        return Path(self.cfg.result_dir) / f"subject_{self.cfg.subject}"
+
+    def make_model(self) -> None:
+        path = snapshot_path(self.cfg, self.test_epoch)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: snapshot not found (train first, or check --test_epoch, "
+                                  f"--subject and output_dir)")
+        self.hand_model = training_hand_model(self.cfg)
+        log.info("hand model: %s (%d vertices, %d joints)", self.hand_model.source,
+                 self.hand_model.vertex_num, self.hand_model.joint_num)
+        log.info("Load checkpoint from %s", path)
+        model = get_model("test", self.hand_model, self.cfg)
+        load_checkpoint(model, path)
+        self.model = place_model(model, self.device, self.gpu_ids)
+        self.model.eval()
+
+    def make_batch_generator(self) -> None:
+        from data.dataset import DeepHandMeshDataset
+
+        cfg = self.cfg
+        self.dataset = DeepHandMeshDataset.from_config(cfg, "test", self.hand_model, on_error="skip", seed=0)
+        batch = cfg.test_batch_size * max(1, len(self.gpu_ids))
+        self.batch_generator = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch, shuffle=False, num_workers=loader_workers(cfg),
+            pin_memory=self.device.type == "cuda")
+        self.gt = self._load_ground_truth()
+
+    def _load_ground_truth(self) -> Optional[Dict[int, np.ndarray]]:
+        path = Path(self.cfg.data_dir) / "gt" / "frames.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            frames, verts = data["frame"], data["vertices"]
+        if verts.ndim != 3 or verts.shape[1] != self.hand_model.vertex_num:
+            log.warning("%s: ground-truth meshes of %s vertices do not match the hand model's %d; "
+                        "no mesh error", path, verts.shape[1:2], self.hand_model.vertex_num)
+            return None
+        log.info("ground-truth meshes: %s (%d frames)", path, len(frames))
+        return {int(f): v for f, v in zip(frames, verts)}
+
+    @torch.no_grad()
+    def test(self) -> Dict[str, object]:
+        hand = self.hand_model
+        model = unwrap(self.model)
+        align = model.align_joint_idx
+        out_dir = self.result_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        J = hand.joint_num
+        joint_sum, joint_cnt = np.zeros(J), np.zeros(J)
+        depth_sum, depth_cnt = 0.0, 0
+        mesh_errors: List[float] = []
+        seen, unplaced, evaluated = set(), 0, 0
+        for batch in tqdm(self.batch_generator, desc="test", unit="batch", dynamic_ncols=True):
+            inputs, targets, meta_info = split_batch(batch, self.device)
+            out = self.model(inputs, None, None, "test")
+            joints, mesh = out["joint_out"].float(), out["mesh_out_refined"].float()
+            gt, valid = targets["joint_world"].float(), targets["joint_valid"].float()
+            T, ok = align_to_keypoints(joints[:, align], gt[:, align], valid[:, align])
+            joints_w = joints @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+            mesh_w = mesh @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+            depth = model.renderer(mesh_w, meta_info["camrot"], meta_info["campos"], meta_info["focal"],
+                                   meta_info["princpt"], meta_info["affine"])
+            captured = targets["depthmap"]
+            joint_dist = torch.linalg.vector_norm(joints_w - gt, dim=-1).cpu().numpy()
+            both = (depth > 0) & (captured > 0)
+            depth_abs = torch.where(both, (depth - captured).abs(), torch.zeros_like(depth))
+            for b in range(joints.shape[0]):
+                index = int(batch["index"][b])
+                if index in seen:
+                    continue  # a skipped sample replaced by one evaluated already
+                seen.add(index)
+                stem = f"{index:05d}_{batch['seq'][b]}_cam{batch['cam'][b]}_frame{int(batch['frame'][b]):04d}"
+                self._save_sample(out_dir, stem, batch["img"][b], mesh[b])
+                if not bool(ok[b]):
+                    unplaced += 1
+                    continue
+                evaluated += 1
+                v = valid[b].cpu().numpy() > 0
+                joint_sum[v] += joint_dist[b][v]
+                joint_cnt[v] += 1
+                depth_sum += float(depth_abs[b].sum())
+                depth_cnt += int(both[b].sum())
+                frame = int(batch["frame"][b])
+                if self.gt is not None and frame in self.gt:
+                    ref = torch.as_tensor(self.gt[frame], dtype=mesh_w.dtype, device=mesh_w.device)
+                    mesh_errors.append(float(torch.linalg.vector_norm(mesh_w[b] - ref, dim=-1).mean()))
+
+        per_joint = {name: _finite_or_none(s / c) if c else None
+                     for name, s, c in zip(hand.joint_names, joint_sum, joint_cnt)}
+        metrics = {
+            "epoch": self.test_epoch,
+            "subject": self.cfg.subject,
+            "snapshot": snapshot_path(self.cfg, self.test_epoch).name,
+            "hand_model": {"vertices": hand.vertex_num, "joints": hand.joint_num},
+            "samples": len(seen),
+            "evaluated_samples": evaluated,
+            "unplaced_samples": unplaced,
+            "skipped_samples": self.dataset.skipped,
+            "alignment": ("Kabsch on the valid keypoints of the alignment joints "
+                          + ", ".join(hand.joint_names[j] for j in align)),
+            "joint_error_mm": _finite_or_none(joint_sum.sum() / joint_cnt.sum()) if joint_cnt.sum() else None,
+            "joint_error_per_joint_mm": per_joint,
+            "valid_joints": int(joint_cnt.sum()),
+            "depth_error_mm": _finite_or_none(depth_sum / depth_cnt) if depth_cnt else None,
+            "depth_pixels": depth_cnt,
+            "mesh_error_mm": _finite_or_none(float(np.mean(mesh_errors))) if mesh_errors else None,
+            "mesh_samples": len(mesh_errors),
+        }
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+    def _save_sample(self, out_dir: Path, stem: str, img: torch.Tensor, mesh: torch.Tensor) -> None:
+        """The input crop as ``<stem>_img.png`` and the test-mode mesh (wrist frame, as the
+        original's output and ``decode``) as ``<stem>_mesh.obj``."""
+        rgb = (img.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+        if not ok:
+            raise OSError(f"{out_dir / stem}_img.png: could not encode the image")
+        atomic_write_bytes(out_dir / f"{stem}_img.png", buf.tobytes())
+        save_obj(out_dir / f"{stem}_mesh.obj", mesh.detach().cpu().double().numpy(), self.hand_model)

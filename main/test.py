@@ -1,0 +1,79 @@
+"""Test a trained snapshot: meshes for every sample, and joint / depth / mesh errors.
+
+    python main/test.py --test_epoch 34                     # output/model_dump/subject_4/snapshot_34.pth.tar
+    python main/test.py --test_epoch 1 --cfg main/configs/cpu_small.yaml
+    python main/test.py --test_epoch 1 --data_dir data/synthetic --set output_dir=/tmp/run
+
+Writes, under ``output/result/subject_<N>/``, each input crop (``<index>_<seq>_cam<cam>_frame<f>_img.png``),
+the test-mode mesh (``…_mesh.obj``: root at identity, i.e. the wrist's frame, as the original) and
+``metrics.json`` (see :class:`common.base.Tester` for the definitions), and prints the metrics.
+Bad arguments (missing snapshot, wrong data folder, unknown option) end with a one-line message and
+exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.base import Tester, add_config_args, config_from_args  # noqa: E402
+from common.logger import close_logging, setup_logging  # noqa: E402
+from common.utils.checkpoint import CheckpointError  # noqa: E402
+from common.utils.hand_model import HandModelError  # noqa: E402
+from data.dataset import SampleError  # noqa: E402
+from main.config import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test_epoch", type=int, required=True, help="epoch of the snapshot to test")
+    add_config_args(parser)
+    return parser.parse_args(argv)
+
+
+def format_metrics(metrics: dict) -> str:
+    def mm(key):
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.3f} mm"
+    return (f"epoch {metrics['epoch']}: {metrics['evaluated_samples']} of {metrics['samples']} sample(s) evaluated; "
+            f"joint error {mm('joint_error_mm')} ({metrics['valid_joints']} keypoints), "
+            f"depth error {mm('depth_error_mm')} ({metrics['depth_pixels']} pixels), "
+            f"mesh error {mm('mesh_error_mm')} ({metrics['mesh_samples']} meshes)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    log = setup_logging(config.log_dir, "test_logs.txt")
+    try:
+        log.info("test.py %s", " ".join(sys.argv[1:] if argv is None else argv))
+        try:
+            tester = Tester(config, args.test_epoch)
+            tester.make_model()
+            tester.make_batch_generator()
+        except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
+            log.error("error: %s", err)
+            return 2
+        try:
+            metrics = tester.test()
+        except SampleError as err:
+            log.error("error: %s", err)
+            return 2
+        log.info(format_metrics(metrics))
+        log.info("wrote crops, meshes and metrics.json to %s", tester.result_dir)
+    finally:
+        close_logging()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Train DeepHandMesh on one subject of the released data (or a synthetic set in its layout).
+
+    python main/train.py --gpu 0-3                                   # as the original
+    python main/train.py --cfg main/configs/cpu_small.yaml           # a small run on the CPU
+    python main/train.py --gpu 0-3 --continue                        # resume from the latest snapshot
+    python main/train.py --data_dir data/synthetic --end_epoch 2 --set output_dir=/tmp/run
+
+Writes ``output/model_dump/subject_<N>/snapshot_<epoch>.pth.tar`` after every epoch (the original's
+layout: ``{'epoch', 'network' ('module.' keys), 'optimizer'}``) and logs to
+``output/log/train_logs.txt`` and the console. Without ``--gpu`` or without CUDA it runs on the CPU.
+Bad arguments (unknown option, missing data, malformed hand model or snapshot) end with a one-line
+message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common.base import Trainer, add_config_args, config_from_args  # noqa: E402
+from common.logger import close_logging, setup_logging  # noqa: E402
+from common.utils.checkpoint import CheckpointError  # noqa: E402
+from common.utils.hand_model import HandModelError  # noqa: E402
+from data.dataset import SampleError  # noqa: E402
+from main.config import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--continue", dest="continue_train", action="store_true",
+                        help="resume from the latest snapshot of the subject (weights, optimizer, epoch)")
+    parser.add_argument("--end_epoch", type=int, help="train up to this epoch (exclusive; default cfg.end_epoch)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initialisation, the sample order and the target views (default 0)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.continue_train:
+            config.continue_train = True
+        if args.end_epoch is not None:
+            config.set("end_epoch", args.end_epoch, "--end_epoch")
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    log = setup_logging(config.log_dir, "train_logs.txt")
+    try:
+        log.info("train.py %s", " ".join(sys.argv[1:] if argv is None else argv))
+        try:
+            trainer = Trainer(config, seed=args.seed)
+            trainer.make_batch_generator()
+            trainer.make_model()
+        except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
+            # Bad input (options, data folder, hand model, snapshot): one line, no traceback.
+            log.error("error: %s", err)
+            return 2
+        try:
+            trainer.train()
+        except SampleError as err:
+            log.error("error: %s", err)
+            return 2
+        except FloatingPointError as err:
+            log.error("error: %s", err)
+            return 1
+        except KeyboardInterrupt:
+            log.warning("interrupted; resume with --continue (from the last complete epoch)")
+            return 130
+    finally:
+        close_logging()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
