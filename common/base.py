@@ -378,7 +378,10 @@ class Tester:
     * ``depth_error_mm``: mean ``|rendered − captured|`` over the pixels of every target view where
       both depths exist, pooled over views and samples (``depth_pixels`` of them);
     * ``mesh_error_mm`` (only where a synthetic set's ``gt/frames.npz`` exists): mean per-vertex
-      Euclidean distance to the ground-truth mesh of the sample's frame.
+      Euclidean distance to the ground-truth mesh of the sample's frame;
+    * ``identity`` (only where ``gt/identity.npz`` exists): Pearson correlation of the learned
+      identity corrective (``fc_id(id_code)``, ``[V, 3]``) and skeleton corrective (``[J, 3]``, root
+      left out: its local pose is never used) with the ground truth, and their RMS in mm.
 
     Samples with fewer than three valid alignment keypoints cannot be placed and are left out of
     the metrics (``unplaced_samples``); a sample the reader skipped (``on_error='skip'`` returns the
@@ -500,9 +503,39 @@ class Tester:
             "depth_pixels": depth_cnt,
             "mesh_error_mm": _finite_or_none(float(np.mean(mesh_errors))) if mesh_errors else None,
             "mesh_samples": len(mesh_errors),
+            "identity": self._identity_metrics(model),
         }
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
+
+    @torch.no_grad()
+    def _identity_metrics(self, model) -> Optional[Dict[str, float]]:
+        path = Path(self.cfg.data_dir) / "gt" / "identity.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            gt_id, gt_skeleton = data["id_corrective"], data["skeleton_offset"]
+        if gt_id.shape != (self.hand_model.vertex_num, 3) or gt_skeleton.shape != (self.hand_model.joint_num, 3):
+            log.warning("%s: shapes %s, %s do not match the hand model; no identity metrics",
+                        path, gt_id.shape, gt_skeleton.shape)
+            return None
+        learned_id = model.skin_refine_net.fc_id(model.id_code).reshape(-1, 3).double().cpu().numpy()
+        learned_skeleton = model.skeleton_refine_net(model.id_code).double().cpu().numpy()
+        keep = np.arange(self.hand_model.joint_num) != self.hand_model.root_index
+
+        def pearson(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+            a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
+            denominator = np.linalg.norm(a) * np.linalg.norm(b)
+            return _finite_or_none(float(a @ b / denominator)) if denominator > 0 else None
+
+        rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+        return {
+            "id_corrective_correlation": pearson(learned_id, gt_id),
+            "id_corrective_rms_mm": rms(learned_id), "gt_id_corrective_rms_mm": rms(gt_id),
+            "skeleton_corrective_correlation": pearson(learned_skeleton[keep], gt_skeleton[keep]),
+            "skeleton_corrective_rms_mm": rms(learned_skeleton[keep]),
+            "gt_skeleton_offset_rms_mm": rms(gt_skeleton[keep]),
+        }
 
     def _save_sample(self, out_dir: Path, stem: str, img: torch.Tensor, mesh: torch.Tensor) -> None:
         """The input crop as ``<stem>_img.png`` and the test-mode mesh (wrist frame, as the

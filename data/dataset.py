@@ -529,7 +529,8 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         kwargs = dict(data_dir=cfg.data_dir, subject=cfg.subject, mode=mode, joint_names=names,
                       input_img_shape=tuple(cfg.input_img_shape),
                       rendered_img_shape=tuple(cfg.rendered_img_shape),
-                      render_view_num=cfg.render_view_num)
+                      render_view_num=cfg.render_view_num,
+                      holdout_sequences=tuple(getattr(cfg, "holdout_sequences", ()) or ()))
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -62,6 +62,9 @@ class Config:
     num_gpus = 0
     continue_train = False
     subject = 4
+    # Sequences left out of training and used alone for testing (empty: as the original, which
+    # trains and tests on every sequence of the subject).
+    holdout_sequences = []
 
     # ------------------------------------------------------------------
     @property

@@ -410,3 +410,35 @@ def test_train_forward_is_per_sample_as_dataparallel_needs(default_hand, tiny_ba
     for k, v in whole.items():
         assert all(isinstance(p[k], torch.Tensor) and p[k].shape[0] == 1 for p in parts)
         assert torch.allclose(torch.cat([p[k] for p in parts]), v, rtol=1e-4, atol=1e-4), k
+
+
+def test_identity_metrics_measure_agreement_with_the_ground_truth(tiny_set, default_hand, tmp_path):
+    config = tiny_config(tiny_set).update({"output_dir": str(tmp_path)})
+    identity = np.load(tiny_set / "gt" / "identity.npz")
+    model = get_model("test", default_hand, config)
+    with torch.no_grad():
+        model.skin_refine_net.fc_id[2].weight.zero_()
+        model.skin_refine_net.fc_id[2].bias.copy_(torch.from_numpy(2 * identity["id_corrective"]).reshape(-1))
+        model.skeleton_refine_net.fc_skeleton[2].weight.zero_()
+        model.skeleton_refine_net.fc_skeleton[2].bias.copy_(torch.from_numpy(-identity["skeleton_offset"]).reshape(-1))
+    tester = base.Tester(config, 0)
+    tester.hand_model = default_hand
+    metrics = tester._identity_metrics(model)
+    assert metrics["id_corrective_correlation"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["id_corrective_rms_mm"] == pytest.approx(2 * metrics["gt_id_corrective_rms_mm"], rel=1e-5)
+    assert metrics["skeleton_corrective_correlation"] == pytest.approx(-1.0, abs=1e-6)
+    with torch.no_grad():
+        model.skin_refine_net.fc_id[2].bias.normal_()
+    assert abs(tester._identity_metrics(model)["id_corrective_correlation"]) < 0.1
+
+
+def test_holdout_sequences_split_train_and_test(tmp_path, default_hand):
+    from data.make_synthetic import generate
+
+    generate(tmp_path, default_hand, seed=2, sequences=2, frames=1, cameras=2, image_hw=(48, 32),
+             depth_hw=(24, 16), progress=False)
+    config = tiny_config(tmp_path).update_from_strings(["holdout_sequences=[0001_RT_synthetic]"])
+    train = DeepHandMeshDataset.from_config(config, "train", default_hand)
+    test = DeepHandMeshDataset.from_config(config, "test", default_hand)
+    assert {s for s, _, _ in train.samples} == {"0000_RT_synthetic"}
+    assert {s for s, _, _ in test.samples} == {"0001_RT_synthetic"}
