@@ -388,9 +388,12 @@ class Tester:
     next one) is counted once (``skipped_samples``).
     """
 
-    def __init__(self, config: Config, test_epoch: int):
+    def __init__(self, config: Config, test_epoch: Optional[int], init_seed: int = 0):
+        """``test_epoch`` None: test the model as ``train.py --seed init_seed`` initialises it
+        (the reference point of a training run), writing ``metrics_init.json``."""
         self.cfg = config
-        self.test_epoch = int(test_epoch)
+        self.test_epoch = None if test_epoch is None else int(test_epoch)
+        self.init_seed = int(init_seed)
         self.device, self.gpu_ids = pick_device(config)
         config.num_gpus = len(self.gpu_ids)
 
@@ -399,6 +402,14 @@ class Tester:
         return Path(self.cfg.result_dir) / f"subject_{self.cfg.subject}"
 
     def make_model(self) -> None:
+        if self.test_epoch is None:
+            self.hand_model = training_hand_model(self.cfg)
+            torch.manual_seed(self.init_seed)  # as Trainer.make_model
+            model = get_model("train", self.hand_model, self.cfg)
+            log.info("testing the initialisation of a training run with seed %d (no snapshot)", self.init_seed)
+            self.model = place_model(model, self.device, self.gpu_ids)
+            self.model.eval()
+            return
         path = snapshot_path(self.cfg, self.test_epoch)
         if not path.is_file():
             raise CheckpointError(f"{path}: snapshot not found (train first, or check --test_epoch, "
@@ -486,9 +497,9 @@ class Tester:
         per_joint = {name: _finite_or_none(s / c) if c else None
                      for name, s, c in zip(hand.joint_names, joint_sum, joint_cnt)}
         metrics = {
-            "epoch": self.test_epoch,
+            "epoch": "init" if self.test_epoch is None else self.test_epoch,
             "subject": self.cfg.subject,
-            "snapshot": snapshot_path(self.cfg, self.test_epoch).name,
+            "snapshot": None if self.test_epoch is None else snapshot_path(self.cfg, self.test_epoch).name,
             "hand_model": {"vertices": hand.vertex_num, "joints": hand.joint_num},
             "samples": len(seen),
             "evaluated_samples": evaluated,
@@ -505,7 +516,8 @@ class Tester:
             "mesh_samples": len(mesh_errors),
             "identity": self._identity_metrics(model),
         }
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        name = "metrics_init.json" if self.test_epoch is None else "metrics.json"
+        atomic_write_text(out_dir / name, json.dumps(metrics, indent=2) + "\n")
         return metrics
 
     @torch.no_grad()

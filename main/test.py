@@ -3,6 +3,7 @@
     python main/test.py --test_epoch 34                     # output/model_dump/subject_4/snapshot_34.pth.tar
     python main/test.py --test_epoch 1 --cfg main/configs/cpu_small.yaml
     python main/test.py --test_epoch 1 --data_dir data/synthetic --set output_dir=/tmp/run
+    python main/test.py --init --cfg main/configs/cpu_small.yaml   # the untrained model, as train.py starts it
 
 Writes, under ``output/result/subject_<N>/``, each input crop (``<index>_<seq>_cam<cam>_frame<f>_img.png``),
 the test-mode mesh (``…_mesh.obj``: root at identity, i.e. the wrist's frame, as the original) and
@@ -30,7 +31,11 @@ from main.config import ConfigError  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test_epoch", type=int, required=True, help="epoch of the snapshot to test")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--test_epoch", type=int, help="epoch of the snapshot to test")
+    which.add_argument("--init", action="store_true",
+                       help="test the model as train.py initialises it (with --seed), writing metrics_init.json")
+    parser.add_argument("--seed", type=int, default=0, help="with --init: train.py's --seed")
     add_config_args(parser)
     return parser.parse_args(argv)
 
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     try:
         log.info("test.py %s", " ".join(sys.argv[1:] if argv is None else argv))
         try:
-            tester = Tester(config, args.test_epoch)
+            tester = Tester(config, None if args.init else args.test_epoch, args.seed)
             tester.make_model()
             tester.make_batch_generator()
         except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:

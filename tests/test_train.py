@@ -442,3 +442,22 @@ def test_holdout_sequences_split_train_and_test(tmp_path, default_hand):
     test = DeepHandMeshDataset.from_config(config, "test", default_hand)
     assert {s for s, _, _ in train.samples} == {"0000_RT_synthetic"}
     assert {s for s, _, _ in test.samples} == {"0001_RT_synthetic"}
+
+
+def test_init_evaluates_the_model_train_py_starts_from(tiny_set, tmp_path, default_hand):
+    result = run_script("test.py", "--init", "--seed", "3", *tiny_args(tiny_set, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "result" / "subject_4" / "metrics_init.json").read_text())
+    assert metrics["epoch"] == "init" and metrics["snapshot"] is None and metrics["evaluated_samples"] == 6
+    assert not (tmp_path / "result" / "subject_4" / "metrics.json").exists()
+    # The model evaluated is train.py's initial model for that seed.
+    config = tiny_config(tiny_set).update({"output_dir": str(tmp_path / "t")})
+    trainer = base.Trainer(config, seed=3)
+    trainer.hand_model = default_hand
+    trainer.make_model()
+    tester = base.Tester(config, None, init_seed=3)
+    tester.make_model()
+    assert all(torch.equal(a, b) for a, b in zip(base.unwrap(trainer.model).state_dict().values(),
+                                                 base.unwrap(tester.model).state_dict().values()))
+    result = run_script("test.py", "--init", "--test_epoch", "1", *tiny_args(tiny_set, tmp_path))
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
