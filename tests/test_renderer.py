@@ -482,3 +482,143 @@ def test_shape_errors_are_clear():
         DepthRenderer(faces, near=0.0)
     # Right shapes work, affine optional.
     assert r(v, rot, pos, f, c, None).shape == (B, N, 8, 8)
+
+
+# ------------------------------------------------------------ 7. CPU tiling
+# On the CPU the renderer cuts each view into tiles and rasterises every non-empty tile as its
+# own small mesh (the renderer's module docstring).  Each pixel meets the same candidate faces
+# either way, so the result must be the untiled one up to float32 rounding: the same coverage,
+# the same face at each pixel (but where two faces meet at the pixel at the same depth, when
+# rounding may pick either), the same depth to a few ulps and the same gradients.
+DEPTH_ULPS = 32          # tolerance on depth, in float32 epsilons of the depth (observed <= 11)
+
+
+def _hand_batch(verts0, B, N, H, W, distance=700.0, shifts=None, seed=0):
+    """``B`` jittered copies of a hand, each seen by ``N`` cameras cropped onto ``H × W``;
+    ``shifts[(b, n)]`` moves that view's crop (pixels), e.g. so the hand leaves the image."""
+    rng = np.random.default_rng(seed)
+    verts = np.stack([verts0 + rng.normal(0, 1.5, verts0.shape) for _ in range(B)])
+    rots, poss, affs = [], [], []
+    for b in range(B):
+        for n in range(N):
+            camrot, campos = hand_view(verts[b], 60.0 * n + 25.0 * b + 7.0, 10.0 * n - 15.0, distance)
+            affine = crop_affine(cv2_project(verts[b], camrot, campos, FOCAL, PRINCPT), H, W)
+            affine[:, 2] += (shifts or {}).get((b, n), (0.0, 0.0))
+            rots.append(camrot)
+            poss.append(campos)
+            affs.append(affine)
+    return (to_t(verts), to_t(np.stack(rots)).reshape(B, N, 3, 3), to_t(np.stack(poss)).reshape(B, N, 3),
+            to_t(FOCAL).expand(B, N, 2).clone(), to_t(PRINCPT).expand(B, N, 2).clone(),
+            to_t(np.stack(affs)).reshape(B, N, 2, 3))
+
+
+def _assert_same_fragments(whole, tiled, what):
+    (f0, z0), (f1, z1) = whole, tiled
+    seen = f0 >= 0
+    assert seen.sum() > 0.05 * seen.numel(), f"{what}: the hand should cover part of the images"
+    assert torch.equal(seen, f1 >= 0), f"{what}: coverage differs at {int((seen != (f1 >= 0)).sum())} pixels"
+    tol = DEPTH_ULPS * torch.finfo(torch.float32).eps * z0[seen].abs()
+    err = (z1[seen] - z0[seen]).abs()
+    assert (err <= tol).all(), f"{what}: depth differs by up to {float(err.max()):.3g} mm"
+    # Rounding may pick the other of two faces that meet at the pixel centre at the same depth
+    # (the depth check above holds there too); that is rare.
+    other = int((f0 != f1).sum())
+    assert other <= max(2, int(seen.sum()) // 1000), f"{what}: other face at {other} pixels"
+    return other
+
+
+@pytest.mark.parametrize("hand_name", ["default", "makehuman"])
+def test_tiled_rasterisation_equals_untiled(hand_name):
+    if hand_name == "default":
+        from common.utils.default_hand import make_default_hand
+        hand = make_default_hand()
+    else:
+        hand = makehuman()
+    faces = torch.as_tensor(hand.faces)
+    H, W = 48, 64
+    # Views (1, 2) and (0, 1) have their crops moved so that the hand leaves the image.
+    inputs = _hand_batch(np.asarray(hand.vertices, float), 2, 3, H, W, shifts={(1, 2): (26.0, -17.0),
+                                                                                 (0, 1): (-35.0, 0.0)})
+    whole = DepthRenderer(faces, (H, W), tile_size=None)
+    face0, zbuf0 = whole.rasterize(*inputs)
+    assert face0.shape == zbuf0.shape == (2, 3, H, W, 1)
+    ref = f0, _ = face0.reshape(6, H, W, 1), zbuf0.reshape(6, H, W, 1)
+    verts = whole.screen_vertices(*inputs).reshape(6, -1, 3).float()
+    assert ((f0[[4, 5]] >= 0).any((1, 2, 3)) & (f0[[4, 5]] < 0).any((1, 2, 3))).all()
+    # 16 divides H and W; 20 divides neither (partial tiles on both edges); 64 makes one 48 × 64
+    # tile (non-square, larger than H).
+    for tile_size in (16, 20, 64):
+        tiled = DepthRenderer(faces, (H, W), tile_size=tile_size)
+        out = tiled._rasterize_tiled(verts)
+        assert out is not None, f"tile_size={tile_size}: the tiled path should have been taken"
+        _assert_same_fragments(ref, out, f"{hand_name}, tile_size={tile_size}")
+    # And through the public entry point, with the default tile size.
+    depth0 = torch.where(face0 >= 0, zbuf0, torch.zeros_like(zbuf0))[..., 0]
+    depth1 = DepthRenderer(faces, (H, W))(*inputs)
+    assert torch.equal(depth0 > 0, depth1 > 0)
+    assert torch.allclose(depth1, depth0, rtol=DEPTH_ULPS * torch.finfo(torch.float32).eps, atol=0)
+
+
+def test_tiled_rasterisation_with_near_plane_clipping():
+    """A camera 250 mm from the hand with the near plane through it: faces entirely behind
+    it, faces cut by it (which every tile gets), faces in front; a tall image."""
+    from common.utils.default_hand import make_default_hand
+    hand = make_default_hand()
+    faces = torch.as_tensor(hand.faces)
+    H, W, near = 44, 36, 235.0
+    inputs = _hand_batch(np.asarray(hand.vertices, float), 1, 2, H, W, distance=250.0)
+    whole = DepthRenderer(faces, (H, W), near=near, tile_size=None)
+    verts = whole.screen_vertices(*inputs).reshape(2, -1, 3).float()
+    behind = (verts[:, faces, 2] < near).sum(-1)
+    assert ((behind > 0) & (behind < 3)).sum() > 100 and (behind == 3).sum() > 100 and (behind == 0).sum() > 100
+    tiled = DepthRenderer(faces, (H, W), near=near, tile_size=10)
+    out = tiled._rasterize_tiled(verts)
+    assert out is not None
+    _assert_same_fragments(whole._rasterize_whole(verts), out, "near-plane clipping")
+
+
+def test_tiled_gradients_equal_untiled():
+    from common.utils.default_hand import make_default_hand
+    hand = make_default_hand()
+    faces = torch.as_tensor(hand.faces)
+    H, W = 32, 40
+    inputs = _hand_batch(np.asarray(hand.vertices, float), 2, 3, H, W, seed=1)
+    weight = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+    grads, faces_seen = [], []
+    for tile_size in (None, 12):
+        renderer = DepthRenderer(faces, (H, W), tile_size=tile_size)
+        v = inputs[0].clone().requires_grad_(True)
+        face, zbuf = renderer.rasterize(v, *inputs[1:])
+        depth = torch.where(face[..., 0] >= 0, zbuf[..., 0], torch.zeros_like(zbuf[..., 0]))
+        (depth * weight).sum().backward()
+        grads.append(v.grad)
+        faces_seen.append(face)
+    # Where the same face is found everywhere, the gradients are PyTorch3D's for the same faces,
+    # computed in the tiles' coordinates: equal up to float32 rounding.  (Moving the vertices by
+    # 3e-5 mm, a few float32 ulps, changes them ~5x more than tiling does.)
+    assert torch.equal(faces_seen[0], faces_seen[1])
+    g0, g1 = grads
+    assert g0.abs().max() > 1 and (g0 != 0).sum() > 1000
+    assert torch.equal(g0 != 0, g1 != 0)
+    assert (g1 - g0).abs().max() <= 1e-3 * g0.abs().max()
+
+
+def test_tiling_options_and_empty_views():
+    faces = torch.tensor([[0, 1, 2]])
+    for bad in (-1, 2.5, True, "16"):
+        with pytest.raises((ValueError, TypeError), match=r"tile_size"):
+            DepthRenderer(faces, tile_size=bad)
+    assert DepthRenderer(faces, tile_size=0).tile_size is None
+    assert DepthRenderer(faces, tile_size=None).tile_size is None
+    assert "tile_size=16" in repr(DepthRenderer(faces))
+    # Nothing on screen (off to the side, then behind the camera): zeros, and zero gradients.
+    verts = torch.tensor([[[-130.0, -90.0, 500.0], [160.0, -40.0, 500.0], [-20.0, 140.0, 500.0]]])
+    cams = cams_t(np.eye(3), np.zeros(3), (61.0, 73.0), (27.3, 19.6))
+    r = DepthRenderer(faces, (40, 56), tile_size=8)
+    for shift in ((2000.0, 0.0, 0.0), (0.0, 0.0, -900.0)):
+        v = (verts + torch.tensor(shift)).requires_grad_(True)
+        depth = r(v, *cams)
+        assert depth.shape == (1, 1, 40, 56) and (depth == 0).all()
+        depth.sum().backward()
+        assert (v.grad == 0).all()
+    assert (r(verts, *cams) > 0).sum() > 300

@@ -42,6 +42,40 @@ already in its screen space, ``(x_ndc, y_ndc, z_c)``:
 * Back faces are kept (the hand template has an open wrist, through which the
   inside is visible, as in a real depth camera).
 
+Tiled rasterisation on the CPU.  PyTorch3D bins faces into tiles only on CUDA; its
+CPU kernel tests every pixel against every face of the pixel's mesh, and spends a
+further ~6.5 µs of bookkeeping on each face of the batch (about what 2,000 of those
+pixel tests cost).  So with ``tile_size`` set (the default, CPU only) the renderer does
+the binning itself around that kernel: each view is cut into ``h × w`` tiles
+(``tile_size`` square, cut to the image if larger), each face is assigned to the tiles
+holding pixel centres it may cover, and every non-empty tile of every view becomes one
+small mesh (its faces in ascending order, each with its own three vertices) of a
+single ``rasterize_meshes`` call on ``h × w`` images; the tiles' maps are pasted back.
+The tile whose top-left pixel is ``(r0, c0)`` samples its pixel ``(r − r0, c − c0)``
+at the point where the full image samples ``(r, c)`` when a full-image vertex
+``(x_ndc, y_ndc, z)`` becomes ``((S·x_ndc + w − W + 2c0)/s, (S·y_ndc + h − H + 2r0)/s, z)``
+with ``s = min(h, w)`` (the formulas above with ``u' − c0`` and ``v' − r0``); this is
+computed in float64 from the float32 full-image coordinates, then rounded.
+
+A face goes to a tile when its screen bounding box, widened by 0.01 pixel, holds one
+of the tile's pixel centres, and, when that box holds at most four of them, when the
+triangle itself (widened the same way) holds one: most faces of a hand are about a
+pixel in size, and many hold no pixel centre at all.  Faces the kernel always skips
+(entirely behind the near plane, zero area) go nowhere; faces cut by the near plane go
+to every tile, as their clipped outline is only known inside PyTorch3D.  PyTorch3D's
+work for one pixel depends only on the faces it tests there, and each pixel still
+tests every face that could cover it, in the same order, so the result is the
+untiled one up to float32 rounding of the moved coordinates (~1e-6 pixel): the same
+coverage, depths within a few float32 ulps, and the same face everywhere except where
+two faces meet at the pixel centre at the same depth, where rounding may pick either
+(at most one covered pixel in a few thousand in the tests).  Gradients agree likewise
+(to ~1e-4 of their largest value; moving the vertices by a few float32 ulps changes
+them more).  The
+(tile, face) pairs come from tensor operations on each face's range of tiles; when
+they would not cut the kernel's work, or would exceed ``_MAX_TILE_COPIES`` per face of
+the batch (which bounds the memory, e.g. for a mesh mostly across the near plane), the
+views are rendered whole.  On CUDA PyTorch3D bins by itself and views are rendered whole.
+
 Gradients: PyTorch3D differentiates ``zbuf`` with respect to the covering
 face's three vertices (through the barycentrics, perspective correction
 included); pixels without a face get none, and there is no silhouette gradient.
@@ -60,13 +94,41 @@ from torch import nn
 from pytorch3d.renderer.mesh import rasterize_meshes
 from pytorch3d.structures import Meshes
 
-__all__ = ["project_points", "DepthRenderer"]
+__all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE"]
 
 # Camera depth (mm) used instead of z when |z| is below it, only to keep the
 # division finite for vertices on the camera plane. Such vertices are always
 # behind the near plane (near > 0), so the clipper removes or cuts their faces;
 # replacing z by this value moves the cut point by at most ~1e-6 of a pixel.
 _Z_GUARD = 1e-6
+
+# PyTorch3D's kEpsilon: the CPU kernel skips faces whose screen area (in its NDC units) is
+# within this of zero.
+_P3D_EPS = 1e-8
+
+# Default tile size of the CPU path (pixels), chosen by measurement (renderer_bench).
+DEFAULT_TILE_SIZE = 16
+
+# Slack (pixels) added around a face's screen box (plus this fraction of the coordinates'
+# magnitude) and around the triangle when deciding which pixel centres it may cover.  The
+# kernel's coordinates differ from the float64 values used for the decision by float32
+# rounding only (~1e-5 pixel at 256 pixels).
+_TILE_MARGIN_PX = 1e-2
+_TILE_MARGIN_REL = 1e-6
+
+# Faces whose box reaches at most this many pixel centres of a tile are tested for containing
+# one of them (see _covers_a_pixel_centre).
+_COVER_TEST_PIXELS = 4
+_COVER_TEST_CHUNK = 1 << 16
+
+# PyTorch3D's CPU kernel spends on each face of its batch, whatever the image size, about as
+# long as on this many (pixel, face) bounding-box tests (measured: ~6.5 us against ~2-4.5 ns).
+_FACE_COST_PIXELS = 2048
+
+# The tiled path is used only if the (tile, face) pairs it makes are at most this many times
+# the faces of the call (hand crops: 0.3-1.5): bounds its memory, ~150 bytes per pair at the
+# peak, the untiled path's ~50 bytes per face plus ~30 bytes per pixel aside.
+_MAX_TILE_COPIES = 4
 
 
 def _shape(t: torch.Tensor) -> Tuple[int, ...]:
@@ -170,9 +232,11 @@ def _parse_image_size(image_size) -> Tuple[int, int]:
 class DepthRenderer(nn.Module):
     """Render depth maps of a batch of meshes seen from several cameras each.
 
-    All ``B·N`` (sample, view) pairs go to PyTorch3D in one rasteriser call,
-    as a batch of meshes sharing ``faces``.  Runs on the device of its inputs
-    (move the module with ``.to(device)`` so ``faces`` follows).
+    All ``B·N`` (sample, view) pairs go to PyTorch3D in one rasteriser call:
+    on CUDA (or with ``tile_size`` off) as a batch of ``B·N`` meshes sharing
+    ``faces``, on the CPU as a batch of the non-empty tiles of all views (see
+    the module docstring).  Runs on the device of its inputs (move the module
+    with ``.to(device)`` so ``faces`` follows).
 
     Args:
         faces: ``[F, 3]`` integer vertex indices of the triangles.  Kept as a
@@ -191,11 +255,16 @@ class DepthRenderer(nn.Module):
             case that is what is used).  This is usually far below PyTorch3D's
             own default (a fifth of all faces in the batch), and never
             overflows, so no faces are silently dropped.
+        tile_size: side in pixels of the tiles of the CPU path (the tiles of an
+            image smaller than that are cut to the image); ``None`` or 0 renders
+            each view whole, as on CUDA.  The result is the same either way, up to
+            float32 rounding; tiles only make it faster.
     """
 
     def __init__(self, faces: torch.Tensor, image_size: Union[int, Sequence[int]] = (256, 256),
                  near: float = 1.0, far: float = 99999.0, faces_per_pixel: int = 1,
-                 bin_size: Optional[int] = None, max_faces_per_bin: Optional[int] = None):
+                 bin_size: Optional[int] = None, max_faces_per_bin: Optional[int] = None,
+                 tile_size: Optional[int] = DEFAULT_TILE_SIZE):
         super().__init__()
         if not isinstance(faces, torch.Tensor):
             faces = torch.as_tensor(faces)
@@ -216,17 +285,21 @@ class DepthRenderer(nn.Module):
             raise ValueError(f"bin_size: expected None or >= 0, got {bin_size}")
         if max_faces_per_bin is not None and int(max_faces_per_bin) < 1:
             raise ValueError(f"max_faces_per_bin: expected None or >= 1, got {max_faces_per_bin}")
+        if tile_size is not None and (isinstance(tile_size, bool) or int(tile_size) != tile_size
+                                      or int(tile_size) < 0):
+            raise ValueError(f"tile_size: expected None or an int >= 0, got {tile_size!r}")
         self.near = float(near)
         self.far = float(far)
         self.faces_per_pixel = int(faces_per_pixel)
         self.bin_size = None if bin_size is None else int(bin_size)
         self.max_faces_per_bin = None if max_faces_per_bin is None else int(max_faces_per_bin)
+        self.tile_size = int(tile_size) if tile_size else None
         self.register_buffer("faces", faces.detach().to(torch.int64).clone(), persistent=False)
         self._min_vertex_num = int(faces.max()) + 1
 
     def extra_repr(self) -> str:
         return (f"faces={self.faces.shape[0]}, image_size={self.image_size}, near={self.near}, "
-                f"far={self.far}, faces_per_pixel={self.faces_per_pixel}")
+                f"far={self.far}, faces_per_pixel={self.faces_per_pixel}, tile_size={self.tile_size}")
 
     def screen_vertices(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
                         focal: torch.Tensor, princpt: torch.Tensor,
@@ -265,6 +338,21 @@ class DepthRenderer(nn.Module):
             no face covers the pixel centre; dtype of ``vertices`` (the rasteriser
             itself works in float32).
         """
+        face, zbuf = self.rasterize(vertices, camrot, campos, focal, princpt, affine)
+        depth = zbuf[..., 0]
+        seen = (face[..., 0] >= 0) & (depth <= self.far)
+        return torch.where(seen, depth, torch.zeros_like(depth)).to(vertices.dtype)
+
+    def rasterize(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
+                  focal: torch.Tensor, princpt: torch.Tensor,
+                  affine: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """PyTorch3D's fragments for every view, before the far plane and the 0 fill.
+
+        Same arguments as :meth:`forward`.  Returns ``(face, zbuf)``, both
+        ``[B, N, H, W, faces_per_pixel]``: ``face`` (int64) the index into ``faces``
+        of the k-th nearest face at each pixel centre, −1 for none; ``zbuf``
+        (float32, differentiable) its camera depth in mm, −1 for none.
+        """
         B, N, V = _validate_cameras(vertices, camrot, campos, focal, princpt, affine, "vertices")
         if V < self._min_vertex_num:
             raise ValueError(f"vertices: faces index vertex {self._min_vertex_num - 1}, "
@@ -273,16 +361,34 @@ class DepthRenderer(nn.Module):
             raise ValueError(f"vertices: on device {vertices.device}, but the renderer's faces are on "
                              f"{self.faces.device}; move the module with .to(device)")
         H, W = self.image_size
-        M, F = B * N, int(self.faces.shape[0])
+        K = self.faces_per_pixel
+        M = B * N
         if M == 0:
-            return vertices.new_zeros((B, N, H, W))
+            return (torch.full((B, N, H, W, K), -1, dtype=torch.int64, device=vertices.device),
+                    vertices.new_full((B, N, H, W, K), -1.0, dtype=torch.float32))
 
         verts = self.screen_vertices(vertices, camrot, campos, focal, princpt, affine)
         # The PyTorch3D kernels are float32 only.
         verts = verts.reshape(M, V, 3).to(torch.float32)
-        meshes = Meshes(verts=verts, faces=self.faces[None].expand(M, F, 3))
+        out = None
+        if not vertices.is_cuda and self.tile_size:
+            out = self._rasterize_tiled(verts)
+        if out is None:
+            out = self._rasterize_whole(verts)
+        face, zbuf = out
+        return face.reshape(B, N, H, W, K), zbuf.reshape(B, N, H, W, K)
 
-        if vertices.is_cuda:
+    def _raster_settings(self) -> dict:
+        return dict(blur_radius=0.0, faces_per_pixel=self.faces_per_pixel, perspective_correct=True,
+                    clip_barycentric_coords=False, cull_backfaces=False, z_clip_value=self.near,
+                    cull_to_frustum=False)
+
+    def _rasterize_whole(self, verts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every view as one mesh of one ``rasterize_meshes`` call: ``[M, V, 3]`` screen
+        vertices → ``face``, ``zbuf`` ``[M, H, W, K]``."""
+        M, F = int(verts.shape[0]), int(self.faces.shape[0])
+        meshes = Meshes(verts=verts, faces=self.faces[None].expand(M, F, 3))
+        if verts.is_cuda:
             bin_size = self.bin_size
             max_faces_per_bin = self.max_faces_per_bin
             if max_faces_per_bin is None:
@@ -291,21 +397,206 @@ class DepthRenderer(nn.Module):
         else:
             # Binned rasterisation is not implemented on the CPU.
             bin_size, max_faces_per_bin = 0, None
-
         pix_to_face, zbuf, _, _ = rasterize_meshes(
-            meshes,
-            image_size=(H, W),
-            blur_radius=0.0,
-            faces_per_pixel=self.faces_per_pixel,
-            bin_size=bin_size,
-            max_faces_per_bin=max_faces_per_bin,
-            perspective_correct=True,
-            clip_barycentric_coords=False,
-            cull_backfaces=False,
-            z_clip_value=self.near,
-            cull_to_frustum=False,
-        )
-        depth = zbuf[..., 0]
-        seen = (pix_to_face[..., 0] >= 0) & (depth <= self.far)
-        depth = torch.where(seen, depth, torch.zeros_like(depth))
-        return depth.reshape(B, N, H, W).to(vertices.dtype)
+            meshes, image_size=self.image_size, bin_size=bin_size, max_faces_per_bin=max_faces_per_bin,
+            **self._raster_settings())
+        # Packed face index m·F + f → f.
+        face = torch.where(pix_to_face >= 0, pix_to_face % F, pix_to_face)
+        return face, zbuf
+
+    def _tile_layout(self) -> Tuple[int, int, int, int]:
+        """``(h, w, tiles down, tiles across)`` of the CPU tiling."""
+        H, W = self.image_size
+        h, w = min(self.tile_size, H), min(self.tile_size, W)
+        return h, w, -(-H // h), -(-W // w)
+
+    @torch.no_grad()
+    def _tile_pairs(self, verts: torch.Tensor, max_pairs: int):
+        """Which faces each tile needs, from the views' screen vertices ``[M, V, 3]``.
+
+        Returns ``(tile, mface)``: for every (tile, face) pair, sorted by tile then face,
+        the global tile index ``(m·tiles_down + ty)·tiles_across + tx`` and the face as
+        ``m·F + f``; or None when there would be more than ``max_pairs`` pairs.
+        """
+        H, W = self.image_size
+        h, w, nty, ntx = self._tile_layout()
+        S = float(min(H, W))
+        M, V, F = int(verts.shape[0]), int(verts.shape[1]), int(self.faces.shape[0])
+        fv = verts[:, self.faces]                                           # [M, F, 3, 3]
+        x, y, z = fv.unbind(-1)
+        # Faces the kernel skips whatever the pixel: entirely behind the near plane (PyTorch3D's
+        # clipper culls them) or of zero area (the kernel's float32 expression, same numbers).
+        behind = (z < self.near).sum(-1)                                    # [M, F]
+        area = (x[..., 0] - x[..., 1]) * (y[..., 2] - y[..., 1]) - (y[..., 0] - y[..., 1]) * (x[..., 2] - x[..., 1])
+        skip = (behind == 3) | ((area <= _P3D_EPS) & (area >= -_P3D_EPS))
+        # Faces cut by the near plane (or with non-finite coordinates) may reach any pixel.
+        anywhere = ((behind > 0) & (behind < 3)) | ~torch.isfinite(fv[..., :2]).flatten(-2).all(-1)
+        del behind, area
+        x_lo, x_hi = torch.aminmax(x, dim=-1)
+        y_lo, y_hi = torch.aminmax(y, dim=-1)
+        del fv, x, y, z
+
+        def centres(ndc_lo, ndc_hi, size):
+            # Pixel coordinate p = (size − 1 − S·ndc)/2 of the box's ends (float64: exact images of
+            # the float32 values the kernel sees) → first and last pixel centre it may reach.
+            p_lo = (size - 1 - S * ndc_hi.double()) / 2
+            p_hi = (size - 1 - S * ndc_lo.double()) / 2
+            margin = _TILE_MARGIN_PX + _TILE_MARGIN_REL * torch.maximum(p_lo.abs(), p_hi.abs())
+            return torch.ceil(p_lo - margin).clamp(min=0), torch.floor(p_hi + margin).clamp(max=size - 1)
+
+        c_lo, c_hi = centres(x_lo, x_hi, W)
+        r_lo, r_hi = centres(y_lo, y_hi, H)
+        del x_lo, x_hi, y_lo, y_hi
+        keep = anywhere | (~skip & (c_lo <= c_hi) & (r_lo <= r_hi))
+        del skip
+        c_lo = torch.where(anywhere, 0.0, c_lo.clamp(max=W - 1)).long()
+        r_lo = torch.where(anywhere, 0.0, r_lo.clamp(max=H - 1)).long()
+        c_hi = torch.where(anywhere, W - 1.0, c_hi.clamp(min=0)).long()
+        r_hi = torch.where(anywhere, H - 1.0, r_hi.clamp(min=0)).long()
+        tx0, ty0 = c_lo // w, r_lo // h
+        nx = c_hi // w - tx0 + 1
+        count = torch.where(keep, nx * (r_hi // h - ty0 + 1), 0).reshape(-1)    # [M·F]
+        del keep
+        total = int(count.sum())
+        if total > max_pairs:
+            return None
+        # Expand every kept face into its tiles: the k-th pair of face i is the tile
+        # (ty0 + k // nx, tx0 + k % nx) of its range.
+        mface = torch.nonzero(count).squeeze(1)                             # m·F + f, ascending
+        n = count[mface]
+        owner = torch.repeat_interleave(torch.arange(len(mface), device=verts.device), n, output_size=total)
+        k = torch.arange(total, device=verts.device) - (torch.cumsum(n, 0) - n)[owner]
+        mface = mface[owner]
+        del owner
+        nx = nx.reshape(-1)[mface]
+        ty = ty0.reshape(-1)[mface] + torch.div(k, nx, rounding_mode="floor")
+        tx = tx0.reshape(-1)[mface] + torch.remainder(k, nx)
+        del k, nx
+        # Drop the pairs where the face contains none of the pixel centres of the tile its box
+        # reaches (most faces of a hand are about a pixel or smaller): tested when those are
+        # at most _COVER_TEST_PIXELS centres, with the same margin, in float64.
+        cols = (torch.maximum(c_lo.reshape(-1)[mface], tx * w), torch.minimum(c_hi.reshape(-1)[mface], tx * w + w - 1))
+        rows = (torch.maximum(r_lo.reshape(-1)[mface], ty * h), torch.minimum(r_hi.reshape(-1)[mface], ty * h + h - 1))
+        test = ((cols[1] - cols[0] + 1) * (rows[1] - rows[0] + 1) <= _COVER_TEST_PIXELS) & ~anywhere.reshape(-1)[mface]
+        test = torch.nonzero(test).squeeze(1)
+        keep = torch.ones_like(mface, dtype=torch.bool)
+        for chunk in torch.split(test, _COVER_TEST_CHUNK):                  # bounds the memory
+            tm = mface[chunk]
+            tv = verts.reshape(M * V, 3)[torch.div(tm, F, rounding_mode="floor")[:, None] * V + self.faces[tm % F]]
+            keep[chunk] = _covers_a_pixel_centre(
+                (W - 1 - S * tv[..., 0].double()) / 2, (H - 1 - S * tv[..., 1].double()) / 2,
+                cols[0][chunk], cols[1][chunk], rows[0][chunk], rows[1][chunk])
+        del cols, rows, test
+        mface, ty, tx = mface[keep], ty[keep], tx[keep]
+        tile = (torch.div(mface, F, rounding_mode="floor") * nty + ty) * ntx + tx
+        # Pairs were made in (m, f) order; a stable sort by tile keeps faces ascending in each.
+        tile, order = torch.sort(tile, stable=True)
+        return tile, mface[order]
+
+    def _rasterize_tiled(self, verts: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The CPU path: all non-empty tiles of all views in one ``rasterize_meshes`` call.
+        Same result as :meth:`_rasterize_whole`, or None when tiling does not pay."""
+        H, W = self.image_size
+        h, w, nty, ntx = self._tile_layout()
+        M, V = int(verts.shape[0]), int(verts.shape[1])
+        F, K = int(self.faces.shape[0]), self.faces_per_pixel
+        # The kernel's cost is about (_FACE_COST_PIXELS + pixels) per face of a mesh; tiling is
+        # used when it is smaller for the faces' (tile, face) pairs than for the whole views.
+        # (Even one tile saves the faces that reach no pixel centre.)
+        max_pairs = min(_MAX_TILE_COPIES * M * F,
+                        (M * F * (_FACE_COST_PIXELS + H * W)) // (_FACE_COST_PIXELS + h * w))
+        pairs = self._tile_pairs(verts, max_pairs)
+        if pairs is None:
+            return None
+        tile, mface = pairs
+        empty_face = torch.full((M * nty * ntx, h, w, K), -1, dtype=torch.int64, device=verts.device)
+        empty_z = verts.new_full((M * nty * ntx, h, w, K), -1.0)
+        if len(tile) == 0:
+            # Nothing on screen.  Like the untiled path, keep the output in the graph (with zero
+            # gradients): a sum over no element is an exact 0 connected to the vertices.
+            return self._paste(empty_face), self._paste(empty_z + verts[:0].sum())
+        tiles, per_tile = torch.unique_consecutive(tile, return_counts=True)
+
+        # The faces' vertices, moved into their tile's screen space (float64 arithmetic on the
+        # float32 inputs, so each tile coordinate is the correctly rounded image of the
+        # full-image one; z is untouched).
+        S = min(H, W)
+        m = torch.div(mface, F, rounding_mode="floor")
+        vidx = m[:, None] * V + self.faces[mface - m * F]                  # [P, 3]
+        fv = verts.reshape(M * V, 3)[vidx]                                  # [P, 3, 3]
+        ty = torch.div(tile, ntx, rounding_mode="floor") % nty
+        tx = tile % ntx
+        shift = torch.stack((w - W + 2 * w * tx, h - H + 2 * h * ty), -1).to(torch.float64)   # [P, 2]
+        xy = fv[..., :2].double().mul_(S).add_(shift[:, None, :]).div_(min(h, w))
+        fv = torch.cat((xy.to(torch.float32), fv[..., 2:]), -1)
+        del xy, vidx, shift
+
+        first = torch.cumsum(per_tile, 0) - per_tile
+        pix_to_face, zbuf, _, _ = rasterize_meshes(
+            _TileBatch(fv, first, per_tile), image_size=(h, w), bin_size=0, max_faces_per_bin=1,
+            **self._raster_settings())
+        # Tile-batch face (pair) index → f.
+        face = torch.where(pix_to_face >= 0, mface[pix_to_face.clamp(min=0)] % F, pix_to_face)
+        face = empty_face.index_copy_(0, tiles, face)
+        zbuf = empty_z.index_copy(0, tiles, zbuf)
+        return self._paste(face), self._paste(zbuf)
+
+    def _paste(self, t: torch.Tensor) -> torch.Tensor:
+        """``[M·tiles, h, w, K]`` tiles in (m, ty, tx) order → ``[M, H, W, K]`` images."""
+        H, W = self.image_size
+        h, w, nty, ntx = self._tile_layout()
+        K = t.shape[-1]
+        t = t.reshape(-1, nty, ntx, h, w, K).permute(0, 1, 3, 2, 4, 5).reshape(-1, nty * h, ntx * w, K)
+        return t[:, :H, :W]
+
+
+def _covers_a_pixel_centre(u: torch.Tensor, v: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
+                           r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+    """Whether triangles ``(u, v) [P, 3]`` (pixel coordinates, float64) contain, up to
+    ``_TILE_MARGIN_PX``, one of the pixel centres ``[c0, c1] × [r0, r1]`` (at most
+    ``_COVER_TEST_PIXELS`` of them).  ``[P]`` bool."""
+    nx = (c1 - c0 + 1).clamp(min=1)
+    n = nx * (r1 - r0 + 1)
+    k = torch.arange(_COVER_TEST_PIXELS, device=u.device)
+    dx = (k % nx[:, None]).to(u.dtype)                                       # [P, k] offsets of
+    dy = torch.div(k, nx[:, None], rounding_mode="floor").to(u.dtype)       # the centres from (c0, r0)
+    inside = k < n[:, None]
+    # A point is inside when it is on the inner side of all three edges; which side that is
+    # follows the triangle's orientation.  A degenerate triangle (sign 0) is kept.
+    sign = torch.sign((u[:, 1] - u[:, 0]) * (v[:, 2] - v[:, 0]) - (v[:, 1] - v[:, 0]) * (u[:, 2] - u[:, 0]))
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        eu, ev = (u[:, b] - u[:, a]) * sign, (v[:, b] - v[:, a]) * sign
+        # cross((eu, ev), centre − vertex a) ≥ −margin·|edge|, the centre being (c0 + dx, r0 + dy).
+        base = eu * (r0 - v[:, a]) - ev * (c0 - u[:, a]) + _TILE_MARGIN_PX * torch.sqrt(eu * eu + ev * ev)
+        cross = torch.mul(dy, eu[:, None]).sub_(torch.mul(dx, ev[:, None])).add_(base[:, None])
+        inside &= cross >= 0
+    return inside.any(1)
+
+
+class _TileBatch:
+    """The packed face data :func:`rasterize_meshes` reads from a ``Meshes`` (its
+    ``verts_packed``, ``faces_packed``, ``mesh_to_faces_packed_first_idx``,
+    ``num_faces_per_mesh`` and ``device``), for a batch whose faces have their own three
+    vertices each.  Building a ``Meshes`` of thousands of tile meshes costs more than
+    rasterising them (it loops over the meshes in Python and packs everything again).
+    """
+
+    def __init__(self, face_verts: torch.Tensor, first: torch.Tensor, count: torch.Tensor):
+        self._verts = face_verts.reshape(-1, 3)
+        self._faces = torch.arange(len(self._verts), device=face_verts.device).reshape(-1, 3)
+        self._first = first
+        self._count = count
+        self.device = face_verts.device
+        self._F = int(count.max())
+
+    def verts_packed(self) -> torch.Tensor:
+        return self._verts
+
+    def faces_packed(self) -> torch.Tensor:
+        return self._faces
+
+    def mesh_to_faces_packed_first_idx(self) -> torch.Tensor:
+        return self._first
+
+    def num_faces_per_mesh(self) -> torch.Tensor:
+        return self._count

@@ -3,7 +3,11 @@
 Renders a hand template seen by ``views`` cameras placed around it (as the
 training loop does: B = 1 sample, N views, one rasteriser call), each view
 cropped to its bounding box and warped to ``size × size``, and reports the
-median time of ``repeats`` forward calls.
+median time of ``repeats`` forward calls, with the renderer's CPU tiling or
+another ``tile_size`` (0: untiled).  Untiled and tiled side by side, from the
+repository's root::
+
+    python -m common.nets.renderer_bench --hands default makehuman --sizes 64 128 256 --tile-sizes 0 16
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .renderer import DepthRenderer, project_points
+from .renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
 # The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
 _IMG_H, _IMG_W = 512, 334
@@ -77,7 +81,8 @@ def _call(renderer: DepthRenderer, vertices: torch.Tensor, cams, backward: bool)
 
 def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
                   device: Optional[torch.device | str] = None,
-                  num_threads: Optional[int] = None, backward: bool = False) -> List[Dict]:
+                  num_threads: Optional[int] = None, backward: bool = False,
+                  tile_size: Optional[int] = DEFAULT_TILE_SIZE) -> List[Dict]:
     """Median forward time of :class:`DepthRenderer` on ``hand_model``'s template.
 
     Args:
@@ -90,11 +95,13 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         num_threads: if given, ``torch.set_num_threads`` for the measurement (restored after).
         backward: time forward + backward of ``depth.sum()`` wrt the vertices instead of
             the forward alone.
+        tile_size: the renderer's ``tile_size`` (None or 0: each view whole).
 
     Returns:
         One dict per size: ``size``, ``views``, ``faces``, ``vertices``, ``device``,
-        ``threads``, ``backward``, ``ms_per_call`` (median), ``ms_per_view`` (= ms_per_call / views),
-        ``coverage`` (mean fraction of pixels with depth, a sanity check).
+        ``threads``, ``backward``, ``tile_size`` (0 for none), ``ms_per_call`` (median),
+        ``ms_per_view`` (= ms_per_call / views), ``coverage`` (mean fraction of pixels with
+        depth, a sanity check).
     """
     device = torch.device(device or "cpu")
     old_threads = torch.get_num_threads()
@@ -106,7 +113,7 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         results = []
         for size in sizes:
             cams = [t.to(device) for t in ring_cameras(hand_model.vertices, views, int(size))]
-            renderer = DepthRenderer(faces, image_size=(int(size), int(size))).to(device)
+            renderer = DepthRenderer(faces, image_size=(int(size), int(size)), tile_size=tile_size).to(device)
             v = verts.clone().requires_grad_(backward)
             depth = _call(renderer, v, cams, backward)                          # warm-up
             times = []
@@ -122,10 +129,78 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
             results.append({
                 "size": int(size), "views": int(views), "faces": int(faces.shape[0]),
                 "vertices": int(verts.shape[1]), "device": str(device), "threads": torch.get_num_threads(),
-                "backward": bool(backward),
+                "backward": bool(backward), "tile_size": int(tile_size or 0),
                 "ms_per_call": ms, "ms_per_view": ms / views,
                 "coverage": float((depth > 0).float().mean()),
             })
         return results
     finally:
         torch.set_num_threads(old_threads)
+
+
+def compare_tilings(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
+                    tile_sizes: Sequence[int] = (0, DEFAULT_TILE_SIZE), num_threads: Optional[int] = None,
+                    print_fn=print) -> List[Dict]:
+    """Time forward and forward + backward for each ``tile_size`` (0: untiled) and print one row
+    per (hand, size, tile size), with the speed-up over the untiled row when there is one.
+
+    ``hands``: ``(name, hand_model)`` pairs.  Returns the rows as dicts (``hand``, ``size``,
+    ``tile_size``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``).
+    """
+    print_fn(f"depth renderer on the CPU, {num_threads or torch.get_num_threads()} threads; B=1 sample x "
+             f"{views} views in one call; median of {repeats} runs; tile 0 = untiled")
+    print_fn(f"{'hand':<10} {'faces':>6} {'size':>9} {'tile':>4} | {'ms/view':>8} {'ms/call':>8} | "
+             f"{'+backward ms/view':>17} | {'speed-up fwd':>12} {'+bwd':>6}")
+    out = []
+    for name, hand in hands:
+        rows = {}
+        for tile in tile_sizes:
+            kw = dict(sizes=sizes, views=views, repeats=repeats, num_threads=num_threads, tile_size=tile)
+            rows[tile] = list(zip(time_renderer(hand, **kw), time_renderer(hand, backward=True, **kw)))
+        for i in range(len(sizes)):
+            base = rows[0][i] if 0 in rows else None
+            for tile in tile_sizes:
+                f, b = rows[tile][i]
+                gain = ""
+                if base is not None and tile != 0:
+                    gain = (f"{base[0]['ms_per_view'] / f['ms_per_view']:>11.1f}x "
+                            f"{base[1]['ms_per_view'] / b['ms_per_view']:>5.1f}x")
+                print_fn(f"{name:<10} {f['faces']:>6} {f['size']:>4}x{f['size']:<4} {tile:>4} | "
+                         f"{f['ms_per_view']:>8.1f} {f['ms_per_call']:>8.1f} | {b['ms_per_view']:>17.1f} | {gain}")
+                out.append({"hand": name, "size": f["size"], "tile_size": tile, "faces": f["faces"],
+                            "ms_per_view": f["ms_per_view"], "ms_per_view_backward": b["ms_per_view"]})
+    return out
+
+
+if __name__ == "__main__":
+    # python -m common.nets.renderer_bench [--hands default makehuman] [--sizes 64 128 256] [--tile-sizes 0 16]
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="CPU time of the depth renderer, untiled against tiled.")
+    parser.add_argument("--hands", nargs="+", default=["default"],
+                        help="'default', 'makehuman' (../shared/hand_models/makehuman_right) or hand-model folders")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--views", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tile-sizes", type=int, nargs="+", default=[0, DEFAULT_TILE_SIZE])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    from common.utils.hand_model import load_hand_model
+
+    repo = Path(__file__).resolve().parents[2]
+    hands = []
+    for hand_name in args.hands:
+        if hand_name == "default":
+            from common.utils.default_hand import make_default_hand
+
+            hands.append(("default", make_default_hand()))
+        else:
+            folder = repo.parent / "shared" / "hand_models" / "makehuman_right" if hand_name == "makehuman" \
+                else Path(hand_name)
+            if not folder.is_dir():
+                print(f"skipping {hand_name}: {folder} not found")
+                continue
+            hands.append((folder.name if hand_name != "makehuman" else "makehuman", load_hand_model(folder)))
+    compare_tilings(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, tile_sizes=args.tile_sizes,
+                    num_threads=args.threads or None)
