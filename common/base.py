@@ -87,7 +87,7 @@ def add_config_args(parser) -> None:
     parser.add_argument("--cfg", dest="cfg_file", help="YAML file of option: value overrides")
     parser.add_argument("--data_dir", help="data folder (images/, annotations/[, hand_model/])")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one option (repeatable), e.g. --set output_dir=/tmp/run")
+                        help="override one option (repeatable), e.g. --set output_dir=output/run")
 
 
 def config_from_args(args, base: Optional[Config] = None) -> Config:

@@ -2,7 +2,7 @@
 
     python main/test.py --test_epoch 34                     # output/model_dump/subject_4/snapshot_34.pth.tar
     python main/test.py --test_epoch 1 --cfg main/configs/cpu_small.yaml
-    python main/test.py --test_epoch 1 --data_dir data/synthetic --set output_dir=/tmp/run
+    python main/test.py --test_epoch 1 --data_dir data/synthetic --set output_dir=output/run
     python main/test.py --init --cfg main/configs/cpu_small.yaml   # the untrained model, as train.py starts it
 
 Writes, under ``output/result/subject_<N>/``, each input crop (``<index>_<seq>_cam<cam>_frame<f>_img.png``),

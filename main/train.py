@@ -3,7 +3,7 @@
     python main/train.py --gpu 0-3                                   # as the original
     python main/train.py --cfg main/configs/cpu_small.yaml           # a small run on the CPU
     python main/train.py --gpu 0-3 --continue                        # resume from the latest snapshot
-    python main/train.py --data_dir data/synthetic --end_epoch 2 --set output_dir=/tmp/run
+    python main/train.py --data_dir data/synthetic --end_epoch 2 --set output_dir=output/run
 
 Writes ``output/model_dump/subject_<N>/snapshot_<epoch>.pth.tar`` after every epoch (the original's
 layout: ``{'epoch', 'network' ('module.' keys), 'optimizer'}``) and logs to
