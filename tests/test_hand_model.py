@@ -164,7 +164,7 @@ def test_face_index_out_of_range(hand_dir, default_hand):
     k = next(i for i, l in enumerate(lines) if l.startswith("f "))
     lines[k] = f"f 1/1 2/2 {V + 5}/3"
     path.write_text("\n".join(lines) + "\n")
-    expect_error(hand_dir, "hand.obj", f"face 1 refers to vertex {V + 5}", f"has {V} vertexs|has {V} vertices")
+    expect_error(hand_dir, "hand.obj", f"face 1 refers to vertex {V + 5}", f"has {V} vertices ")
 
 
 def test_face_uv_index_out_of_range(hand_dir, default_hand):
@@ -174,7 +174,7 @@ def test_face_uv_index_out_of_range(hand_dir, default_hand):
     k = next(i for i, l in enumerate(lines) if l.startswith("f "))
     lines[k] = f"f 1/1 2/{T + 1} 3/3"
     path.write_text("\n".join(lines) + "\n")
-    expect_error(hand_dir, "hand.obj", f"refers to uv {T + 1}")
+    expect_error(hand_dir, "hand.obj", f"refers to uv {T + 1}", f"has {T} uvs ")
 
 
 def test_weight_vertex_out_of_range(hand_dir, default_hand):

@@ -201,13 +201,14 @@ class HandModel:
                 f"{self._where(SKELETON_FILE)}: the skeleton has a cycle; joints not reachable from "
                 f"the root {roots[0]}: {', '.join(self.joint_names[j] for j in stray)}"
             )
-        for name, uv_ref, count in (("vertex", self.faces, V), ("uv", self.face_uvs, len(self.uvs))):
+        for name, plural, uv_ref, count in (("vertex", "vertices", self.faces, V),
+                                            ("uv", "uvs", self.face_uvs, len(self.uvs))):
             bad = np.argwhere((uv_ref < 0) | (uv_ref >= count))
             if len(bad):
                 f = int(bad[0][0])
                 raise HandModelError(
                     f"{self._where(OBJ_FILE)}: face {f + 1} refers to {name} "
-                    f"{int(uv_ref[f, bad[0][1]]) + 1}, but the file has {count} {name}s (1-based)"
+                    f"{int(uv_ref[f, bad[0][1]]) + 1}, but the file has {count} {plural} (1-based)"
                 )
         if self.skinning_weights.shape != (V, J):
             raise HandModelError(
