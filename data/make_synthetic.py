@@ -246,15 +246,19 @@ def parse_hw(text: str):
 
 def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2, frames: int = 3,
              cameras: int = 6, image_hw=(128, 84), depth_hw=(64, 42), subject: int = 4,
-             drop_keypoints: float = 0.05, progress: bool = True) -> dict:
-    """Write the data set; returns the ``gt/meta.json`` dict."""
+             drop_keypoints: float = 0.05, progress: bool = True, skeleton_mm: float = 3.0,
+             identity_mm: float = 3.0) -> dict:
+    """Write the data set; returns the ``gt/meta.json`` dict.
+
+    ``skeleton_mm`` and ``identity_mm`` bound the person's bone-length changes and identity
+    corrective (see :func:`make_identity`)."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     save_hand_model(hand_model, out / "hand_model")
     cams = dome_cameras(cameras, image_hw, rng)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     write_krt(out / "annotations" / "KRT_512", cams)
-    skeleton_offset, id_corrective = make_identity(hand_model, rng)
+    skeleton_offset, id_corrective = make_identity(hand_model, rng, skeleton_mm, identity_mm)
     bulge = BulgeCorrective(hand_model)
     limits = joint_limits(hand_model)
     faces_t = torch.as_tensor(hand_model.faces)
@@ -306,7 +310,8 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
     np.savez(gt / "frames.npz", **{k: np.asarray(v) for k, v in record.items()})
     meta = {"seed": seed, "subject": subject, "sequences": seq_names, "frames_per_sequence": frames,
             "cameras": list(cams), "image_hw": list(image_hw), "depth_hw": list(depth_hw),
-            "hand_model": hand_model.source, "drop_keypoints": drop_keypoints}
+            "hand_model": hand_model.source, "drop_keypoints": drop_keypoints,
+            "skeleton_mm": skeleton_mm, "identity_mm": identity_mm}
     atomic_write_bytes(gt / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
 
@@ -324,7 +329,16 @@ def main(argv=None) -> int:
     parser.add_argument("--subject", type=int, default=4)
     parser.add_argument("--drop_keypoints", type=float, default=0.05,
                         help="probability that a keypoint is missing from a .pts file")
+    parser.add_argument("--skeleton_mm", type=float, default=3.0,
+                        help="largest change of a bone's length in the person's skeleton (mm)")
+    parser.add_argument("--identity_mm", type=float, default=3.0,
+                        help="largest displacement of the person's identity corrective along the normals (mm)")
     args = parser.parse_args(argv)
+    for name in ("skeleton_mm", "identity_mm", "drop_keypoints"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
+            parser.error(f"--{name} must be a finite number >= 0")
+    if args.drop_keypoints >= 1:
+        parser.error("--drop_keypoints must be below 1")
     for name in ("sequences", "frames", "cameras"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -336,7 +350,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = generate(Path(args.out), hand, args.seed, args.sequences, args.frames, args.cameras,
-                    args.image_size, args.depth_size, args.subject, args.drop_keypoints)
+                    args.image_size, args.depth_size, args.subject, args.drop_keypoints,
+                    skeleton_mm=args.skeleton_mm, identity_mm=args.identity_mm)
     print(f"wrote {args.sequences * args.frames} frames × {args.cameras} cameras to {args.out} "
           f"(ground truth in {Path(args.out) / 'gt'}; seed {meta['seed']})")
     return 0

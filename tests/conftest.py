@@ -46,3 +46,14 @@ def small_cfg() -> Config:
     config = Config()
     config.resnet_type = 18
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory, default_hand):
+    """A tiny synthetic set: 1 sequence x 2 frames x 3 cameras, 64x42 images, 32x21 depth maps."""
+    from data.make_synthetic import generate
+
+    out = tmp_path_factory.mktemp("tiny_set")
+    generate(out, default_hand, seed=0, sequences=1, frames=2, cameras=3, image_hw=(64, 42), depth_hw=(32, 21),
+             progress=False)
+    return out

@@ -42,16 +42,6 @@ def tiny_config(data_dir) -> Config:
 
 
 @pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory, default_hand):
-    from data.make_synthetic import generate
-
-    out = tmp_path_factory.mktemp("tiny_set")
-    generate(out, default_hand, seed=0, sequences=1, frames=2, cameras=3, image_hw=(64, 42), depth_hw=(32, 21),
-             progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_batch(tiny_set, default_hand):
     config = tiny_config(tiny_set)
     dataset = DeepHandMeshDataset.from_config(config, "train", default_hand, seed=0)
@@ -431,8 +421,19 @@ def test_identity_metrics_measure_agreement_with_the_ground_truth(tiny_set, defa
     assert metrics["id_corrective_rms_mm"] == pytest.approx(2 * metrics["gt_id_corrective_rms_mm"], rel=1e-5)
     assert metrics["skeleton_corrective_correlation"] == pytest.approx(-1.0, abs=1e-6)
     with torch.no_grad():
-        model.skin_refine_net.fc_id[2].bias.normal_()
-    assert abs(tester._identity_metrics(model)["id_corrective_correlation"]) < 0.1
+        model.skin_refine_net.fc_pose[2].weight.zero_()
+        model.skin_refine_net.fc_pose[2].bias.zero_()
+    metrics = tester._identity_metrics(model)
+    assert metrics["zero_pose_corrective_correlation"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["zero_pose_corrective_rms_mm"] == pytest.approx(metrics["id_corrective_rms_mm"], rel=1e-6)
+    # A constant offset carried by the pose branch's bias instead: the identity branch alone is
+    # blind to it, the zero-pose corrective is not.
+    with torch.no_grad():
+        model.skin_refine_net.fc_pose[2].bias.copy_(model.skin_refine_net.fc_id[2].bias)
+        model.skin_refine_net.fc_id[2].bias.normal_(0.0, 0.01)
+    metrics = tester._identity_metrics(model)
+    assert abs(metrics["id_corrective_correlation"]) < 0.1
+    assert metrics["zero_pose_corrective_correlation"] > 0.99
 
 
 def test_holdout_sequences_split_train_and_test(tmp_path, default_hand):
