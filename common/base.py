@@ -31,10 +31,11 @@ import cv2
 import numpy as np
 import torch
 import torch.utils.data
-from torch.nn.parallel import DataParallel
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
-from common.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.utils import distributed
+from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from common.utils.device import parse_gpu_ids, select_device
 from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model, save_obj
 from common.utils.hand_model_source import resolve_hand_model
@@ -150,7 +151,7 @@ def split_batch(batch: Dict[str, object], device: torch.device, non_blocking: bo
 
 
 def unwrap(model: torch.nn.Module) -> Model:
-    return model.module if isinstance(model, DataParallel) else model
+    return model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else model
 
 
 def network_state_dict(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
@@ -159,9 +160,13 @@ def network_state_dict(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor
     return OrderedDict(("module." + k, v) for k, v in unwrap(model).state_dict().items())
 
 
-def pick_device(config: Config) -> Tuple[torch.device, List[int]]:
-    """The device (decided by :func:`select_device`, which logs it once) and the GPU ids in use
-    (empty on the CPU)."""
+def pick_device(config: Config, context: Optional[distributed.DistributedContext] = None
+                ) -> Tuple[torch.device, List[int]]:
+    """The device (decided by :func:`select_device`, which logs it once) and the GPU ids this
+    process uses (empty on the CPU; in a ``torchrun`` launch its one GPU)."""
+    if context is not None:
+        device = select_device(config.gpu_ids, context.local_rank, context.local_world_size)
+        return device, ([device.index] if device.type == "cuda" else [])
     device = select_device(config.gpu_ids)
     return device, (parse_gpu_ids(config.gpu_ids) if device.type == "cuda" else [])
 
@@ -211,16 +216,41 @@ class Trainer:
     Args:
         config: a :class:`main.config.Config` (paths made absolute by :func:`resolve_paths`).
         seed: seeds the initialisation, the sample order and the target-view draws (module notes).
+        context: this process's place in a ``torchrun`` launch
+            (:func:`common.utils.distributed.context_from_env`), or None for one process.
+
+    Several processes (``torchrun``): each joins the process group (NCCL on GPUs, gloo on the CPU),
+    reads its share of every epoch through a ``DistributedSampler`` and trains a
+    ``DistributedDataParallel`` copy of the model on ``train_batch_size`` samples per iteration,
+    so ``N`` processes train on ``N x train_batch_size`` samples per step, as the original's
+    ``DataParallel`` over ``N`` GPUs. The sampler draws epoch ``e``'s permutation from the same
+    ``(seed, e)`` as one process does and deals it out in turn, so the samples of one step are those
+    of the one-process step with ``N`` times the batch. Batch-norm statistics are per process (per
+    GPU, as in the original). Only rank 0 logs, shows progress and writes snapshots; a snapshot
+    holds nothing that depends on the number of processes, so ``--continue`` may change it.
     """
 
-    def __init__(self, config: Config, seed: int = 0):
+    def __init__(self, config: Config, seed: int = 0, context: Optional[distributed.DistributedContext] = None):
         self.cfg = config
         self.seed = int(seed)
+        self.context = context
         self.start_epoch = 0
         self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
-        self.device, self.gpu_ids = pick_device(config)
+        self.device, self.gpu_ids = pick_device(config, context)
+        if context is not None:
+            distributed.init_process_group(context, self.device)
+            log.info("distributed: %d processes (%s), this is rank %d", context.world_size,
+                     distributed.backend_for(self.device), context.rank)
         config.num_gpus = len(self.gpu_ids)
         log_options(config)
+
+    @property
+    def is_main(self) -> bool:
+        return self.context is None or self.context.is_main
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.context is None else self.context.world_size
 
     # ------------------------------------------------------------------ set-up
     def make_batch_generator(self) -> None:
@@ -233,37 +263,66 @@ class Trainer:
                  self.hand_model.vertex_num, len(self.hand_model.faces), self.hand_model.joint_num)
         self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, on_error="skip",
                                                        seed=self.seed)
-        # Reseeded at the start of every epoch (the sample order of epoch e depends on (seed, e) only).
-        self.generator = torch.Generator()
         self.batch_size = cfg.train_batch_size * max(1, len(self.gpu_ids))  # per GPU, as the original
         workers = loader_workers(cfg)
+        # One sampler for one process and for many: epoch e's permutation is drawn from
+        # seed + e = epoch_seed(e) (set_epoch) and dealt out in turn to the processes, so the
+        # samples of a step do not depend on how many processes share it.
+        self.sampler = torch.utils.data.DistributedSampler(
+            self.dataset, num_replicas=self.world_size, rank=0 if self.context is None else self.context.rank,
+            shuffle=True, seed=self.epoch_seed(0), drop_last=False)
         self.batch_generator = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, generator=self.generator,
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler,
             num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False)
-        self.itr_per_epoch = math.ceil(len(self.dataset) / self.batch_size)
-        log.info("%d samples, batch %d, %d iterations per epoch, %d data-loading worker(s)",
-                 len(self.dataset), self.batch_size, self.itr_per_epoch, workers)
+        self.itr_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
+        log.info("%d samples, batch %d%s, %d iterations per epoch, %d data-loading worker(s)%s",
+                 len(self.dataset), self.batch_size * self.world_size,
+                 "" if self.context is None else f" ({self.batch_size} per process)",
+                 self.itr_per_epoch, workers, "" if self.context is None else " per process")
 
     def make_model(self) -> None:
         cfg = self.cfg
         log.info("Creating graph and optimizer (ResNet-%d)...", cfg.resnet_type)
         torch.manual_seed(self.seed)
         model = get_model("train", self.hand_model, cfg)
-        self.model = place_model(model, self.device, self.gpu_ids)
+        if self.context is None:
+            self.model = place_model(model, self.device, self.gpu_ids)
+        else:
+            # DDP starts every process from rank 0's weights; the buffers are ours to send, once:
+            # DDP cannot send the sparse Laplacian, and sending the others at every step (its
+            # default) would only cost time: the hand model's never change, and of the batch-norm
+            # statistics the snapshot keeps rank 0's, as the original's DataParallel kept GPU 0's.
+            model = model.to(self.device)
+            distributed.broadcast_dense_buffers(model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         self.optimizer = torch.optim.Adam(unwrap(self.model).parameters(), lr=cfg.lr)
         if cfg.continue_train:
             self.start_epoch = self.load_latest()
         self.model.train()
 
     def load_latest(self) -> int:
-        """Load the latest snapshot (weights and optimizer); returns the epoch to start from."""
-        found = latest_snapshot(self.cfg)
+        """Load the latest snapshot (weights and optimizer); returns the epoch to start from.
+
+        In a distributed run rank 0 finds and reads it and sends it to the others: on several
+        machines only rank 0's has the snapshots."""
+        found, ckpt, error = None, None, None
+        if self.is_main:
+            found = latest_snapshot(self.cfg)
+            if found is not None:
+                try:
+                    ckpt = read_checkpoint(found[1])
+                except CheckpointError as err:
+                    error = str(err)
+        found, ckpt, error = distributed.broadcast_object((found, ckpt, error))
+        if error is not None:
+            raise CheckpointError(error)
         if found is None:
             log.warning("--continue: no snapshot in %s; starting from epoch 0", snapshot_dir(self.cfg))
             return 0
         epoch, path = found
         log.info("Load checkpoint from %s", path)
-        ckpt = load_checkpoint(unwrap(self.model), path)
+        ckpt = load_checkpoint(unwrap(self.model), path, ckpt)
         if "optimizer" in ckpt:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -295,12 +354,12 @@ class Trainer:
         cfg = self.cfg
         self.set_lr(epoch)
         self.dataset.set_epoch(epoch)
-        self.generator.manual_seed(self.epoch_seed(epoch))
+        self.sampler.set_epoch(epoch)
         self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
         sums: Dict[str, float] = {}
         cuda = self.device.type == "cuda"
         bar = tqdm(self.batch_generator, total=self.itr_per_epoch, desc=f"epoch {epoch}/{cfg.end_epoch}",
-                   unit="itr", leave=False, dynamic_ncols=True)
+                   unit="itr", leave=False, dynamic_ncols=True, disable=not self.is_main)
         self.tot_timer.tic()
         self.read_timer.tic()
         for itr, batch in enumerate(bar):
@@ -311,9 +370,13 @@ class Trainer:
             loss = self.model(inputs, targets, meta_info, "train")
             loss = {k: v.mean() for k, v in loss.items()}
             total = sum(loss.values())
-            if not bool(torch.isfinite(total)):
-                values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in loss.items())
-                raise FloatingPointError(f"epoch {epoch} iteration {itr}: non-finite loss ({values}); "
+            # Averaged over the processes, so that every process sees the same values and stops
+            # together on a non-finite one (a lone stop would leave the others waiting).
+            mean_values = distributed.average_tensor(torch.stack([v.detach().float() for v in loss.values()]))
+            values = dict(zip(loss, mean_values.tolist()))
+            if not all(math.isfinite(v) for v in values.values()):
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                raise FloatingPointError(f"epoch {epoch} iteration {itr}: non-finite loss ({shown}); "
                                          f"lower the learning rate (cfg.lr = {cfg.lr:g})")
             total.backward()
             self.optimizer.step()
@@ -322,7 +385,6 @@ class Trainer:
             self.gpu_timer.toc()
             self.tot_timer.toc()
 
-            values = {k: float(v.detach()) for k, v in loss.items()}
             values["total"] = sum(values.values())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -331,6 +393,7 @@ class Trainer:
                 f"lr: {self.get_lr():g}",
                 f"speed: {self.tot_timer.average:.2f}s/itr (compute {self.gpu_timer.average:.2f}s, "
                 f"data {self.read_timer.average:.2f}s)",
+                f"{self.batch_size * self.world_size / max(self.tot_timer.average, 1e-9):.1f} samples/s",
                 epoch_time(self.tot_timer.average * self.itr_per_epoch),
             ]
             screen += [f"loss_{k}: {v:.4f}" for k, v in values.items()]
@@ -344,10 +407,13 @@ class Trainer:
         return {k: v / count for k, v in sums.items()}
 
     def save_model(self, epoch: int) -> Path:
+        """Rank 0 writes the snapshot (atomically); the others wait for it."""
         path = snapshot_path(self.cfg, epoch)
-        save_checkpoint({"epoch": int(epoch), "network": network_state_dict(self.model),
-                         "optimizer": self.optimizer.state_dict()}, path)
-        log.info("Write snapshot into %s", path)
+        if self.is_main:
+            save_checkpoint({"epoch": int(epoch), "network": network_state_dict(self.model),
+                             "optimizer": self.optimizer.state_dict()}, path)
+            log.info("Write snapshot into %s", path)
+        distributed.barrier()
         return path
 
     def train(self) -> None:

@@ -53,8 +53,11 @@ def close_logging() -> None:
 
 
 def setup_logging(log_dir: Optional[str | os.PathLike] = None, log_name: str = "train_logs.txt",
-                  level: int = logging.INFO, console: bool = True) -> logging.Logger:
+                  level: int = logging.INFO, console: bool = True, console_prefix: str = "") -> logging.Logger:
     """Send log records to ``log_dir/log_name`` (appended) and to the console.
+
+    ``console_prefix`` starts every console line (e.g. ``'[rank 1] '`` for the other processes
+    of a distributed run).
 
     Returns the scripts' logger (``deephandmesh``).
     """
@@ -70,7 +73,7 @@ def setup_logging(log_dir: Optional[str | os.PathLike] = None, log_name: str = "
         root.addHandler(file_handler)
     if console:
         console_handler = TqdmConsoleHandler()
-        console_handler.setFormatter(logging.Formatter(CONSOLE_FORMAT, DATE_FORMAT))
+        console_handler.setFormatter(logging.Formatter(console_prefix + CONSOLE_FORMAT, DATE_FORMAT))
         setattr(console_handler, _MARK, True)
         root.addHandler(console_handler)
     return logging.getLogger(LOGGER_NAME)

@@ -4,16 +4,19 @@
     python main/train.py --cfg main/configs/cpu_small.yaml           # a small run on the CPU
     python main/train.py --gpu 0-3 --continue                        # resume from the latest snapshot
     python main/train.py --data_dir data/synthetic --end_epoch 2 --set output_dir=output/run
+    torchrun --nproc_per_node 4 main/train.py --gpu 0-3               # one process per GPU (DDP)
 
 Writes ``output/model_dump/subject_<N>/snapshot_<epoch>.pth.tar`` after every epoch (the original's
 layout: ``{'epoch', 'network' ('module.' keys), 'optimizer'}``) and logs to
 ``output/log/train_logs.txt`` and the console. Without ``--gpu`` or without CUDA it runs on the CPU.
 Bad arguments (unknown option, missing data, malformed hand model or snapshot) end with a one-line
-message and exit code 2.
+message and exit code 2. Started by ``torchrun`` with several processes it trains with
+``DistributedDataParallel`` (see :class:`common.base.Trainer`); only rank 0 logs and writes.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 from common.base import Trainer, add_config_args, config_from_args  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
+from common.utils import distributed  # noqa: E402
 from common.utils.checkpoint import CheckpointError  # noqa: E402
 from common.utils.hand_model import HandModelError  # noqa: E402
 from data.dataset import SampleError  # noqa: E402
@@ -48,15 +52,19 @@ def main(argv=None) -> int:
             config.continue_train = True
         if args.end_epoch is not None:
             config.set("end_epoch", args.end_epoch, "--end_epoch")
+        context = distributed.context_from_env()
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    log = setup_logging(config.log_dir, "train_logs.txt")
+    if context is None or context.is_main:
+        log = setup_logging(config.log_dir, "train_logs.txt")
+    else:  # the other processes: their warnings and errors on the console only
+        log = setup_logging(None, level=logging.WARNING, console_prefix=f"[rank {context.rank}] ")
     try:
         log.info("train.py %s", " ".join(sys.argv[1:] if argv is None else argv))
         try:
-            trainer = Trainer(config, seed=args.seed)
+            trainer = Trainer(config, seed=args.seed, context=context)
             trainer.make_batch_generator()
             trainer.make_model()
         except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
@@ -75,6 +83,7 @@ def main(argv=None) -> int:
             log.warning("interrupted; resume with --continue (from the last complete epoch)")
             return 130
     finally:
+        distributed.destroy_process_group()
         close_logging()
     return 0
 

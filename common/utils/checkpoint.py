@@ -11,7 +11,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -59,15 +59,19 @@ def _counts(state: Dict[str, torch.Tensor]):
     return (None if verts is None else verts.shape[0] // 3, None if dof is None else dof.shape[0])
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
+                    ckpt: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Load a snapshot (original layout included) into ``model``.
 
+    ``ckpt``: the snapshot already read from ``path`` by :func:`read_checkpoint` (a distributed run
+    reads it on one process and sends it to the others); ``path`` then only names it in errors.
     Returns the snapshot dict (``epoch``, ``optimizer`` … as saved).
     Raises:
         CheckpointError: unreadable file, or weights for another hand model (both counts given),
             or keys the model lacks / needs.
     """
-    ckpt = read_checkpoint(path)
+    if ckpt is None:
+        ckpt = read_checkpoint(path)
     state = clean_state_dict(ckpt["network"])
     ckpt_v, ckpt_j = _counts(state)
     if (ckpt_v, ckpt_j) != (model.vertex_num, model.joint_num) and None not in (ckpt_v, ckpt_j):

@@ -25,8 +25,13 @@ def parse_gpu_ids(text: Optional[str]) -> List[int]:
         raise ValueError(f"--gpu {text}: expected GPU ids like '0', '0,1' or '0-3'") from None
 
 
-def select_device(gpu_ids: Optional[str] = None) -> torch.device:
-    """The device to run on: the first of ``gpu_ids`` when CUDA is available, else the CPU (said once)."""
+def select_device(gpu_ids: Optional[str] = None, local_rank: Optional[int] = None,
+                  local_world_size: int = 1) -> torch.device:
+    """The device to run on: the first of ``gpu_ids`` when CUDA is available, else the CPU (said once).
+
+    In a ``torchrun`` launch (``local_rank`` given) each process takes its own GPU,
+    ``gpu_ids[local_rank]``; ``gpu_ids`` must name one per process of the machine.
+    """
     ids = parse_gpu_ids(gpu_ids)
     if not ids:
         log.info("device: cpu (no --gpu given)")
@@ -38,5 +43,11 @@ def select_device(gpu_ids: Optional[str] = None) -> torch.device:
     bad = [i for i in ids if i >= count]
     if bad:
         raise ValueError(f"--gpu {gpu_ids}: this machine has {count} GPU(s) (ids 0..{count - 1}), not {bad}")
-    log.info("device: cuda:%d (of %s)", ids[0], ids)
-    return torch.device("cuda", ids[0])
+    if local_rank is None:
+        log.info("device: cuda:%d (of %s)", ids[0], ids)
+        return torch.device("cuda", ids[0])
+    if len(ids) < local_world_size:
+        raise ValueError(f"--gpu {gpu_ids} names {len(ids)} GPU(s), but torchrun started {local_world_size} "
+                         f"processes on this machine: give one GPU per process (--nproc_per_node)")
+    log.info("device: cuda:%d (process %d of this machine)", ids[local_rank], local_rank)
+    return torch.device("cuda", ids[local_rank])
