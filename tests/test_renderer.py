@@ -437,13 +437,49 @@ def test_depth_gradient_matches_finite_differences():
             fd = ((plus - minus) * mask).sum() / (2 * h)
             assert abs(g[0, i, k] - fd) <= 0.01 * abs(fd) + 1e-2, (i, k, float(g[0, i, k]), float(fd))
 
-    # Through the near-plane clipper the gradient stays finite.  (It is not exact there:
-    # PyTorch3D's clip.py detaches one of the two cut-point weights; see the renderer's
-    # module docstring.)
-    v = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 320.0], [15.0, -20.0, -50.0]]],
-                     dtype=torch.float64, requires_grad=True)
-    DepthRenderer(faces, image_size=(H, W), near=20.0)(v, *cams).sum().backward()
-    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+    # A triangle cut by the near plane: the gradient is exact there too (the renderer's own
+    # plane-depth gradient; PyTorch3D's clipper detaches one of the cut-point weights).
+    v0 = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 320.0], [15.0, -20.0, -50.0]]], dtype=torch.float64)
+    clipping = DepthRenderer(faces, image_size=(H, W), near=20.0)
+    v = v0.clone().requires_grad_(True)
+    depth = clipping(v, *cams)
+    assert float(depth.detach()[depth > 0].min()) >= 20.0 - 1e-3  # nothing in front of the near plane
+    for i in range(3):
+        for k in range(3):
+            dv = torch.zeros_like(v0)
+            dv[0, i, k] = h
+            plus, minus = clipping(v0 + dv, *cams), clipping(v0 - dv, *cams)
+            mask = (depth > 0) & (plus > 0) & (minus > 0)
+            assert mask.sum() > 50
+            (g,) = torch.autograd.grad((depth * mask).sum(), v, retain_graph=True)
+            fd = ((plus - minus) * mask).sum() / (2 * h)
+            assert abs(g[0, i, k] - fd) <= 0.01 * abs(fd) + 1e-2, ("clipped", i, k, float(g[0, i, k]), float(fd))
+
+
+def test_own_gradient_equals_pytorch3d_gradient():
+    """forward's gradient (plane depth of the covering face) against PyTorch3D's backward (the
+    differentiable zbuf of ``rasterize``), on hand renders: equal to float32 rounding."""
+    from common.utils.default_hand import make_default_hand
+    hand = make_default_hand()
+    H, W = 32, 40
+    inputs = _hand_batch(np.asarray(hand.vertices, float), 2, 3, H, W, seed=2)
+    weight = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(1))
+    renderer = DepthRenderer(torch.as_tensor(hand.faces), (H, W))
+    v = inputs[0].clone().requires_grad_(True)
+    depth = renderer(v, *inputs[1:])
+    (depth * weight).sum().backward()
+    ours = v.grad
+    v = inputs[0].clone().requires_grad_(True)
+    face, zbuf = renderer.rasterize(v, *inputs[1:])
+    reference = torch.where(face[..., 0] >= 0, zbuf[..., 0], torch.zeros_like(zbuf[..., 0]))
+    assert torch.equal(depth.detach(), reference.detach())
+    (reference * weight).sum().backward()
+    assert ours.abs().max() > 1 and torch.equal(ours != 0, v.grad != 0)
+    assert (ours - v.grad).abs().max() <= 1e-3 * v.grad.abs().max()
+    # With a camera that needs a gradient, PyTorch3D's backward is used (and reaches the camera).
+    campos = inputs[2].clone().requires_grad_(True)
+    renderer(inputs[0], inputs[1], campos, *inputs[3:]).sum().backward()
+    assert campos.grad is not None and torch.isfinite(campos.grad).all()
 
 
 # ---------------------------------------------------------------- 6. errors

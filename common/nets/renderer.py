@@ -76,13 +76,18 @@ they would not cut the kernel's work, or would exceed ``_MAX_TILE_COPIES`` per f
 the batch (which bounds the memory, e.g. for a mesh mostly across the near plane), the
 views are rendered whole.  On CUDA PyTorch3D bins by itself and views are rendered whole.
 
-Gradients: PyTorch3D differentiates ``zbuf`` with respect to the covering
-face's three vertices (through the barycentrics, perspective correction
-included); pixels without a face get none, and there is no silhouette gradient.
-For faces cut by the near plane the gradient is finite but not exact:
-PyTorch3D 0.7.9's clipper (``clip.py``, ``_find_verts_intersecting_clipping_plane``)
-detaches the interpolation weight of one of the two cut points.  A hand that
-stays more than ``near`` in front of every camera never meets this.
+Gradients.  :meth:`DepthRenderer.forward` takes its values from PyTorch3D and its gradient
+from :func:`plane_depth`: the depth of a covered pixel written as a function of its face's
+three vertices (where the pixel's ray meets the face's plane), computed for all covered pixels
+at once and differentiated by autograd.  For a fixed covering face this is the function
+PyTorch3D's perspective-correct ``zbuf`` computes, so the gradient is the same; but PyTorch3D's
+CPU backward spends tensor bookkeeping on every pixel (about 30 µs each; 60 % of a
+``cpu_small.yaml`` training iteration went there), and this costs a few ms per batch.  It is
+also exact for faces cut by the near plane (the cut leaves the plane unchanged), where
+PyTorch3D 0.7.9's clipper (``clip.py``, ``_find_verts_intersecting_clipping_plane``) detaches
+the interpolation weight of one of the two cut points.  Pixels without a face get no gradient;
+there is no silhouette gradient.  When a camera tensor requires a gradient, or through
+:meth:`DepthRenderer.rasterize`, the gradient is PyTorch3D's.
 """
 from __future__ import annotations
 
@@ -106,7 +111,7 @@ _Z_GUARD = 1e-6
 # within this of zero.
 _P3D_EPS = 1e-8
 
-# Default tile size of the CPU path (pixels), chosen by measurement (renderer_bench).
+# Default tile size of the CPU path (pixels), chosen by measurement (main/bench.py renderer).
 DEFAULT_TILE_SIZE = 16
 
 # Slack (pixels) added around a face's screen box (plus this fraction of the coordinates'
@@ -338,9 +343,19 @@ class DepthRenderer(nn.Module):
             no face covers the pixel centre; dtype of ``vertices`` (the rasteriser
             itself works in float32).
         """
-        face, zbuf = self.rasterize(vertices, camrot, campos, focal, princpt, affine)
-        depth = zbuf[..., 0]
-        seen = (face[..., 0] >= 0) & (depth <= self.far)
+        cameras = (camrot, campos, focal, princpt, affine)
+        own_gradient = (torch.is_grad_enabled() and vertices.requires_grad
+                        and not any(t is not None and t.requires_grad for t in cameras))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not own_gradient):
+            face, zbuf = self.rasterize(vertices, *cameras)
+        face, depth = face[..., 0], zbuf[..., 0]
+        if own_gradient:
+            # The value stays PyTorch3D's; the gradient is that of the same depth written as a
+            # function of the covering face's vertices (see the module docstring).
+            plane = plane_depth(vertices, self.faces, face, *cameras)
+            depth = depth.to(plane.dtype).index_put(torch.nonzero(face >= 0, as_tuple=True),
+                                                    plane - plane.detach(), accumulate=True)
+        seen = (face >= 0) & (depth <= self.far)
         return torch.where(seen, depth, torch.zeros_like(depth)).to(vertices.dtype)
 
     def rasterize(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
@@ -548,6 +563,39 @@ class DepthRenderer(nn.Module):
         K = t.shape[-1]
         t = t.reshape(-1, nty, ntx, h, w, K).permute(0, 1, 3, 2, 4, 5).reshape(-1, nty * h, ntx * w, K)
         return t[:, :H, :W]
+
+
+def plane_depth(vertices: torch.Tensor, faces: torch.Tensor, face: torch.Tensor, camrot: torch.Tensor,
+                campos: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
+                affine: Optional[torch.Tensor]) -> torch.Tensor:
+    """Camera depth (mm) where each covered pixel's ray meets the plane of its face.
+
+    The ray of crop pixel ``(c, r)`` goes through the camera-pixel ``(u, v) = A⁻¹ (c, r)``, i.e.
+    along ``d = ((u − cx)/fx, (v − cy)/fy, 1)`` in camera space; the plane through the face's
+    camera-space vertices ``a, b, c`` with normal ``n = (b − a) × (c − a)`` meets it at
+    ``z = (n · a) / (n · d)``. This is the depth PyTorch3D's perspective-correct ``zbuf`` holds
+    (also for a face cut by the near plane: the cut keeps the plane), as a differentiable
+    function of the vertices.
+
+    Args:
+        vertices: ``[B, V, 3]`` world mm; faces: ``[F, 3]``.
+        face: ``[B, N, H, W]`` covering face per pixel, −1 for none.
+        camrot, campos, focal, princpt, affine: as :meth:`DepthRenderer.forward`.
+    Returns:
+        ``[P]`` depths of the covered pixels, in the order of ``torch.nonzero(face >= 0)``.
+    """
+    b, n, r, c = torch.nonzero(face >= 0, as_tuple=True)
+    dtype = vertices.dtype
+    corners = vertices[b[:, None], faces[face[b, n, r, c]]]                      # [P, 3, 3] world
+    rot = camrot[b, n].to(dtype)
+    xc = ((corners - campos[b, n].to(dtype)[:, None])[:, :, None, :] * rot[:, None]).sum(-1)  # [P, 3, 3]
+    uv = torch.stack((c, r), -1).to(dtype)
+    if affine is not None:
+        lin, shift = affine[b, n, :, :2].to(dtype), affine[b, n, :, 2].to(dtype)
+        uv = torch.linalg.solve(lin, uv - shift)
+    ray = torch.cat(((uv - princpt[b, n].to(dtype)) / focal[b, n].to(dtype), torch.ones_like(uv[:, :1])), -1)
+    normal = torch.linalg.cross(xc[:, 1] - xc[:, 0], xc[:, 2] - xc[:, 0])
+    return (normal * xc[:, 0]).sum(-1) / (normal * ray).sum(-1)
 
 
 def _covers_a_pixel_centre(u: torch.Tensor, v: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor,
