@@ -1,9 +1,11 @@
-"""Plain loop references written straight from DESIGN §3, as the original computes them:
+"""Plain loop references written straight from DESIGN §3 and §4, as the original computes them:
 per sample, forward kinematics down the tree with 4x4 products, and LBS as a sum over joints of
-weight × transformed vertices (batched over samples). They are the yardstick of the tests and of
-``main/bench.py``; they are deliberately simple, not fast."""
+weight × transformed vertices (batched over samples); the penetration loss with Python loops over
+bone points, bone pairs and samples; the Laplacian loss with a dense ``[V, V]`` matrix. They are
+the yardstick of the tests and of ``main/bench.py``; they are deliberately simple, not fast."""
 import math
 
+import numpy as np
 import torch
 
 from common.utils.kinematics import euler_to_matrix, to_homogeneous
@@ -106,3 +108,136 @@ def decode_loop_model(model, euler):
     mesh = sum(w[:, :, j, None] * torch.bmm(trans[j], v1.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
                for j in range(J))
     return torch.stack(joint_out), mesh
+
+
+# --------------------------------------------------------------------------- losses, as the original
+def _bone_paths(children, root):
+    """Root-to-leaf joint paths, depth first."""
+    paths = []
+
+    def walk(joint, path):
+        path = path + [joint]
+        if not children[joint]:
+            paths.append(path)
+        for child in children[joint]:
+            walk(child, path)
+
+    walk(root, [])
+    return paths
+
+
+def penet_loss_loop(hand_model, template_pose, rest_mesh, joint_out, mesh_out, step=0.1,
+                    rigid_weight=1.0, non_rigid_weight=5.0):
+    """DESIGN §4's penetration loss the way the original computes it, in torch: the radius of every
+    bone point found one point at a time (batched over samples), every bone pair in a Python loop,
+    every (non-rigid joint, path) pair in a loop with the collision search one sample at a time.
+
+    Args:
+        template_pose: ``[J, 4, 4]`` refined rest poses (mm).
+        rest_mesh: ``[B, V, 3]`` rest mesh with correctives (mm).
+        joint_out: ``[B, J, 3]`` posed joints; mesh_out: ``[B, V, 3]`` posed mesh (mm).
+    Returns:
+        ``[B]`` loss (mm). A non-rigid joint without segmented vertices counts, and contributes 0.
+    """
+    children, root = hand_model.children, hand_model.root_index
+    names = hand_model.joint_names
+    segmentation = torch.as_tensor(hand_model.segmentation, device=mesh_out.device)
+    B = joint_out.shape[0]
+    starts, ends, ts, radii = [], [], [], []
+
+    def add_point(start, end, t):
+        starts.append(start), ends.append(end), ts.append(float(t))
+        position = template_pose[start, :3, 3] + (template_pose[end, :3, 3] - template_pose[start, :3, 3]) * t
+        radii.append(torch.sqrt(((rest_mesh - position) ** 2).sum(2)).min(1)[0])  # [B]
+
+    def make_bone(joint):
+        if not children[joint]:
+            add_point(joint, joint, 0.0)
+        for child in children[joint]:
+            for t in torch.arange(0, 1, step, dtype=torch.float64).tolist():
+                add_point(joint, child, t)
+            make_bone(child)
+
+    make_bone(root)
+    starts_t, ends_t = torch.tensor(starts), torch.tensor(ends)
+    t = torch.tensor(ts, dtype=joint_out.dtype, device=joint_out.device)
+    radii = torch.stack(radii)  # [P, B]
+    points = joint_out[:, starts_t] + (joint_out[:, ends_t] - joint_out[:, starts_t]) * t[None, :, None]
+
+    def bone_mask(start, end):
+        return (starts_t == start) & (ends_t == end)
+
+    paths = _bone_paths(children, root)
+    bones = [(p[i], p[i + 1]) for p in paths for i in range(len(p) - 1)]
+    rigid, rigid_count = 0, 0
+    for i in range(len(bones) - 1):
+        for j in range(i + 1, len(bones)):
+            (s1, e1), (s2, e2) = bones[i], bones[j]
+            if s1 == s2 or s1 == e2 or e1 == s2:
+                continue
+            m1, m2 = bone_mask(s1, e1), bone_mask(s2, e2)
+            p1, p2 = points[:, m1], points[:, m2]
+            dist = torch.sqrt(((p1[:, :, None] - p2[:, None]) ** 2).sum(3))
+            reach = radii[m1].T[:, :, None] + radii[m2].T[:, None]
+            rigid = rigid + torch.clamp(reach - dist, min=0).mean((1, 2))
+            rigid_count += 1
+
+    non_rigid, non_rigid_count = 0, 0
+    for joint in hand_model.non_rigid_joint_indices:
+        skin = mesh_out[:, segmentation == joint]
+        for path in paths:
+            start, end = path[-2], path[-1]
+            if "thumb" in names[start].lower() or "thumb" in names[end].lower():
+                continue
+            non_rigid_count += 1
+            if skin.shape[1] == 0:
+                continue
+            mask = bone_mask(start, end)
+            bone = points[:, mask]
+            dist = torch.sqrt(((skin[:, :, None] - bone[:, None]) ** 2).sum(3)).min(1)[0]  # [B, n]
+            reach = radii[mask].T
+            per_sample = []
+            for b in range(B):
+                hits = torch.nonzero(dist[b] < reach[b])
+                if len(hits):
+                    first = int(hits.min())
+                    per_sample.append(torch.abs((dist[b, first:] - reach[b, first:]).mean()))
+                else:
+                    per_sample.append(dist.new_zeros(()))
+            non_rigid = non_rigid + torch.stack(per_sample)
+    zero = joint_out.new_zeros(B)
+    rigid = rigid / rigid_count if rigid_count else zero
+    non_rigid = non_rigid / non_rigid_count if non_rigid_count else zero
+    return rigid_weight * rigid + non_rigid_weight * non_rigid
+
+
+def dense_laplacian_original(faces, vertex_num, dtype=np.float32):
+    """The original's dense ``[V, V]`` uniform Laplacian (rows divided by degree + 1e-8)."""
+    faces = np.asarray(faces)
+    lap = np.zeros((vertex_num, vertex_num), dtype=dtype)
+    for a, b in ((0, 1), (1, 0), (1, 2), (2, 1), (2, 0), (0, 2)):
+        lap[faces[:, a], faces[:, b]] = -1
+    rows = np.arange(vertex_num)
+    lap[rows, rows] = 0  # a degenerate face's edge to itself is not a neighbour
+    lap[rows, rows] = -lap.sum(1)
+    for i in range(vertex_num):
+        lap[i, :] /= lap[i, i] + 1e-8
+    return torch.from_numpy(lap)
+
+
+def laplacian_loss_dense(laplacian, vertices):
+    """The original's Laplacian loss: a dense ``[V, V]`` product per sample. ``vertices [B, V, 3]`` → ``[B, V]``."""
+    lap = torch.cat([torch.matmul(laplacian, vertices[b])[None] for b in range(vertices.shape[0])], 0)
+    return lap.pow(2).sum(2)
+
+
+def grid_mesh(rows, cols, spacing=3.0, plane=(0.2, -0.1, 5.0)):
+    """A regular grid in the plane ``z = a·x + b·y + c`` (mm), every cell split along the same diagonal."""
+    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                          indexing="ij")
+    x, y = x.reshape(-1) * spacing, y.reshape(-1) * spacing
+    verts = torch.stack([x, y, plane[0] * x + plane[1] * y + plane[2]], dim=1)
+    ids = torch.arange(rows * cols).view(rows, cols)
+    a, b, c, d = ids[:-1, :-1].reshape(-1), ids[:-1, 1:].reshape(-1), ids[1:, :-1].reshape(-1), ids[1:, 1:].reshape(-1)
+    faces = torch.cat([torch.stack([a, b, d], 1), torch.stack([a, d, c], 1)])
+    return verts, faces

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, uniform_laplacian
+from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, nearest_vertex, uniform_laplacian
 from common.utils.kinematics import euler_to_matrix, pose_hand, to_homogeneous
 from main.model import get_model
+from tests.reference import dense_laplacian_original, grid_mesh, laplacian_loss_dense, penet_loss_loop
 
 
 def rel_err(ours, ref):
@@ -289,6 +290,44 @@ def test_penetration_matches_loop_reference(any_hand, small_cfg):
     assert rel_err(other_loss(template, rest, joints, mesh).detach(), ref) < 1e-5
 
 
+def test_penetration_equals_the_originals_loop_structure(any_hand, small_cfg):
+    """The benchmark's yardstick (the original's loops, in torch) computes the same loss."""
+    template, rest, joints, mesh = penet_inputs(any_hand, small_cfg, batch=3, seed=4)
+    ours = PenetLoss.from_hand_model(any_hand)(template, rest, joints, mesh)
+    loop = penet_loss_loop(any_hand, template, rest, joints, mesh)
+    assert loop.shape == (3,) and bool((loop > 0).all())
+    assert rel_err(ours, loop) < 1e-6
+
+
+@pytest.mark.parametrize("spread_mm", [0.0, 3.0, 12.0, 300.0])
+def test_point_radii_equal_a_full_search(default_hand, small_cfg, spread_mm):
+    """The radii search narrows the vertices with the batch's mean mesh (module notes); with
+    pose correctives of any spread — none, a few mm, large, absurd (the full-search fallback) —
+    every radius equals the nearest distance over all vertices."""
+    template, rest, _, _ = penet_inputs(default_hand, small_cfg, batch=4, seed=8)
+    g = torch.Generator().manual_seed(3)
+    rest = (rest + torch.randn(rest.shape, generator=g, dtype=rest.dtype) * spread_mm / 3).float()
+    loss = PenetLoss.from_hand_model(default_hand)
+    points = loss.bone_points(template.float())
+    full = torch.cdist(points[None].expand(4, -1, -1).double(), rest.double()).amin(dim=2)
+    radii = loss.point_radii(template.float(), rest)
+    assert radii.shape == (4, loss.point_num)
+    assert float((radii.double() - full).abs().max()) < 1e-4
+
+
+def test_nearest_vertex_is_the_exact_argmin_with_ties():
+    g = torch.Generator().manual_seed(5)
+    vertices = torch.randn(3, 500, 3, generator=g) * 40 + 100  # mm, far from the origin
+    vertices[:, 250] = vertices[:, 17]  # an exact tie: the lower index wins, as argmin's
+    points = vertices[:, [17, 3, 499]] + torch.randn(3, 3, 3, generator=g) * 1e-3
+    points = torch.cat([points, torch.randn(3, 20, 3, generator=g) * 40 + 100], dim=1)
+    points[:, 0] = vertices[:, 17]
+    ours = nearest_vertex(points, vertices)
+    exact = torch.cdist(points.double(), vertices.double()).argmin(dim=2)
+    assert torch.equal(ours, exact)
+    assert bool((ours[:, 0] == 17).all())
+
+
 def test_penetration_float32_model_outputs(default_hand, small_cfg):
     # The training dtype: finite, and close to the float64 numbers.
     template, rest, joints, mesh = penet_inputs(default_hand, small_cfg, batch=2, seed=3)
@@ -387,18 +426,6 @@ def test_penetration_joint_without_vertices(default_hand, small_cfg):
 
 
 # ------------------------------------------------------------------------ Laplacian
-def grid_mesh(rows, cols, spacing=3.0, plane=(0.2, -0.1, 5.0)):
-    """A regular grid in the plane ``z = a·x + b·y + c`` (mm), every cell split along the same diagonal."""
-    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                          indexing="ij")
-    x, y = x.reshape(-1) * spacing, y.reshape(-1) * spacing
-    verts = torch.stack([x, y, plane[0] * x + plane[1] * y + plane[2]], dim=1)
-    ids = torch.arange(rows * cols).view(rows, cols)
-    a, b, c, d = ids[:-1, :-1].reshape(-1), ids[:-1, 1:].reshape(-1), ids[1:, :-1].reshape(-1), ids[1:, 1:].reshape(-1)
-    faces = torch.cat([torch.stack([a, b, d], 1), torch.stack([a, d, c], 1)])
-    return verts, faces
-
-
 def test_laplacian_matches_dense_loop_reference(any_hand):
     euler = random_euler(any_hand, 2, seed=5, curl=False).double()
     _, verts = pose_hand(any_hand, euler)
@@ -414,6 +441,19 @@ def test_laplacian_matches_dense_loop_reference(any_hand):
     loss32 = LaplacianLoss.from_hand_model(any_hand)
     assert loss32.laplacian.dtype == torch.float32 and loss32.laplacian.layout == torch.sparse_coo
     assert rel_err(loss32(verts.detach().float()), ref) < 1e-3
+
+
+def test_laplacian_equals_the_originals_dense_matrix(any_hand):
+    """The benchmark's yardstick: the original's dense matrix (float32, degree + 1e-8) and its
+    per-sample products give the sparse loss's numbers."""
+    dense = dense_laplacian_original(any_hand.faces, any_hand.vertex_num)
+    sparse = uniform_laplacian(any_hand.faces, any_hand.vertex_num).to_dense()
+    assert dense.dtype == torch.float32 and dense.shape == sparse.shape
+    assert float((dense - sparse).abs().max()) < 1e-6
+    _, verts = pose_hand(any_hand, random_euler(any_hand, 2, seed=6, curl=False))
+    verts = verts.float()
+    ours = LaplacianLoss.from_hand_model(any_hand)(verts)
+    assert rel_err(ours, laplacian_loss_dense(dense, verts)) < 1e-3
 
 
 def test_laplacian_flat_grid_interior_is_zero():

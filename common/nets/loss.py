@@ -19,6 +19,7 @@ correctives, ``Model.pose(...)['rest_mesh']``.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -105,6 +106,36 @@ def _children(parents: Sequence[int]) -> List[List[int]]:
         if p >= 0:
             kids[p].append(j)
     return kids
+
+
+@torch.no_grad()
+def nearest_vertex(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
+    """``[B, Q]`` index of each point's nearest vertex, decided on exact distances.
+
+    The search runs on matrix-product squared distances (one batched GEMM), which in float32 are
+    off by ~1e-3 mm² at hand coordinates: too coarse to decide a near tie, so every vertex within
+    a bound of that error of the best is re-measured exactly (``‖p − v‖``, usually one or two per
+    point) and the nearest of those wins, the lowest index on an exact tie, as ``argmin`` does.
+
+    Args:
+        points: ``[B, Q, 3]`` (mm).
+        vertices: ``[B, V, 3]`` (mm), ``V ≥ 1``.
+    """
+    B, Q, _ = points.shape
+    V = vertices.shape[1]
+    centre = vertices.mean(dim=1, keepdim=True)
+    p, v = points - centre, vertices - centre
+    p_sq, v_sq = p.square().sum(-1), v.square().sum(-1)
+    sq = torch.baddbmm(p_sq[:, :, None] + v_sq[:, None, :], p, v.transpose(1, 2), alpha=-2)  # [B, Q, V]
+    error = 16 * torch.finfo(sq.dtype).eps * (p_sq.amax() + v_sq.amax())
+    candidate = sq <= sq.amin(dim=-1, keepdim=True) + error
+    b, q, k = torch.nonzero(candidate, as_tuple=True)
+    exact = torch.linalg.vector_norm(points[b, q] - vertices[b, k], dim=-1)
+    group = b * Q + q
+    best = exact.new_full((B * Q,), math.inf).scatter_reduce(0, group, exact, "amin")
+    winner = exact == best[group]
+    index = k.new_full((B * Q,), V).scatter_reduce(0, group[winner], k[winner], "amin")
+    return index.view(B, Q)
 
 
 class PenetLoss(nn.Module):
@@ -296,20 +327,57 @@ class PenetLoss(nn.Module):
         if rest_mesh.dim() != 3 or rest_mesh.shape[-1] != 3:
             raise ValueError(f"rest_mesh: expected [B, V, 3] (mm), got {_shape(rest_mesh)}")
         points = self.bone_points(template_pose.to(rest_mesh.dtype))
+        B = rest_mesh.shape[0]
+        if points.dim() == 2 and B > 1:
+            pairs = self._nearest_candidates(points, rest_mesh)
+            if pairs is not None:
+                point_ids, vertex_ids = pairs
+                dist = torch.linalg.vector_norm(rest_mesh[:, vertex_ids] - points[point_ids], dim=-1)  # [B, N]
+                radii = dist.new_full((B, points.shape[0]), math.inf)
+                return radii.scatter_reduce(1, point_ids.expand(B, -1), dist, "amin")
         if points.dim() == 2:
             points = points[None]
-        points = points.expand(rest_mesh.shape[0], -1, -1)
+        points = points.expand(B, -1, -1)
         # The matrix-product form of cdist loses digits on mm coordinates (see non_rigid_term).
         dist = torch.cdist(points, rest_mesh, compute_mode="donot_use_mm_for_euclid_dist")
         return dist.amin(dim=2)
+
+    @staticmethod
+    def _nearest_candidates(points: torch.Tensor, rest_mesh: torch.Tensor):
+        """``(point_ids [N], vertex_ids [N])``: pairs that contain, for every sample, each point's
+        nearest vertex; None when that would be no saving.
+
+        The bone points are the same for every sample (one template skeleton) and the samples'
+        rest meshes differ only by their pose correctives, a few mm. With ``ref`` the batch's mean
+        mesh and ``shift_v`` the largest distance of vertex ``v`` from it over the batch,
+        ``|d_b(p, v) − d_ref(p, v)| ≤ shift_v``; so vertex ``v`` can be the nearest in some sample
+        only if ``d_ref(p, v) − shift_v ≤ min_u (d_ref(p, u) + shift_u)``. One ``[P, V]`` search
+        on ``ref`` then leaves a few vertices per point for the exact per-sample distances.
+        """
+        centre = rest_mesh.mean(dim=(0, 1))
+        ref = rest_mesh.mean(dim=0) - centre  # [V, 3], centred: matrix-product distances keep their digits
+        shift = (rest_mesh - centre - ref).square().sum(dim=-1).amax(dim=0).sqrt()  # [V]
+        # Matrix-product distances are off by ~1e-3 mm in float32 at hand sizes; the slack covers
+        # that many times over (it only admits more candidates).
+        d_ref = torch.cdist((points - centre)[None], ref[None])[0]  # [P, V]
+        lower = d_ref - shift
+        candidate = lower <= (d_ref + shift).amin(dim=1, keepdim=True) + 0.05
+        point_ids, vertex_ids = torch.nonzero(candidate, as_tuple=True)
+        if point_ids.numel() * 4 > candidate.numel():
+            return None
+        return point_ids, vertex_ids
 
     def rigid_term(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """``[B]`` mean sphere overlap (mm) of the disjoint bone pairs; ``points [B, P, 3]``, ``radii [B, P]``."""
         if self.pair_points_first.shape[0] == 0:
             return points.new_zeros(points.shape[0])
-        p1 = points[:, self.pair_points_first]  # [B, Q, n, 3]
-        p2 = points[:, self.pair_points_second]
-        dist = torch.linalg.vector_norm(p1[:, :, :, None] - p2[:, :, None], dim=-1)  # [B, Q, n, n]
+        # Coordinates first ([3, B, Q, n]): the squared distance is then three elementwise
+        # products of contiguous [B, Q, n, n] arrays, half the time of a norm over a trailing
+        # axis of 3. The clamp keeps the gradient of a zero distance 0 (not NaN), as a norm's.
+        coords = points.movedim(-1, 0)
+        diff = coords[:, :, self.pair_points_first][..., None] - coords[:, :, self.pair_points_second][..., None, :]
+        squared = diff[0].square() + diff[1].square() + diff[2].square()  # [B, Q, n, n]
+        dist = squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
         reach = radii[:, self.pair_points_first][..., None] + radii[:, self.pair_points_second][:, :, None]
         return (reach - dist).clamp(min=0).mean(dim=(2, 3)).mean(dim=1)
 
@@ -329,10 +397,7 @@ class PenetLoss(nn.Module):
             skin = mesh_out[:, self.non_rigid_vertices[lo:hi]]  # [B, Vk, 3]
             # Search without autograd, then differentiate only the distance to the nearest vertex:
             # the same gradient as a min over all distances, without a [B, L·n, Vk] backward.
-            # Exact differences (not cdist's matrix-product form): the distances are compared
-            # with radii of a few mm at coordinates of ~100 mm.
-            with torch.no_grad():
-                nearest = torch.cdist(tips, skin, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=2)
+            nearest = nearest_vertex(tips.detach(), skin.detach())
             near = torch.gather(skin, 1, nearest[..., None].expand(-1, -1, 3))
             dist = torch.linalg.vector_norm(tips - near, dim=-1).view(B, L, n)
             # Points from the first collision on (a bone runs parent → child, towards the tip).
