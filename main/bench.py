@@ -1,19 +1,27 @@
-"""Speed measurements, kept out of the test suite's pass/fail.
+"""Speed and memory measurements, kept out of the test suite's pass/fail (figures: BENCHMARKS.md).
 
-    python main/bench.py decode [--batch 1 64] [--hands default makehuman] [--repeats 20]
-    python main/bench.py renderer [--sizes 64 128 256] [--views 6] [--hands default]
+    python main/bench.py decode [--batch 1 64 1024] [--hands default makehuman]
+    python main/bench.py losses [--batch 8] [--hands default makehuman]
+    python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--tile-sizes 0 16]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
+    python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
+    python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
 
-Each prints the median of repeated runs with the sizes it used. ``decode`` compares
-``Model.decode`` with the plain loop reference (the original's approach: per-sample FK in Python,
-LBS summed over joints); ``renderer`` times the depth renderer per view; ``data`` times the data
-loader on a data set in the released layout (e.g. one made by ``data/make_synthetic.py``).
+Each prints the median of repeated runs with the sizes it used and the machine. ``decode``
+compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
+in Python, LBS summed over joints); ``losses`` the penetration and Laplacian losses with the
+original's loops and dense matrix; ``renderer`` times the depth renderer per view against image
+size and face count; ``data`` the data loader; ``train`` takes a training iteration apart (one
+process, or each process of a ``torchrun`` launch); ``scaling`` runs ``train`` under ``torchrun``
+with 1, 2, … processes and compares samples/s. The references are in ``tests/reference.py``.
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,77 +32,54 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from common.utils.hand_model import load_hand_model  # noqa: E402
-from main.config import cfg  # noqa: E402
-from main.model import get_model  # noqa: E402
+from common.bench.timing import load_hands, machine_description, median_seconds  # noqa: E402
 
-MAKEHUMAN = ROOT.parent / "shared" / "hand_models" / "makehuman_right"
-
-
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def load_hands(names):
-    hands = []
-    for name in names:
-        if name == "default":
-            from common.utils.default_hand import make_default_hand
-
-            hands.append(("default", make_default_hand()))
-        elif name == "makehuman":
-            if not MAKEHUMAN.is_dir():
-                print(f"skipping makehuman: {MAKEHUMAN} not found")
-                continue
-            hands.append(("makehuman", load_hand_model(MAKEHUMAN)))
-        else:
-            hands.append((Path(name).name, load_hand_model(name)))
-    return hands
+JSON_TAG = "BENCH_JSON "
 
 
 def bench_decode(args) -> None:
+    from main.config import cfg
+    from main.model import get_model
     from tests.reference import decode_loop_model
 
-    print(f"decode on the CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}; median of {args.repeats} runs")
+    print(f"decode: {machine_description()}; median of {args.repeats} runs (loop: fewer at large batches)")
     print(f"{'hand':<10} {'V':>5} {'batch':>5} | {'ours ms':>8} {'meshes/s':>9} | "
           f"{'loop ms':>8} {'meshes/s':>9} | {'speed-up':>8}")
     for name, hand in load_hands(args.hands):
         model = get_model("test", hand, cfg).eval()
         for batch in args.batch:
             euler = (torch.rand(batch, hand.joint_num, 3) - 0.5) * torch.from_numpy(hand.dof_mask)
+            loop_repeats = max(3, args.repeats * 4 // max(4, batch))
             with torch.no_grad():
                 ours = median_seconds(lambda: model.decode(euler), args.repeats)
-                loop = median_seconds(lambda: decode_loop_model(model, euler), max(3, args.repeats // 4))
+                loop = median_seconds(lambda: decode_loop_model(model, euler), loop_repeats, warmup=1)
             print(f"{name:<10} {hand.vertex_num:>5} {batch:>5} | {ours * 1e3:>8.2f} {batch / ours:>9.0f} | "
                   f"{loop * 1e3:>8.2f} {batch / loop:>9.0f} | {loop / ours:>7.1f}x")
 
 
-def bench_renderer(args) -> None:
-    from common.nets.renderer_bench import time_renderer
+def bench_losses(args) -> None:
+    from common.bench import losses
 
-    print(f"depth renderer on the CPU, {torch.get_num_threads()} threads; B=1 sample x {args.views} views "
-          f"in one call; median of {args.repeats} runs")
-    print(f"{'hand':<10} {'faces':>6} {'size':>9} | {'ms/view':>8} {'ms/call':>8} | {'+backward ms/view':>17}")
+    print(f"losses: {machine_description()}")
+    losses.run(load_hands(args.hands), args.batch, args.repeats)
+
+
+def bench_renderer(args) -> None:
+    from common.bench.renderer import compare_tilings, subdivide
+
+    hands = []
     for name, hand in load_hands(args.hands):
-        forward = time_renderer(hand, sizes=args.sizes, views=args.views, repeats=args.repeats)
-        both = time_renderer(hand, sizes=args.sizes, views=args.views, repeats=args.repeats, backward=True)
-        for f, b in zip(forward, both):
-            print(f"{name:<10} {f['faces']:>6} {f['size']:>4}x{f['size']:<4} | {f['ms_per_view']:>8.1f} "
-                  f"{f['ms_per_call']:>8.1f} | {b['ms_per_view']:>17.1f}")
+        for times in args.subdivide:
+            label = name if times == 0 else f"{name}/{4 ** times}"
+            hands.append((label, hand if times == 0 else subdivide(hand.vertices, hand.faces, times)))
+    print(f"renderer: {machine_description()}  ('/4': each face split in four, same surface)")
+    compare_tilings(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, tile_sizes=args.tile_sizes)
 
 
 def bench_data(args) -> None:
     from torch.utils.data import DataLoader
 
-    from common.utils.hand_model import is_hand_model_folder
+    from common.utils.hand_model import is_hand_model_folder, load_hand_model
     from common.utils.hand_model_source import resolve_hand_model
     from data.dataset import DeepHandMeshDataset
 
@@ -106,7 +91,8 @@ def bench_data(args) -> None:
                                   render_view_num=args.views, seed=0)
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                         persistent_workers=args.workers > 0, drop_last=True)
-    print(f"data loader: {len(dataset)} samples in {data}, batch {args.batch}, {args.workers} workers, "
+    print(f"data loader: {machine_description()}")
+    print(f"{len(dataset)} samples in {data}, batch {args.batch}, {args.workers} workers, "
           f"crops {args.size}x{args.size}, {args.views} target views; median of {args.repeats} epochs")
     rates = []
     for _ in range(args.repeats + 1):  # the first epoch starts the workers
@@ -117,21 +103,112 @@ def bench_data(args) -> None:
     print(f"samples/s: {statistics.median(rates[1:]):.1f} (first epoch, with worker start-up: {rates[0]:.1f})")
 
 
+def bench_train(args) -> int:
+    import logging
+
+    from common.base import Trainer, config_from_args
+    from common.bench.iteration import format_profile, profile_iterations
+    from common.logger import close_logging, setup_logging
+    from common.utils import distributed
+
+    from common.utils.checkpoint import CheckpointError
+    from common.utils.hand_model import HandModelError
+    from main.config import ConfigError
+
+    try:
+        config = config_from_args(args)
+        context = distributed.context_from_env()
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(None, level=logging.WARNING)
+    try:
+        try:
+            trainer = Trainer(config, seed=0, context=context)
+            trainer.make_batch_generator()
+            trainer.make_model()
+        except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        result = profile_iterations(trainer, args.iterations, args.warmup)
+        if trainer.is_main:
+            title = (f"training iteration: {machine_description()}\n"
+                     f"ResNet-{config.resnet_type}, input {tuple(config.input_img_shape)}, "
+                     f"{config.render_view_num} views of {tuple(config.rendered_img_shape)}, "
+                     f"{trainer.hand_model.vertex_num} vertices / {len(trainer.hand_model.faces)} faces, "
+                     f"batch {trainer.batch_size} per process, {trainer.world_size} process(es), "
+                     f"{args.iterations} iterations after {args.warmup} (median)")
+            print(format_profile(result, title))
+            if args.json:
+                print(JSON_TAG + json.dumps(result))
+    finally:
+        distributed.destroy_process_group()
+        close_logging()
+    return 0
+
+
+def bench_scaling(args) -> int:
+    cores = len(os.sched_getaffinity(0))
+    forwarded = ["--iterations", str(args.iterations), "--warmup", str(args.warmup), "--json"]
+    if args.cfg_file:
+        forwarded += ["--cfg", args.cfg_file]
+    if args.data_dir:
+        forwarded += ["--data_dir", str(Path(args.data_dir).resolve())]
+    for item in args.assignments:
+        forwarded += ["--set", item]
+    print(f"scaling: {machine_description()}; torchrun, gloo, each process "
+          f"{{cores / processes}} torch threads")
+    results = []
+    for procs in args.procs:
+        threads = max(1, cores // procs)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                   str(ROOT / "main" / "bench.py"), "train"] + forwarded
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(JSON_TAG)]
+        if done.returncode != 0 or not lines:
+            print(f"{procs} process(es) failed (exit code {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}",
+                  file=sys.stderr)
+            return 1
+        result = json.loads(lines[-1][len(JSON_TAG):])
+        results.append((procs, threads, result))
+    base = results[0][2]["samples_per_s"]
+    print(f"{'processes':>9} {'threads each':>12} {'global batch':>12} | {'iteration ms':>12} "
+          f"{'samples/s':>9} {'vs first':>8}")
+    for procs, threads, r in results:
+        print(f"{procs:>9} {threads:>12} {r['global_batch']:>12} | {r['stages_ms']['iteration']:>12.1f} "
+              f"{r['samples_per_s']:>9.2f} {r['samples_per_s'] / base:>7.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
+    from common.base import add_config_args
+    from common.nets.renderer import DEFAULT_TILE_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
+    hands_help = "'default', 'makehuman' (../shared/hand_models/makehuman_right) or hand-model folders"
+
     p = sub.add_parser("decode", help="meshes per second of model.decode against the loop reference")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--hands", nargs="+", default=["default", "makehuman"],
-                   help="'default', 'makehuman' or hand-model folders")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 1024])
+    p.add_argument("--hands", nargs="+", default=["default", "makehuman"], help=hands_help)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p = sub.add_parser("renderer", help="depth renderer time per view against image size")
+
+    p = sub.add_parser("losses", help="penetration and Laplacian losses against the original's loops and dense matrix")
+    p.add_argument("--batch", type=int, nargs="+", default=[8])
+    p.add_argument("--hands", nargs="+", default=["default", "makehuman"], help=hands_help)
+    p.add_argument("--repeats", type=int, default=20)
+
+    p = sub.add_parser("renderer", help="depth renderer time per view against image size and face count")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--views", type=int, default=6)
-    p.add_argument("--hands", nargs="+", default=["default"])
+    p.add_argument("--hands", nargs="+", default=["default"], help=hands_help)
+    p.add_argument("--subdivide", type=int, nargs="+", default=[0],
+                   help="also each hand with every face split in four this many times (0: as is)")
+    p.add_argument("--tile-sizes", dest="tile_sizes", type=int, nargs="+", default=[DEFAULT_TILE_SIZE],
+                   help=f"the renderer's CPU tile sizes to compare (0: untiled; default {DEFAULT_TILE_SIZE})")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
     p = sub.add_parser("data", help="data-loader samples per second")
     p.add_argument("--data", required=True, help="data folder in the released layout")
     p.add_argument("--workers", type=int, default=2)
@@ -139,13 +216,31 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="input and depth-map crop size")
     p.add_argument("--views", type=int, default=6, help="target views per sample")
     p.add_argument("--repeats", type=int, default=3, help="epochs timed")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+    for name, text in (("train", "a training iteration taken apart (works under torchrun)"),
+                       ("scaling", "samples/s of torchrun (gloo) with 1, 2, ... processes")):
+        p = sub.add_parser(name, help=text)
+        add_config_args(p)
+        p.add_argument("--iterations", type=int, default=10, help="iterations timed")
+        p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+        if name == "train":
+            p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+        else:
+            p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+
+    for p in sub.choices.values():
+        if p.prog.split()[-1] not in ("train", "scaling"):
+            p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    for name in ("repeats", "iterations"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be at least 1")
     torch.manual_seed(0)
-    {"decode": bench_decode, "renderer": bench_renderer, "data": bench_data}[args.what](args)
-    return 0
+    run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "data": bench_data,
+           "train": bench_train, "scaling": bench_scaling}[args.what]
+    return run(args) or 0
 
 
 if __name__ == "__main__":

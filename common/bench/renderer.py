@@ -1,25 +1,23 @@
-"""Timing of :class:`common.nets.renderer.DepthRenderer` (not a test).
+"""Timing of :class:`common.nets.renderer.DepthRenderer`.
 
-Renders a hand template seen by ``views`` cameras placed around it (as the
-training loop does: B = 1 sample, N views, one rasteriser call), each view
-cropped to its bounding box and warped to ``size × size``, and reports the
-median time of ``repeats`` forward calls, with the renderer's CPU tiling or
-another ``tile_size`` (0: untiled).  Untiled and tiled side by side, from the
-repository's root::
-
-    python -m common.nets.renderer_bench --hands default makehuman --sizes 64 128 256 --tile-sizes 0 16
+Renders a hand template seen by ``views`` cameras placed around it (as the training loop does:
+B = 1 sample, N views, one rasteriser call), each view cropped to its bounding box and warped to
+``size × size``, and reports the median time of ``repeats`` calls, with the renderer's CPU tiling
+or another ``tile_size`` (0: untiled). Face count is varied with :func:`subdivide`. Run through
+``python main/bench.py renderer``.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
+from common.nets.renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
 # The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
 _IMG_H, _IMG_W = 512, 334
@@ -69,6 +67,29 @@ def ring_cameras(vertices: np.ndarray, views: int, size: int, distance: float = 
     affine = torch.stack([torch.stack([sx, zero, -0.5 - sx * x0], -1),
                           torch.stack([zero, sy, -0.5 - sy * y0], -1)], -2)[None]
     return camrot, campos, focal, princpt, affine
+
+
+def subdivide(vertices, faces, times: int = 1) -> SimpleNamespace:
+    """Midpoint subdivision, ``times`` times: every triangle becomes four (4× the faces), the new
+    vertices at the edges' midpoints, so the surface and its image stay the same.
+
+    Args:
+        vertices: ``[V, 3]`` (mm); faces: ``[F, 3]`` vertex indices.
+    Returns:
+        an object with ``.vertices [V', 3]`` and ``.faces [4^times · F, 3]``, as
+        :func:`time_renderer` takes.
+    """
+    verts = np.asarray(vertices, np.float64)
+    tris = np.asarray(faces, np.int64)
+    for _ in range(times):
+        edges = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
+        unique, inverse = np.unique(np.sort(edges, axis=1), axis=0, return_inverse=True)
+        mid = len(verts) + inverse.reshape(3, -1)  # the new vertex on each face's edges 01, 12, 20
+        verts = np.concatenate([verts, verts[unique].mean(axis=1)])
+        a, b, c = tris.T
+        ab, bc, ca = mid
+        tris = np.concatenate([np.stack(t, 1) for t in ((a, ab, ca), (ab, b, bc), (ca, bc, c), (ab, bc, ca))])
+    return SimpleNamespace(vertices=verts, faces=tris)
 
 
 def _call(renderer: DepthRenderer, vertices: torch.Tensor, cams, backward: bool) -> torch.Tensor:
@@ -170,37 +191,3 @@ def compare_tilings(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), view
                 out.append({"hand": name, "size": f["size"], "tile_size": tile, "faces": f["faces"],
                             "ms_per_view": f["ms_per_view"], "ms_per_view_backward": b["ms_per_view"]})
     return out
-
-
-if __name__ == "__main__":
-    # python -m common.nets.renderer_bench [--hands default makehuman] [--sizes 64 128 256] [--tile-sizes 0 16]
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description="CPU time of the depth renderer, untiled against tiled.")
-    parser.add_argument("--hands", nargs="+", default=["default"],
-                        help="'default', 'makehuman' (../shared/hand_models/makehuman_right) or hand-model folders")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--views", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tile-sizes", type=int, nargs="+", default=[0, DEFAULT_TILE_SIZE])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    from common.utils.hand_model import load_hand_model
-
-    repo = Path(__file__).resolve().parents[2]
-    hands = []
-    for hand_name in args.hands:
-        if hand_name == "default":
-            from common.utils.default_hand import make_default_hand
-
-            hands.append(("default", make_default_hand()))
-        else:
-            folder = repo.parent / "shared" / "hand_models" / "makehuman_right" if hand_name == "makehuman" \
-                else Path(hand_name)
-            if not folder.is_dir():
-                print(f"skipping {hand_name}: {folder} not found")
-                continue
-            hands.append((folder.name if hand_name != "makehuman" else "makehuman", load_hand_model(folder)))
-    compare_tilings(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, tile_sizes=args.tile_sizes,
-                    num_threads=args.threads or None)

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``main/bench.py``: they measure and print, they never pass or fail."""

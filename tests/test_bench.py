@@ -1,0 +1,85 @@
+"""The benchmarks' own machinery (their figures are not tested): the stage clock must not change
+what it measures, and the scripts must run."""
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from common.base import Trainer
+from common.bench.iteration import STAGES, StageClock, profile_iterations
+from common.bench.renderer import subdivide
+from main.config import Config
+from tests.conftest import REPO
+from tests.test_train import TINY
+
+
+def tiny_trainer(data_dir, out_dir) -> Trainer:
+    config = Config()
+    config.update_from_strings(TINY + [f"output_dir={out_dir}"])
+    config.data_dir = str(data_dir)
+    trainer = Trainer(config, seed=0)
+    trainer.make_batch_generator()
+    trainer.make_model()
+    return trainer
+
+
+def one_step_gradients(trainer, batch):
+    from common.base import split_batch
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = trainer.model(*split_batch(batch, trainer.device), "train")
+    sum(v.mean() for v in loss.values()).backward()
+    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_stage_clock_leaves_gradients_unchanged_and_times_backward(tiny_set, tmp_path):
+    trainer = tiny_trainer(tiny_set, tmp_path)
+    batch = next(iter(trainer.batch_generator))
+    plain = one_step_gradients(trainer, batch)
+    model = trainer.model
+    clock = StageClock(trainer.device)
+    clock.attach(model.renderer, "rendering", backward=True)
+    for loss in (model.joint_loss, model.depthmap_loss, model.penet_loss, model.lap_loss):
+        clock.attach(loss, "losses", backward=True)
+    timed = one_step_gradients(trainer, batch)
+    assert plain.keys() == timed.keys() and len(plain) > 10
+    for name in plain:
+        assert torch.equal(plain[name], timed[name]), name
+    assert clock.forward["rendering"] > 0 and clock.forward["losses"] > 0
+    assert clock.backward["rendering"] > 0 and clock.backward["losses"] > 0
+    clock.detach()
+    assert not model.renderer._forward_hooks and not model.renderer._forward_pre_hooks
+
+
+def test_profile_iterations_reports_every_stage(tiny_set, tmp_path):
+    trainer = tiny_trainer(tiny_set, tmp_path)
+    result = profile_iterations(trainer, iterations=3, warmup=1)  # the 2-batch epoch restarts
+    stages = result["stages_ms"]
+    assert set(stages) == {key for key, _ in STAGES}
+    assert all(v >= 0 for v in stages.values())
+    parts = ("data", "encoder", "decoder", "rendering", "losses", "backward", "optimizer")
+    assert sum(stages[k] for k in parts) <= stages["iteration"] * 1.01
+    assert result["samples_per_s"] > 0 and result["peak_rss_mb"] > 100
+
+
+def test_subdivide_keeps_the_surface():
+    vertices = np.array([[0.0, 0, 0], [4, 0, 0], [0, 4, 0], [0, 0, 4]])
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    fine = subdivide(vertices, faces, times=2)
+    assert fine.faces.shape == (32, 3)
+    # Shared edges get one midpoint: 4 + 5 edges, then 9 + 16 edges (of 8 faces).
+    assert len(fine.vertices) == 9 + 16
+    area = lambda v, f: 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()  # noqa: E731
+    assert np.isclose(area(fine.vertices, fine.faces), area(vertices, faces))
+
+
+def test_bench_script_runs_and_rejects_bad_arguments():
+    run = [sys.executable, str(REPO / "main" / "bench.py")]
+    done = subprocess.run(run + ["decode", "--batch", "2", "--hands", "default", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "default" in done.stdout and "x" in done.stdout.splitlines()[-1]
+    bad = subprocess.run(run + ["train", "--data_dir", str(REPO / "no_such_folder")], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no_such_folder" in bad.stderr and "Traceback" not in bad.stderr
