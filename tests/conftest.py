@@ -48,12 +48,17 @@ def small_cfg() -> Config:
     return config
 
 
-@pytest.fixture(scope="session")
-def tiny_set(tmp_path_factory, default_hand):
-    """A tiny synthetic set: 1 sequence x 2 frames x 3 cameras, 64x42 images, 32x21 depth maps."""
+def make_tiny_set(tmp_path_factory, hand, name: str, seed: int = 0, cameras: int = 3):
+    """A synthetic set of 1 sequence x 2 frames x ``cameras`` cameras, 64x42 images, 32x21 depth maps."""
     from data.make_synthetic import generate
 
-    out = tmp_path_factory.mktemp("tiny_set")
-    generate(out, default_hand, seed=0, sequences=1, frames=2, cameras=3, image_hw=(64, 42), depth_hw=(32, 21),
+    out = tmp_path_factory.mktemp(name)
+    generate(out, hand, seed=seed, sequences=1, frames=2, cameras=cameras, image_hw=(64, 42), depth_hw=(32, 21),
              progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory, default_hand):
+    """1 sequence x 2 frames x 3 cameras (:func:`make_tiny_set`)."""
+    return make_tiny_set(tmp_path_factory, default_hand, "tiny_set")

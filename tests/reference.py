@@ -111,7 +111,7 @@ def decode_loop_model(model, euler):
 
 
 # --------------------------------------------------------------------------- losses, as the original
-def _bone_paths(children, root):
+def bone_paths(children, root):
     """Root-to-leaf joint paths, depth first."""
     paths = []
 
@@ -167,7 +167,7 @@ def penet_loss_loop(hand_model, template_pose, rest_mesh, joint_out, mesh_out, s
     def bone_mask(start, end):
         return (starts_t == start) & (ends_t == end)
 
-    paths = _bone_paths(children, root)
+    paths = bone_paths(children, root)
     bones = [(p[i], p[i + 1]) for p in paths for i in range(len(p) - 1)]
     rigid, rigid_count = 0, 0
     for i in range(len(bones) - 1):

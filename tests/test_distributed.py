@@ -17,7 +17,7 @@ from common.utils import device as device_module
 from common.utils.checkpoint import read_checkpoint
 from common.utils.distributed import DistributedContext, DistributedError, context_from_env
 from main.config import Config
-from tests.conftest import REPO
+from tests.conftest import REPO, make_tiny_set
 
 TINY = ["resnet_type=18", "input_img_shape=[64,64]", "rendered_img_shape=[16,16]", "render_view_num=2",
         "num_thread=0", "lr=0.001"]
@@ -47,12 +47,7 @@ def snapshot(out_dir, epoch):
 @pytest.fixture(scope="module")
 def four_samples(tmp_path_factory, default_hand):
     """2 frames x 2 cameras: one step of a global batch of 4 is the whole epoch."""
-    from data.make_synthetic import generate
-
-    out = tmp_path_factory.mktemp("four_samples")
-    generate(out, default_hand, seed=1, sequences=1, frames=2, cameras=2, image_hw=(64, 42), depth_hw=(32, 21),
-             progress=False)
-    return out
+    return make_tiny_set(tmp_path_factory, default_hand, "four_samples", seed=1, cameras=2)
 
 
 # ---------------------------------------------------------------------------- the environment

@@ -10,7 +10,7 @@ import torch
 from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, nearest_vertex, uniform_laplacian
 from common.utils.kinematics import euler_to_matrix, pose_hand, to_homogeneous
 from main.model import get_model
-from tests.reference import dense_laplacian_original, grid_mesh, laplacian_loss_dense, penet_loss_loop
+from tests.reference import bone_paths, dense_laplacian_original, grid_mesh, laplacian_loss_dense, penet_loss_loop
 
 
 def rel_err(ours, ref):
@@ -67,16 +67,7 @@ def penet_reference(names, parents, segmentation, root, non_rigid, template_join
         ts.append(len(ts) * step)
     n = len(ts)
 
-    paths = []
-
-    def walk(j, path):
-        path = path + [j]
-        if not children[j]:
-            paths.append(path)
-        for c in children[j]:
-            walk(c, path)
-
-    walk(root, [])
+    paths = bone_paths(children, root)
     bones = [(p[i], p[i + 1]) for p in paths for i in range(len(p) - 1)]
 
     totals, rigids, non_rigids = [], [], []

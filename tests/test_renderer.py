@@ -415,45 +415,37 @@ def test_depth_loss_gradient_descends():
         assert loss_of(stepped) < loss.detach() - 1e-3
 
 
-def test_depth_gradient_matches_finite_differences():
-    """On a tilted triangle: d(sum of depth over the pixels covered throughout)/d(vertex)
-    from autograd agrees with central differences of the rendered depth."""
-    H, W = 32, 32
-    cams = cams_t(np.eye(3), np.zeros(3), (40.0, 40.0), (15.5, 15.5), dtype=torch.float64)
-    faces = torch.tensor([[0, 1, 2]])
-    renderer = DepthRenderer(faces, image_size=(H, W))
-    v0 = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 420.0], [15.0, -180.0, 250.0]]], dtype=torch.float64)
+def assert_gradient_matches_finite_differences(renderer, v0, cams, min_pixels, h=0.25):
+    """d(sum of depth over the pixels covered throughout)/d(vertex) from autograd against central
+    differences of the rendered depth, for every coordinate of every vertex."""
     v = v0.clone().requires_grad_(True)
     depth = renderer(v, *cams)
-    h = 0.25
-    for i in range(3):
+    for i in range(v0.shape[1]):
         for k in range(3):
             dv = torch.zeros_like(v0)
             dv[0, i, k] = h
             plus, minus = renderer(v0 + dv, *cams), renderer(v0 - dv, *cams)
             mask = (depth > 0) & (plus > 0) & (minus > 0)
-            assert mask.sum() > 100
+            assert mask.sum() > min_pixels
             (g,) = torch.autograd.grad((depth * mask).sum(), v, retain_graph=True)
             fd = ((plus - minus) * mask).sum() / (2 * h)
             assert abs(g[0, i, k] - fd) <= 0.01 * abs(fd) + 1e-2, (i, k, float(g[0, i, k]), float(fd))
+    return depth.detach()
 
-    # A triangle cut by the near plane: the gradient is exact there too (the renderer's own
-    # plane-depth gradient; PyTorch3D's clipper detaches one of the cut-point weights).
+
+def test_depth_gradient_matches_finite_differences():
+    """On a tilted triangle, and on one cut by the near plane: autograd agrees with central
+    differences. At the cut too: the renderer's own plane-depth gradient is exact there, where
+    PyTorch3D's clipper detaches one of the cut-point weights."""
+    H, W = 32, 32
+    cams = cams_t(np.eye(3), np.zeros(3), (40.0, 40.0), (15.5, 15.5), dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2]])
+    v0 = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 420.0], [15.0, -180.0, 250.0]]], dtype=torch.float64)
+    assert_gradient_matches_finite_differences(DepthRenderer(faces, image_size=(H, W)), v0, cams, 100)
     v0 = torch.tensor([[[-200.0, 60.0, 300.0], [230.0, 75.0, 320.0], [15.0, -20.0, -50.0]]], dtype=torch.float64)
-    clipping = DepthRenderer(faces, image_size=(H, W), near=20.0)
-    v = v0.clone().requires_grad_(True)
-    depth = clipping(v, *cams)
-    assert float(depth.detach()[depth > 0].min()) >= 20.0 - 1e-3  # nothing in front of the near plane
-    for i in range(3):
-        for k in range(3):
-            dv = torch.zeros_like(v0)
-            dv[0, i, k] = h
-            plus, minus = clipping(v0 + dv, *cams), clipping(v0 - dv, *cams)
-            mask = (depth > 0) & (plus > 0) & (minus > 0)
-            assert mask.sum() > 50
-            (g,) = torch.autograd.grad((depth * mask).sum(), v, retain_graph=True)
-            fd = ((plus - minus) * mask).sum() / (2 * h)
-            assert abs(g[0, i, k] - fd) <= 0.01 * abs(fd) + 1e-2, ("clipped", i, k, float(g[0, i, k]), float(fd))
+    depth = assert_gradient_matches_finite_differences(DepthRenderer(faces, image_size=(H, W), near=20.0),
+                                                       v0, cams, 50)
+    assert float(depth[depth > 0].min()) >= 20.0 - 1e-3  # nothing in front of the near plane
 
 
 def test_own_gradient_equals_pytorch3d_gradient():
