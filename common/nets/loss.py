@@ -126,15 +126,17 @@ def nearest_vertex(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor
     centre = vertices.mean(dim=1, keepdim=True)
     p, v = points - centre, vertices - centre
     p_sq, v_sq = p.square().sum(-1), v.square().sum(-1)
-    sq = torch.baddbmm(p_sq[:, :, None] + v_sq[:, None, :], p, v.transpose(1, 2), alpha=-2)  # [B, Q, V]
+    # |p|² − 2 p·v + |v|² as one product of augmented coordinates: no extra pass over [B, Q, V].
+    sq = torch.bmm(torch.cat([p, p_sq[..., None], torch.ones_like(p_sq)[..., None]], -1),
+                   torch.cat([-2 * v, torch.ones_like(v_sq)[..., None], v_sq[..., None]], -1).transpose(1, 2))
     error = 16 * torch.finfo(sq.dtype).eps * (p_sq.amax() + v_sq.amax())
     candidate = sq <= sq.amin(dim=-1, keepdim=True) + error
     b, q, k = torch.nonzero(candidate, as_tuple=True)
     exact = torch.linalg.vector_norm(points[b, q] - vertices[b, k], dim=-1)
     group = b * Q + q
     best = exact.new_full((B * Q,), math.inf).scatter_reduce(0, group, exact, "amin")
-    winner = exact == best[group]
-    index = k.new_full((B * Q,), V).scatter_reduce(0, group[winner], k[winner], "amin")
+    winner = torch.where(exact == best[group], k, V)  # V: not a winner (no boolean indexing: no search)
+    index = k.new_full((B * Q,), V).scatter_reduce(0, group, winner, "amin")
     return index.view(B, Q)
 
 
@@ -349,21 +351,26 @@ class PenetLoss(nn.Module):
 
         The bone points are the same for every sample (one template skeleton) and the samples'
         rest meshes differ only by their pose correctives, a few mm. With ``ref`` the batch's mean
-        mesh and ``shift_v`` the largest distance of vertex ``v`` from it over the batch,
-        ``|d_b(p, v) − d_ref(p, v)| ≤ shift_v``; so vertex ``v`` can be the nearest in some sample
-        only if ``d_ref(p, v) − shift_v ≤ min_u (d_ref(p, u) + shift_u)``. One ``[P, V]`` search
-        on ``ref`` then leaves a few vertices per point for the exact per-sample distances.
+        mesh and ``S`` the largest distance of a vertex from it in any sample,
+        ``|d_b(p, v) − d_ref(p, v)| ≤ S``; so vertex ``v`` can be the nearest in some sample only
+        if ``d_ref(p, v) ≤ min_u d_ref(p, u) + 2S``. One ``[P, V]`` search on ``ref`` (a matrix
+        product of squared distances, whose float error the bound absorbs) then leaves one or a
+        few vertices per point for the exact per-sample distances.
         """
         centre = rest_mesh.mean(dim=(0, 1))
-        ref = rest_mesh.mean(dim=0) - centre  # [V, 3], centred: matrix-product distances keep their digits
-        shift = (rest_mesh - centre - ref).square().sum(dim=-1).amax(dim=0).sqrt()  # [V]
-        # Matrix-product distances are off by ~1e-3 mm in float32 at hand sizes; the slack covers
-        # that many times over (it only admits more candidates).
-        d_ref = torch.cdist((points - centre)[None], ref[None])[0]  # [P, V]
-        lower = d_ref - shift
-        candidate = lower <= (d_ref + shift).amin(dim=1, keepdim=True) + 0.05
-        point_ids, vertex_ids = torch.nonzero(candidate, as_tuple=True)
-        if point_ids.numel() * 4 > candidate.numel():
+        ref = rest_mesh.mean(dim=0) - centre  # [V, 3], centred: squared distances keep their digits
+        spread = rest_mesh - centre - ref  # [B, V, 3]
+        spread_max = (spread[..., 0].square() + spread[..., 1].square() + spread[..., 2].square()).amax().sqrt()
+        p = points - centre
+        p_sq, v_sq = p.square().sum(-1), ref.square().sum(-1)
+        # |p|² − 2 p·v + |v|² as one product of augmented coordinates: no extra pass over [P, V].
+        ones = torch.ones_like(p_sq)[:, None]
+        squared = torch.cat([p, p_sq[:, None], ones], 1) @ torch.cat([-2 * ref, torch.ones_like(v_sq)[:, None],
+                                                                         v_sq[:, None]], 1).t()  # [P, V]
+        error = 16 * torch.finfo(squared.dtype).eps * (p_sq.amax() + v_sq.amax())
+        reach = (squared.amin(dim=1).clamp_min(0) + error).sqrt() + 2 * spread_max
+        point_ids, vertex_ids = torch.nonzero(squared <= (reach.square() + error)[:, None], as_tuple=True)
+        if point_ids.numel() * 4 > squared.numel():
             return None
         return point_ids, vertex_ids
 
