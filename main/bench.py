@@ -156,8 +156,8 @@ def bench_scaling(args) -> int:
         forwarded += ["--data_dir", str(Path(args.data_dir).resolve())]
     for item in args.assignments:
         forwarded += ["--set", item]
-    print(f"scaling: {machine_description()}; torchrun, gloo, each process "
-          f"{{cores / processes}} torch threads")
+    print(f"scaling: {machine_description()}; torchrun, gloo; each process gets "
+          f"{cores} cores / processes torch threads")
     results = []
     for procs in args.procs:
         threads = max(1, cores // procs)

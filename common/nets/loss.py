@@ -108,6 +108,24 @@ def _children(parents: Sequence[int]) -> List[List[int]]:
     return kids
 
 
+def _squared_distances(points: torch.Tensor, vertices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``|p − v|²`` for all pairs as one product of augmented coordinates,
+    ``[p, |p|², 1] · [−2v, 1, |v|²]``, with no further pass over the ``[..., Q, V]`` result.
+
+    Args:
+        points: ``[..., Q, 3]``; vertices: ``[..., V, 3]`` (mm, best centred on the vertices:
+            the float error grows with the coordinates' magnitude).
+    Returns:
+        ``([..., Q, V] squared distances, error)``: ``error`` (a 0-d tensor, mm²) bounds their
+        float rounding error, many times over.
+    """
+    p_sq, v_sq = points.square().sum(-1), vertices.square().sum(-1)
+    augmented_points = torch.cat([points, p_sq[..., None], torch.ones_like(p_sq)[..., None]], -1)
+    augmented_vertices = torch.cat([-2 * vertices, torch.ones_like(v_sq)[..., None], v_sq[..., None]], -1)
+    squared = augmented_points @ augmented_vertices.transpose(-1, -2)
+    return squared, 16 * torch.finfo(squared.dtype).eps * (p_sq.amax() + v_sq.amax())
+
+
 @torch.no_grad()
 def nearest_vertex(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
     """``[B, Q]`` index of each point's nearest vertex, decided on exact distances.
@@ -124,12 +142,7 @@ def nearest_vertex(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor
     B, Q, _ = points.shape
     V = vertices.shape[1]
     centre = vertices.mean(dim=1, keepdim=True)
-    p, v = points - centre, vertices - centre
-    p_sq, v_sq = p.square().sum(-1), v.square().sum(-1)
-    # |p|² − 2 p·v + |v|² as one product of augmented coordinates: no extra pass over [B, Q, V].
-    sq = torch.bmm(torch.cat([p, p_sq[..., None], torch.ones_like(p_sq)[..., None]], -1),
-                   torch.cat([-2 * v, torch.ones_like(v_sq)[..., None], v_sq[..., None]], -1).transpose(1, 2))
-    error = 16 * torch.finfo(sq.dtype).eps * (p_sq.amax() + v_sq.amax())
+    sq, error = _squared_distances(points - centre, vertices - centre)  # [B, Q, V]
     candidate = sq <= sq.amin(dim=-1, keepdim=True) + error
     b, q, k = torch.nonzero(candidate, as_tuple=True)
     exact = torch.linalg.vector_norm(points[b, q] - vertices[b, k], dim=-1)
@@ -361,13 +374,7 @@ class PenetLoss(nn.Module):
         ref = rest_mesh.mean(dim=0) - centre  # [V, 3], centred: squared distances keep their digits
         spread = rest_mesh - centre - ref  # [B, V, 3]
         spread_max = (spread[..., 0].square() + spread[..., 1].square() + spread[..., 2].square()).amax().sqrt()
-        p = points - centre
-        p_sq, v_sq = p.square().sum(-1), ref.square().sum(-1)
-        # |p|² − 2 p·v + |v|² as one product of augmented coordinates: no extra pass over [P, V].
-        ones = torch.ones_like(p_sq)[:, None]
-        squared = torch.cat([p, p_sq[:, None], ones], 1) @ torch.cat([-2 * ref, torch.ones_like(v_sq)[:, None],
-                                                                         v_sq[:, None]], 1).t()  # [P, V]
-        error = 16 * torch.finfo(squared.dtype).eps * (p_sq.amax() + v_sq.amax())
+        squared, error = _squared_distances(points - centre, ref)  # [P, V]
         reach = (squared.amin(dim=1).clamp_min(0) + error).sqrt() + 2 * spread_max
         point_ids, vertex_ids = torch.nonzero(squared <= (reach.square() + error)[:, None], as_tuple=True)
         if point_ids.numel() * 4 > squared.numel():

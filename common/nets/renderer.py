@@ -81,8 +81,9 @@ from :func:`plane_depth`: the depth of a covered pixel written as a function of 
 three vertices (where the pixel's ray meets the face's plane), computed for all covered pixels
 at once and differentiated by autograd.  For a fixed covering face this is the function
 PyTorch3D's perspective-correct ``zbuf`` computes, so the gradient is the same; but PyTorch3D's
-CPU backward spends tensor bookkeeping on every pixel (about 30 µs each; 60 % of a
-``cpu_small.yaml`` training iteration went there), and this costs a few ms per batch.  It is
+CPU backward spends tensor bookkeeping on every pixel (about 30 µs each: 44 % of a
+``cpu_small.yaml`` training iteration, 87 % of a default one at batch 1), and this costs
+1–30 ms per batch (BENCHMARKS.md).  It is
 also exact for faces cut by the near plane (the cut leaves the plane unchanged), where
 PyTorch3D 0.7.9's clipper (``clip.py``, ``_find_verts_intersecting_clipping_plane``) detaches
 the interpolation weight of one of the two cut points.  Pixels without a face get no gradient;
@@ -352,9 +353,9 @@ class DepthRenderer(nn.Module):
         if own_gradient:
             # The value stays PyTorch3D's; the gradient is that of the same depth written as a
             # function of the covering face's vertices (see the module docstring).
-            plane = plane_depth(vertices, self.faces, face, *cameras)
-            depth = depth.to(plane.dtype).index_put(torch.nonzero(face >= 0, as_tuple=True),
-                                                    plane - plane.detach(), accumulate=True)
+            covered = torch.nonzero(face >= 0, as_tuple=True)
+            plane = plane_depth(vertices, self.faces, covered, face[covered], *cameras)
+            depth = depth.to(plane.dtype).index_put(covered, plane - plane.detach(), accumulate=True)
         seen = (face >= 0) & (depth <= self.far)
         return torch.where(seen, depth, torch.zeros_like(depth)).to(vertices.dtype)
 
@@ -565,9 +566,9 @@ class DepthRenderer(nn.Module):
         return t[:, :H, :W]
 
 
-def plane_depth(vertices: torch.Tensor, faces: torch.Tensor, face: torch.Tensor, camrot: torch.Tensor,
-                campos: torch.Tensor, focal: torch.Tensor, princpt: torch.Tensor,
-                affine: Optional[torch.Tensor]) -> torch.Tensor:
+def plane_depth(vertices: torch.Tensor, faces: torch.Tensor, pixels: Tuple[torch.Tensor, ...],
+                pixel_faces: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor, focal: torch.Tensor,
+                princpt: torch.Tensor, affine: Optional[torch.Tensor]) -> torch.Tensor:
     """Camera depth (mm) where each covered pixel's ray meets the plane of its face.
 
     The ray of crop pixel ``(c, r)`` goes through the camera-pixel ``(u, v) = A⁻¹ (c, r)``, i.e.
@@ -579,14 +580,16 @@ def plane_depth(vertices: torch.Tensor, faces: torch.Tensor, face: torch.Tensor,
 
     Args:
         vertices: ``[B, V, 3]`` world mm; faces: ``[F, 3]``.
-        face: ``[B, N, H, W]`` covering face per pixel, −1 for none.
+        pixels: ``(b, n, r, c)``, four ``[P]`` index tensors: sample, view, row, column of each
+            covered pixel.
+        pixel_faces: ``[P]`` the face covering each of them.
         camrot, campos, focal, princpt, affine: as :meth:`DepthRenderer.forward`.
     Returns:
-        ``[P]`` depths of the covered pixels, in the order of ``torch.nonzero(face >= 0)``.
+        ``[P]`` depths (mm).
     """
-    b, n, r, c = torch.nonzero(face >= 0, as_tuple=True)
+    b, n, r, c = pixels
     dtype = vertices.dtype
-    corners = vertices[b[:, None], faces[face[b, n, r, c]]]                      # [P, 3, 3] world
+    corners = vertices[b[:, None], faces[pixel_faces]]                            # [P, 3, 3] world
     rot = camrot[b, n].to(dtype)
     xc = ((corners - campos[b, n].to(dtype)[:, None])[:, :, None, :] * rot[:, None]).sum(-1)  # [P, 3, 3]
     uv = torch.stack((c, r), -1).to(dtype)
