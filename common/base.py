@@ -353,12 +353,16 @@ class Trainer:
     def epoch_seed(self, epoch: int) -> int:
         return self.seed * 1_000_003 + int(epoch)
 
-    def train_epoch(self, epoch: int) -> Dict[str, float]:
-        """One pass over the data; returns the mean of every loss over the epoch."""
-        cfg = self.cfg
+    def prepare_epoch(self, epoch: int) -> None:
+        """Learning rate, sample order and target-view draws of ``epoch``."""
         self.set_lr(epoch)
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        """One pass over the data; returns the mean of every loss over the epoch."""
+        cfg = self.cfg
+        self.prepare_epoch(epoch)
         self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
         sums: Dict[str, float] = {}
         cuda = self.device.type == "cuda"

@@ -11,6 +11,24 @@ import torch
 from common.utils.kinematics import euler_to_matrix, to_homogeneous
 
 
+def random_euler(hand, batch, seed, scale=math.pi / 2, curl=False):
+    """``[B, J, 3]`` random angles within ±``scale`` on the hand's degrees of freedom; with
+    ``curl`` the flexion angles are positive and 1.4× larger (fingers towards the palm), so that
+    bones and fingertips collide."""
+    g = torch.Generator().manual_seed(seed)
+    e = (torch.rand(batch, hand.joint_num, 3, generator=g) * 2 - 1) * scale
+    if curl:
+        e[..., 2] = e[..., 2].abs() * 1.4
+    return e * torch.from_numpy(hand.dof_mask)
+
+
+def random_root(batch, seed):
+    """``[B, 4, 4]`` random rigid root transforms (any rotation, translations of ~100 mm)."""
+    g = torch.Generator().manual_seed(seed)
+    R = euler_to_matrix((torch.rand(batch, 3, generator=g) * 2 - 1) * math.pi)
+    return to_homogeneous(R, torch.randn(batch, 3, generator=g) * 100)
+
+
 def rot_x(a):
     c, s = math.cos(a), math.sin(a)
     return torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)

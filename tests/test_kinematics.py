@@ -7,13 +7,7 @@ import torch
 
 from common.utils.kinematics import euler_to_matrix, pose_hand, rigid_align, tree_levels
 from main.model import get_model
-from tests.reference import decode_loop_model, decode_reference, euler_matrix_4x4
-
-
-def random_euler(hand, batch, seed, scale=math.pi / 2):
-    g = torch.Generator().manual_seed(seed)
-    e = (torch.rand(batch, hand.joint_num, 3, generator=g) * 2 - 1) * scale
-    return e * torch.from_numpy(hand.dof_mask)
+from tests.reference import decode_loop_model, decode_reference, euler_matrix_4x4, random_euler
 
 
 def test_euler_to_matrix_matches_rz_ry_rx():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, nearest_vertex, uniform_laplacian
-from common.utils.kinematics import euler_to_matrix, pose_hand, to_homogeneous
+from common.utils.kinematics import euler_to_matrix, pose_hand
 from main.model import get_model
-from tests.reference import bone_paths, dense_laplacian_original, grid_mesh, laplacian_loss_dense, penet_loss_loop
+from tests.reference import bone_paths, dense_laplacian_original, random_euler, random_root, grid_mesh, laplacian_loss_dense, penet_loss_loop
 
 
 def rel_err(ours, ref):
@@ -140,22 +140,6 @@ def laplacian_loss_reference(faces, vertices):
 
 
 # ------------------------------------------------------------------------ helpers
-def random_euler(hand, batch, seed, curl=True):
-    """Random angles; with ``curl`` the flexion angles are positive (fingers towards the palm) so
-    that bones and fingertips collide."""
-    g = torch.Generator().manual_seed(seed)
-    e = (torch.rand(batch, hand.joint_num, 3, generator=g) * 2 - 1) * (math.pi / 2)
-    if curl:
-        e[..., 2] = e[..., 2].abs() * 1.4
-    return e * torch.from_numpy(hand.dof_mask)
-
-
-def random_root(batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    R = euler_to_matrix((torch.rand(batch, 3, generator=g) * 2 - 1) * math.pi)
-    return to_homogeneous(R, torch.randn(batch, 3, generator=g) * 100)
-
-
 _MODELS = {}
 
 
@@ -173,7 +157,7 @@ def penet_inputs(hand, cfg, batch=3, seed=0, curl=True):
     """float64 ``(template_pose [J,4,4], rest_mesh, joint_out, mesh_out)`` from the model in training mode."""
     model = trained_like_model(hand, cfg)
     with torch.no_grad():
-        out = model.pose(random_euler(hand, batch, seed, curl), random_root(batch, seed))
+        out = model.pose(random_euler(hand, batch, seed, curl=curl), random_root(batch, seed))
         template = model.refined_template_pose()
     return (template.double(), out["rest_mesh"].double(), out["joint_out"].double(),
             out["mesh_out_refined"].double())

@@ -4,7 +4,6 @@ The references here are independent of PyTorch3D: analytic planes, a numpy
 ray/triangle brute force through every pixel centre, and ``cv2.projectPoints``.
 Pixel convention under test: OpenCV, pixel centres at integer coordinates.
 """
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,10 +11,8 @@ import pytest
 import torch
 
 from common.nets.renderer import DepthRenderer, project_points
+from tests.conftest import MAKEHUMAN_DIR as MAKEHUMAN
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-MAKEHUMAN = SHARED / "hand_models" / "makehuman_right"
 
 # Full-size camera of the data set (DESIGN §5: 512 high, 334 wide).
 IMG_H, IMG_W = 512, 334

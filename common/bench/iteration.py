@@ -132,9 +132,7 @@ def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, o
         clock.attach(loss, "losses", backward=True)
 
     epoch = 0
-    trainer.set_lr(epoch)
-    trainer.sampler.set_epoch(epoch)
-    trainer.dataset.set_epoch(epoch)
+    trainer.prepare_epoch(epoch)
     batches = iter(trainer.batch_generator)
     rows: List[Dict[str, float]] = []
     try:
@@ -145,8 +143,7 @@ def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, o
                 batch = next(batches)
             except StopIteration:
                 epoch += 1
-                trainer.sampler.set_epoch(epoch)
-                trainer.dataset.set_epoch(epoch)
+                trainer.prepare_epoch(epoch)
                 batches = iter(trainer.batch_generator)
                 batch = next(batches)
             inputs, targets, meta_info = split_batch(batch, device)

@@ -5,14 +5,12 @@ Run through ``python main/bench.py losses``.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from common.bench.timing import median_seconds
 from common.nets.loss import LaplacianLoss, PenetLoss
-from common.utils.kinematics import euler_to_matrix, to_homogeneous
 
 
 def posed_batch(hand_model, batch: int, seed: int = 0) -> Tuple[torch.Tensor, ...]:
@@ -24,18 +22,14 @@ def posed_batch(hand_model, batch: int, seed: int = 0) -> Tuple[torch.Tensor, ..
     from main.config import Config
     from main.model import get_model
 
+    from tests.reference import random_euler, random_root
+
     config = Config()
     config.resnet_type = 18  # the encoder plays no part here
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = get_model("train", hand_model, config).eval()
-    euler = (torch.rand(batch, hand_model.joint_num, 3, generator=g) * 2 - 1) * (math.pi / 2)
-    euler[..., 2] = euler[..., 2].abs() * 1.4
-    euler = euler * torch.from_numpy(hand_model.dof_mask)
-    root = to_homogeneous(euler_to_matrix((torch.rand(batch, 3, generator=g) * 2 - 1) * math.pi),
-                          torch.randn(batch, 3, generator=g) * 100)
     with torch.no_grad():
-        out = model.pose(euler, root)
+        out = model.pose(random_euler(hand_model, batch, seed, curl=True), random_root(batch, seed))
         template = model.refined_template_pose()
     return template, out["rest_mesh"], out["joint_out"], out["mesh_out_refined"]
 

@@ -9,14 +9,13 @@ or another ``tile_size`` (0: untiled). Face count is varied with :func:`subdivid
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from common.bench.timing import median_seconds
 from common.nets.renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
 # The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
@@ -137,16 +136,8 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
             renderer = DepthRenderer(faces, image_size=(int(size), int(size)), tile_size=tile_size).to(device)
             v = verts.clone().requires_grad_(backward)
             depth = _call(renderer, v, cams, backward)                          # warm-up
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                _call(renderer, v, cams, backward)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-            ms = 1000.0 * statistics.median(times)
+            ms = 1000.0 * median_seconds(lambda: _call(renderer, v, cams, backward), repeats, warmup=0,
+                                         device=device)
             results.append({
                 "size": int(size), "views": int(views), "faces": int(faces.shape[0]),
                 "vertices": int(verts.shape[1]), "device": str(device), "threads": torch.get_num_threads(),
