@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, nearest_vertex, uniform_laplacian
+import common.nets.loss as loss_module
+from common.nets.loss import (DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, _entries_at_most, nearest_vertex,
+                              nearest_vertex_per_segment, uniform_laplacian)
 from common.utils.kinematics import euler_to_matrix, pose_hand
 from main.model import get_model
 from tests.reference import bone_paths, dense_laplacian_original, random_euler, random_root, grid_mesh, laplacian_loss_dense, penet_loss_loop
@@ -274,6 +276,26 @@ def test_penetration_equals_the_originals_loop_structure(any_hand, small_cfg):
     assert rel_err(ours, loop) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_penetration_gradient_equals_autograd_through_the_loops(any_hand, small_cfg, dtype):
+    """Our hand-written backward of the rigid term and the nearest-vertex-only backward of the
+    non-rigid term give autograd's gradient through the original's loops, in both precisions."""
+    template, rest, joints, mesh = (t.to(dtype) for t in penet_inputs(any_hand, small_cfg, batch=3, seed=6))
+    weights = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)  # per-sample upstream gradients differ
+
+    def grads(fn):
+        j, m = joints.clone().requires_grad_(True), mesh.clone().requires_grad_(True)
+        (fn(template, rest, j, m) * weights).sum().backward()
+        return j.grad, m.grad
+
+    ours = grads(PenetLoss.from_hand_model(any_hand).to(dtype))
+    loop = grads(lambda *a: penet_loss_loop(any_hand, *a))
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for name, a, b in zip(("joint_out", "mesh_out"), ours, loop):
+        assert b.abs().sum() > 0, f"the poses must push {name}"
+        assert rel_err(a, b) < tol, name
+
+
 @pytest.mark.parametrize("spread_mm", [0.0, 3.0, 12.0, 300.0])
 def test_point_radii_equal_a_full_search(default_hand, small_cfg, spread_mm):
     """The radii search narrows the vertices with the batch's mean mesh (module notes); with
@@ -290,7 +312,10 @@ def test_point_radii_equal_a_full_search(default_hand, small_cfg, spread_mm):
     assert float((radii.double() - full).abs().max()) < 1e-4
 
 
-def test_nearest_vertex_is_the_exact_argmin_with_ties():
+@pytest.mark.parametrize("search", ["exact", "product"])
+def test_nearest_vertex_is_the_exact_argmin_with_ties(search, monkeypatch):
+    if search == "product":  # the search large meshes take
+        monkeypatch.setattr(loss_module, "_EXACT_SEARCH_PAIRS", 0)
     g = torch.Generator().manual_seed(5)
     vertices = torch.randn(3, 500, 3, generator=g) * 40 + 100  # mm, far from the origin
     vertices[:, 250] = vertices[:, 17]  # an exact tie: the lower index wins, as argmin's
@@ -301,6 +326,37 @@ def test_nearest_vertex_is_the_exact_argmin_with_ties():
     exact = torch.cdist(points.double(), vertices.double()).argmin(dim=2)
     assert torch.equal(ours, exact)
     assert bool((ours[:, 0] == 17).all())
+
+
+@pytest.mark.parametrize("search", ["exact", "product"])
+def test_nearest_vertex_per_segment_equals_a_search_per_slice(search, monkeypatch):
+    if search == "product":
+        monkeypatch.setattr(loss_module, "_EXACT_SEARCH_PAIRS", 0)
+    g = torch.Generator().manual_seed(9)
+    vertices = torch.randn(2, 1300, 3, generator=g) * 30 + 80
+    points = torch.randn(2, 17, 3, generator=g) * 30 + 80
+    bounds = [0, 5, 64, 1200, 1300]  # a short segment, one of a whole block, a wide one (blocked search)
+    ours = nearest_vertex_per_segment(points, vertices, bounds)
+    assert ours.shape == (2, 4, 17)
+    for k in range(4):
+        lo, hi = bounds[k], bounds[k + 1]
+        assert torch.equal(ours[:, k], torch.cdist(points.double(), vertices[:, lo:hi].double()).argmin(dim=2) + lo)
+
+
+@pytest.mark.parametrize("columns", [1, 63, 200, 1024, 1100, 4932])
+def test_entries_at_most_equals_a_full_comparison(columns):
+    """The block-pruned search finds exactly the entries a full comparison does, also on a
+    column slice of a wider array (rows not contiguous with each other)."""
+    g = torch.Generator().manual_seed(columns)
+    wide = torch.rand(13, columns + 7, generator=g)
+    values = wide[:, 3:3 + columns]
+    bound = torch.rand(13, generator=g) * 0.2
+    bound[4] = -1.0  # a row with no entry
+    bound[5] = 2.0  # a row with all of them
+    rows, cols = _entries_at_most(values, bound)
+    found = sorted(zip(rows.tolist(), cols.tolist()))
+    expected = torch.nonzero(values <= bound[:, None]).tolist()
+    assert found == [tuple(e) for e in expected]
 
 
 def test_penetration_float32_model_outputs(default_hand, small_cfg):

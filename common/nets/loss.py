@@ -126,14 +126,67 @@ def _squared_distances(points: torch.Tensor, vertices: torch.Tensor) -> Tuple[to
     return squared, 16 * torch.finfo(squared.dtype).eps * (p_sq.amax() + v_sq.amax())
 
 
+def _coordinate_squared_distances(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
+    """``[..., Q, V]`` ``|p − v|²`` summed from the coordinate differences: a few ulp of relative
+    error whatever the coordinates' magnitude (no cancellation, unlike the matrix-product form).
+
+    Args:
+        points: ``[..., Q, 3]``; vertices: ``[..., V, 3]`` (mm).
+    """
+    p = points.movedim(-1, 0).contiguous()  # [3, ..., Q]: each coordinate a contiguous array
+    v = vertices.movedim(-1, 0).contiguous()
+    squared = (p[0].unsqueeze(-1) - v[0].unsqueeze(-2)).square_()
+    for c in (1, 2):
+        d = p[c].unsqueeze(-1) - v[c].unsqueeze(-2)
+        squared.addcmul_(d, d)
+    return squared
+
+
+def _entries_at_most(values: torch.Tensor, bound: torch.Tensor, block: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [N], columns [N])`` of the entries with ``values[r, c] ≤ bound[r]``, in no set order.
+
+    Found block by block in wide arrays: only the blocks of ``block`` columns whose minimum passes
+    are compared entry by entry. The searches here look for the few vertices nearest to each
+    point, so that skips nearly all of a full comparison and, above all, the full ``nonzero``,
+    the slowest pass over a large array on the CPU.
+
+    Args:
+        values: ``[R, C]`` with rows of unit column stride (a row slice of a larger array will do).
+        bound: ``[R]``.
+    """
+    R, C = values.shape
+    # Below some sixteen blocks a row, the extra passes cost more than they save (measured).
+    whole = C - C % block if C >= 16 * block else 0
+    rows, columns = [], []
+    if whole:
+        blocks = values[:, :whole].unflatten(1, (whole // block, block))  # [R, C / block, block]
+        r, b = torch.nonzero(blocks.amin(dim=-1) <= bound[:, None], as_tuple=True)
+        hit, offset = torch.nonzero(blocks[r, b] <= bound[r][:, None], as_tuple=True)
+        rows.append(r[hit]), columns.append(b[hit] * block + offset)
+    if whole < C:
+        r, c = torch.nonzero(values[:, whole:] <= bound[:, None], as_tuple=True)
+        rows.append(r), columns.append(c + whole)
+    if len(rows) == 1:
+        return rows[0], columns[0]
+    return torch.cat(rows), torch.cat(columns)
+
+
+# Up to this many point–vertex pairs, the nearest-vertex search measures every distance from
+# coordinate differences: faster than the product search's twenty-odd passes at these sizes
+# (measured; beyond ~1M pairs the arrays leave the cache and the product search wins).
+_EXACT_SEARCH_PAIRS = 1 << 19
+
+
 @torch.no_grad()
 def nearest_vertex(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor:
-    """``[B, Q]`` index of each point's nearest vertex, decided on exact distances.
+    """``[B, Q]`` index of each point's nearest vertex, decided on exact distances, the lowest index
+    on an exact tie, as ``argmin``.
 
-    The search runs on matrix-product squared distances (one batched GEMM), which in float32 are
-    off by ~1e-3 mm² at hand coordinates: too coarse to decide a near tie, so every vertex within
-    a bound of that error of the best is re-measured exactly (``‖p − v‖``, usually one or two per
-    point) and the nearest of those wins, the lowest index on an exact tie, as ``argmin`` does.
+    Small searches measure every ``|p − v|²`` from coordinate differences. Larger ones run on
+    matrix-product squared distances (one batched GEMM), which in float32 are off by ~1e-3 mm² at
+    hand coordinates: too coarse to decide a near tie, so every vertex within a bound of that
+    error of the best is re-measured exactly (``‖p − v‖``, usually one or two per point) and the
+    nearest of those wins.
 
     Args:
         points: ``[B, Q, 3]`` (mm).
@@ -141,16 +194,69 @@ def nearest_vertex(points: torch.Tensor, vertices: torch.Tensor) -> torch.Tensor
     """
     B, Q, _ = points.shape
     V = vertices.shape[1]
+    if B * Q * V <= _EXACT_SEARCH_PAIRS:
+        return _coordinate_squared_distances(points, vertices).argmin(dim=-1)
     centre = vertices.mean(dim=1, keepdim=True)
     sq, error = _squared_distances(points - centre, vertices - centre)  # [B, Q, V]
-    candidate = sq <= sq.amin(dim=-1, keepdim=True) + error
-    b, q, k = torch.nonzero(candidate, as_tuple=True)
-    exact = torch.linalg.vector_norm(points[b, q] - vertices[b, k], dim=-1)
-    group = b * Q + q
-    best = exact.new_full((B * Q,), math.inf).scatter_reduce(0, group, exact, "amin")
-    winner = torch.where(exact == best[group], k, V)  # V: not a winner (no boolean indexing: no search)
-    index = k.new_full((B * Q,), V).scatter_reduce(0, group, winner, "amin")
-    return index.view(B, Q)
+    flat = sq.view(B * Q, V)
+    r, k = _entries_at_most(flat, flat.amin(dim=1) + error)
+    exact = torch.linalg.vector_norm(points.reshape(B * Q, 3)[r] - vertices[r // Q, k], dim=-1)
+    best = exact.new_full((B * Q,), math.inf).scatter_reduce(0, r, exact, "amin")
+    winner = torch.where(exact == best[r], k, V)  # V: not a winner (no boolean indexing: no search)
+    return k.new_full((B * Q,), V).scatter_reduce(0, r, winner, "amin").view(B, Q)
+
+
+@torch.no_grad()
+def nearest_vertex_per_segment(points: torch.Tensor, vertices: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+    """``[B, K, Q]`` index (into ``vertices``) of each point's nearest vertex in each of ``K``
+    consecutive vertex segments, as :func:`nearest_vertex` finds it.
+
+    Args:
+        points: ``[B, Q, 3]`` (mm).
+        vertices: ``[B, V, 3]`` (mm).
+        bounds: ``K + 1`` increasing offsets; segment ``k`` is ``vertices[:, bounds[k]:bounds[k + 1]]``,
+            none empty.
+    """
+    return torch.stack([nearest_vertex(points, vertices[:, lo:hi]) + lo for lo, hi in zip(bounds[:-1], bounds[1:])],
+                       dim=1)
+
+
+class _BoneOverlap(torch.autograd.Function):
+    """``[B]`` mean over bone pairs of the mean over their point pairs of ``max(0, r₁ + r₂ − ‖p₁ − p₂‖)``,
+    with a hand-written backward: autograd's would take some twenty passes over the
+    ``[3, B, Q, n, n]`` point-pair arrays, this one five.
+
+    Args of ``apply``: ``coords [3, B, P]`` bone points, coordinates first (mm); ``radius_first``,
+    ``radius_second`` ``[B, Q, n]`` radii of the two bones' points (mm, no gradient); ``first``,
+    ``second`` ``[Q, n]`` point ids of the two bones of each pair.
+    """
+
+    @staticmethod
+    def forward(ctx, coords, radius_first, radius_second, first, second):
+        # Coordinates first: the squared distance is then elementwise products of contiguous
+        # [B, Q, n, n] arrays, half the time of a norm over a trailing axis of 3.
+        diff = coords[:, :, first][..., None] - coords[:, :, second][..., None, :]  # [3, B, Q, n, n]
+        dist = diff[0].square().addcmul_(diff[1], diff[1]).addcmul_(diff[2], diff[2])
+        dist.clamp_min_(torch.finfo(dist.dtype).tiny).sqrt_()  # > 0: no NaN in the backward
+        overlap = (radius_first[..., None] - dist).add_(radius_second[:, :, None])
+        ctx.save_for_backward(diff, dist, overlap, first, second)
+        ctx.point_num = coords.shape[-1]
+        Q, n = first.shape
+        return overlap.clamp(min=0).sum(dim=(1, 2, 3)).div_(Q * n * n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        diff, dist, overlap, first, second = ctx.saved_tensors
+        Q, n = first.shape
+        # d loss_b / d diff = −grad_b / (Q n²) · diff / dist where the pair overlaps (≥ 0, where
+        # torch.clamp's backward passes the gradient too). At a zero distance diff is 0, and so is
+        # the gradient, as a norm's subgradient.
+        weighted = diff * torch.where(overlap >= 0, dist, torch.inf).reciprocal_()  # [3, B, Q, n, n]
+        grad_coords = weighted.new_zeros(3, weighted.shape[1], ctx.point_num)
+        grad_coords.index_add_(2, first.reshape(-1), weighted.sum(dim=-1).neg_().flatten(2))
+        grad_coords.index_add_(2, second.reshape(-1), weighted.sum(dim=-2).flatten(2))
+        return grad_coords.mul_(grad.div(Q * n * n)[None, :, None]), None, None, None, None
 
 
 class PenetLoss(nn.Module):
@@ -269,14 +375,11 @@ class PenetLoss(nn.Module):
         last_points = torch.tensor([[bone_first_point[e] + k for k in range(n)] for e in last_bones],
                                    dtype=torch.long).reshape(len(last_bones), n)
 
-        # Vertices of each non-rigid joint, concatenated; slices into them per joint.
-        nr_vertices, self._nr_slices = [], []
-        offset = 0
-        for j in nr_joints:
-            idx = torch.nonzero(seg == j, as_tuple=True)[0]
-            nr_vertices.append(idx)
-            self._nr_slices.append((offset, offset + int(idx.numel())))
-            offset += int(idx.numel())
+        # Vertices of the non-rigid joints, one joint's after another; a joint without vertices
+        # gets no segment.
+        nr_vertices = [torch.nonzero(seg == j, as_tuple=True)[0] for j in nr_joints]
+        sizes = [int(v.numel()) for v in nr_vertices if v.numel()]
+        self.non_rigid_segment_bounds = np.cumsum([0] + sizes).tolist()
         nr_vertices = torch.cat(nr_vertices) if nr_vertices else torch.zeros(0, dtype=torch.long)
 
         buffers = {
@@ -287,7 +390,7 @@ class PenetLoss(nn.Module):
             "pair_points_first": edge_points[torch.tensor(first, dtype=torch.long)],  # [Q, n]
             "pair_points_second": edge_points[torch.tensor(second, dtype=torch.long)],  # [Q, n]
             "last_bone_points": last_points,  # [L, n]
-            "non_rigid_vertices": nr_vertices,  # [sum of segment sizes]
+            "non_rigid_vertices": nr_vertices,  # [Vs], Vs = sum of the segment sizes
         }
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
@@ -344,81 +447,66 @@ class PenetLoss(nn.Module):
         points = self.bone_points(template_pose.to(rest_mesh.dtype))
         B = rest_mesh.shape[0]
         if points.dim() == 2 and B > 1:
-            pairs = self._nearest_candidates(points, rest_mesh)
-            if pairs is not None:
-                point_ids, vertex_ids = pairs
+            point_ids, vertex_ids = self._nearest_candidates(points, rest_mesh)
+            if point_ids.numel() * 4 <= points.shape[0] * rest_mesh.shape[1]:  # else no saving
                 dist = torch.linalg.vector_norm(rest_mesh[:, vertex_ids] - points[point_ids], dim=-1)  # [B, N]
                 radii = dist.new_full((B, points.shape[0]), math.inf)
                 return radii.scatter_reduce(1, point_ids.expand(B, -1), dist, "amin")
         if points.dim() == 2:
             points = points[None]
-        points = points.expand(B, -1, -1)
-        # The matrix-product form of cdist loses digits on mm coordinates (see non_rigid_term).
-        dist = torch.cdist(points, rest_mesh, compute_mode="donot_use_mm_for_euclid_dist")
-        return dist.amin(dim=2)
+        return _coordinate_squared_distances(points.expand(B, -1, -1), rest_mesh).amin(dim=2).sqrt()
 
     @staticmethod
-    def _nearest_candidates(points: torch.Tensor, rest_mesh: torch.Tensor):
+    def _nearest_candidates(points: torch.Tensor, rest_mesh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(point_ids [N], vertex_ids [N])``: pairs that contain, for every sample, each point's
-        nearest vertex; None when that would be no saving.
+        nearest vertex.
 
         The bone points are the same for every sample (one template skeleton) and the samples'
         rest meshes differ only by their pose correctives, a few mm. With ``ref`` the batch's mean
         mesh and ``S`` the largest distance of a vertex from it in any sample,
         ``|d_b(p, v) − d_ref(p, v)| ≤ S``; so vertex ``v`` can be the nearest in some sample only
-        if ``d_ref(p, v) ≤ min_u d_ref(p, u) + 2S``. One ``[P, V]`` search on ``ref`` (a matrix
-        product of squared distances, whose float error the bound absorbs) then leaves one or a
-        few vertices per point for the exact per-sample distances.
+        if ``d_ref(p, v) ≤ min_u d_ref(p, u) + 2S``. One ``[P, V]`` search on ``ref`` then leaves
+        one or a few vertices per point for the exact per-sample distances.
+
+        Args:
+            points: ``[P, 3]``; rest_mesh: ``[B, V, 3]`` (mm).
         """
-        centre = rest_mesh.mean(dim=(0, 1))
-        ref = rest_mesh.mean(dim=0) - centre  # [V, 3], centred: squared distances keep their digits
-        spread = rest_mesh - centre - ref  # [B, V, 3]
-        spread_max = (spread[..., 0].square() + spread[..., 1].square() + spread[..., 2].square()).amax().sqrt()
-        squared, error = _squared_distances(points - centre, ref)  # [P, V]
-        reach = (squared.amin(dim=1).clamp_min(0) + error).sqrt() + 2 * spread_max
-        point_ids, vertex_ids = torch.nonzero(squared <= (reach.square() + error)[:, None], as_tuple=True)
-        if point_ids.numel() * 4 > squared.numel():
-            return None
-        return point_ids, vertex_ids
+        ref = rest_mesh.mean(dim=0)  # [V, 3]
+        spread = (rest_mesh - ref).square().sum(dim=-1).amax().sqrt()
+        squared = _coordinate_squared_distances(points, ref)  # [P, V]
+        # A margin of 16 ulp over the few ulp of rounding in each squared distance.
+        slack = 1 + 16 * torch.finfo(squared.dtype).eps
+        reach = (squared.amin(dim=1) * slack).sqrt() + 2 * spread
+        return _entries_at_most(squared, reach.square() * slack)
 
     def rigid_term(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """``[B]`` mean sphere overlap (mm) of the disjoint bone pairs; ``points [B, P, 3]``, ``radii [B, P]``."""
         if self.pair_points_first.shape[0] == 0:
             return points.new_zeros(points.shape[0])
-        # Coordinates first ([3, B, Q, n]): the squared distance is then three elementwise
-        # products of contiguous [B, Q, n, n] arrays, half the time of a norm over a trailing
-        # axis of 3. The clamp keeps the gradient of a zero distance 0 (not NaN), as a norm's.
-        coords = points.movedim(-1, 0)
-        diff = coords[:, :, self.pair_points_first][..., None] - coords[:, :, self.pair_points_second][..., None, :]
-        squared = diff[0].square() + diff[1].square() + diff[2].square()  # [B, Q, n, n]
-        dist = squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
-        reach = radii[:, self.pair_points_first][..., None] + radii[:, self.pair_points_second][:, :, None]
-        return (reach - dist).clamp(min=0).mean(dim=(2, 3)).mean(dim=1)
+        radii = radii.detach()
+        return _BoneOverlap.apply(points.movedim(-1, 0), radii[:, self.pair_points_first],
+                                  radii[:, self.pair_points_second], self.pair_points_first, self.pair_points_second)
 
     def non_rigid_term(self, points: torch.Tensor, radii: torch.Tensor, mesh_out: torch.Tensor) -> torch.Tensor:
         """``[B]`` fingertip-into-skin loss (mm); ``points [B, P, 3]``, ``radii [B, P]``, ``mesh_out [B, V, 3]``."""
         B = points.shape[0]
-        pair_num = len(self._nr_slices) * self.last_bone_points.shape[0]
-        total = points.new_zeros(B)
-        if pair_num == 0:
-            return total
         L, n = self.last_bone_points.shape
+        # Joints without segmented skin count in the average and add 0 (the original crashes).
+        pair_num = len(self.non_rigid_joint_indices) * L
+        if L == 0 or len(self.non_rigid_segment_bounds) == 1:
+            return points.new_zeros(B)
         tips = points[:, self.last_bone_points.reshape(-1)]  # [B, L·n, 3]
-        reach = radii[:, self.last_bone_points]  # [B, L, n]
-        for lo, hi in self._nr_slices:
-            if hi == lo:
-                continue  # no skin segmented to this joint: nothing to penetrate (the original crashes)
-            skin = mesh_out[:, self.non_rigid_vertices[lo:hi]]  # [B, Vk, 3]
-            # Search without autograd, then differentiate only the distance to the nearest vertex:
-            # the same gradient as a min over all distances, without a [B, L·n, Vk] backward.
-            nearest = nearest_vertex(tips.detach(), skin.detach())
-            near = torch.gather(skin, 1, nearest[..., None].expand(-1, -1, 3))
-            dist = torch.linalg.vector_norm(tips - near, dim=-1).view(B, L, n)
-            # Points from the first collision on (a bone runs parent → child, towards the tip).
-            tail = (dist < reach).cumsum(dim=-1) > 0
-            excess = torch.where(tail, dist - reach, torch.zeros_like(dist)).sum(dim=-1)
-            total = total + (excess.abs() / tail.sum(dim=-1).clamp(min=1)).sum(dim=-1)
-        return total / pair_num
+        skin = mesh_out[:, self.non_rigid_vertices]  # [B, Vs, 3]
+        # Search without autograd, then differentiate only the distance to the nearest vertex:
+        # the same gradient as a min over all distances, without a [B, L·n, Vs] backward.
+        nearest = nearest_vertex_per_segment(tips.detach(), skin.detach(), self.non_rigid_segment_bounds)
+        near = torch.gather(skin, 1, nearest.reshape(B, -1, 1).expand(-1, -1, 3))
+        dist = torch.linalg.vector_norm(tips[:, None] - near.view(B, -1, L * n, 3), dim=-1).view(B, -1, L, n)
+        reach = radii[:, self.last_bone_points][:, None]  # [B, 1, L, n]
+        # Points from the first collision on (a bone runs parent → child, towards the tip).
+        tail = (dist < reach).cumsum(dim=-1) > 0
+        excess = torch.where(tail, dist - reach, torch.zeros_like(dist)).sum(dim=-1)
+        return (excess.abs() / tail.sum(dim=-1).clamp(min=1)).sum(dim=(1, 2)) / pair_num
 
     def terms(self, template_pose: torch.Tensor, rest_mesh: torch.Tensor, joint_out: torch.Tensor,
               mesh_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -431,7 +519,9 @@ class PenetLoss(nn.Module):
             raise ValueError(f"mesh_out: expected [{B}, {self.vertex_num}, 3] (mm), got {_shape(mesh_out)}")
         if rest_mesh.shape != mesh_out.shape:
             raise ValueError(f"rest_mesh: expected {_shape(mesh_out)} like mesh_out, got {_shape(rest_mesh)}")
-        radii = self.point_radii(template_pose.detach(), rest_mesh.detach()).to(joint_out.dtype)
+        # The decoder's meshes are [B, V, 3] views of [V, 3, B] arrays; the radius search gathers
+        # vertices, many times faster from a [B, V, 3] copy.
+        radii = self.point_radii(template_pose.detach(), rest_mesh.detach().contiguous()).to(joint_out.dtype)
         points = self.bone_points(joint_out)
         return self.rigid_term(points, radii), self.non_rigid_term(points, radii, mesh_out.to(joint_out.dtype))
 
