@@ -2,7 +2,8 @@
 
     python main/bench.py decode [--batch 1 64 1024] [--hands default makehuman]
     python main/bench.py losses [--batch 8] [--hands default makehuman]
-    python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--tile-sizes 0 16]
+    python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--rasterisers vectorised pytorch3d]
+                                  [--tile-sizes 0 16]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
@@ -65,7 +66,8 @@ def bench_losses(args) -> None:
 
 
 def bench_renderer(args) -> None:
-    from common.bench.renderer import compare_tilings, subdivide
+    from common.bench.renderer import compare_renderers, subdivide
+    from common.nets.renderer import DEFAULT_TILE_SIZE
 
     hands = []
     for name, hand in load_hands(args.hands):
@@ -73,7 +75,9 @@ def bench_renderer(args) -> None:
             label = name if times == 0 else f"{name}/{4 ** times}"
             hands.append((label, hand if times == 0 else subdivide(hand.vertices, hand.faces, times)))
     print(f"renderer: {machine_description()}  ('/4': each face split in four, same surface)")
-    compare_tilings(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, tile_sizes=args.tile_sizes)
+    variants = [(name, DEFAULT_TILE_SIZE) for name in args.rasterisers if name == "vectorised"]
+    variants += [("pytorch3d", tile) for tile in args.tile_sizes if "pytorch3d" in args.rasterisers]
+    compare_renderers(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, variants=variants)
 
 
 def bench_data(args) -> None:
@@ -205,8 +209,10 @@ def main(argv=None) -> int:
     p.add_argument("--hands", nargs="+", default=["default"], help=hands_help)
     p.add_argument("--subdivide", type=int, nargs="+", default=[0],
                    help="also each hand with every face split in four this many times (0: as is)")
+    p.add_argument("--rasterisers", nargs="+", choices=["vectorised", "pytorch3d"], default=["vectorised", "pytorch3d"],
+                   help="CPU rasterisers to compare (DepthRenderer's cpu_rasteriser)")
     p.add_argument("--tile-sizes", dest="tile_sizes", type=int, nargs="+", default=[DEFAULT_TILE_SIZE],
-                   help=f"the renderer's CPU tile sizes to compare (0: untiled; default {DEFAULT_TILE_SIZE})")
+                   help=f"tile sizes of the PyTorch3D rows (0: untiled; default {DEFAULT_TILE_SIZE})")
     p.add_argument("--repeats", type=int, default=5)
 
     p = sub.add_parser("data", help="data-loader samples per second")

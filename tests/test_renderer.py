@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.nets.rasterizer import pixel_ndc, rasterize_depth
 from common.nets.renderer import DepthRenderer, project_points
 from tests.conftest import MAKEHUMAN_DIR as MAKEHUMAN
 
@@ -453,7 +454,10 @@ def test_own_gradient_equals_pytorch3d_gradient():
     H, W = 32, 40
     inputs = _hand_batch(np.asarray(hand.vertices, float), 2, 3, H, W, seed=2)
     weight = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(1))
-    renderer = DepthRenderer(torch.as_tensor(hand.faces), (H, W))
+    # Untiled: forward's values come from the vectorised rasteriser, rasterize()'s (with a
+    # gradient) from PyTorch3D's whole-view kernel, which agree exactly here; tiles could pick
+    # the other of two faces meeting at a pixel centre.
+    renderer = DepthRenderer(torch.as_tensor(hand.faces), (H, W), tile_size=None)
     v = inputs[0].clone().requires_grad_(True)
     depth = renderer(v, *inputs[1:])
     (depth * weight).sum().backward()
@@ -647,3 +651,129 @@ def test_tiling_options_and_empty_views():
         depth.sum().backward()
         assert (v.grad == 0).all()
     assert (r(verts, *cams) > 0).sum() > 300
+
+
+# ------------------------------------------------------ 8. vectorised CPU rasteriser
+# common/nets/rasterizer.py takes PyTorch3D's CPU kernel's decisions for all (face, pixel)
+# pairs at once.  Its reference is PyTorch3D itself (each view rendered whole): the same
+# coverage, the same face at each pixel and the same depth (observed bit for bit on this
+# machine; the tolerance allows a compiler's fused multiply-adds in the kernel).
+def _p3d_reference(faces, size, verts, near=1.0):
+    return DepthRenderer(faces, size, near=near, tile_size=None, cpu_rasteriser="pytorch3d")._rasterize_whole(verts)
+
+
+@pytest.mark.parametrize("hand_name", ["default", "makehuman"])
+@pytest.mark.parametrize("size", [(48, 64), (40, 27), (96, 96)])
+def test_vectorised_rasteriser_equals_pytorch3d(hand_name, size):
+    if hand_name == "default":
+        from common.utils.default_hand import make_default_hand
+        hand = make_default_hand()
+    else:
+        hand = makehuman()
+    faces = torch.as_tensor(hand.faces)
+    H, W = size
+    inputs = _hand_batch(np.asarray(hand.vertices, float), 2, 3, H, W, shifts={(1, 2): (26.0, -17.0),
+                                                                                 (0, 1): (-35.0, 0.0)})
+    renderer = DepthRenderer(faces, size)
+    verts = renderer.screen_vertices(*inputs).reshape(6, -1, 3).float()
+    ours = rasterize_depth(verts, renderer.faces, size, renderer.near)
+    assert ours is not None and ours[0].shape == ours[1].shape == (6, H, W, 1)
+    assert ours[0].dtype == torch.int64 and ours[1].dtype == torch.float32
+    reference = _p3d_reference(faces, size, verts)
+    _assert_same_fragments(reference, ours, f"{hand_name} {size}")
+    assert torch.equal(ours[1][ours[0] < 0], torch.full_like(ours[1][ours[0] < 0], -1.0))
+    # The renderer's forward takes this path on the CPU, with the same gradient as before.
+    v = inputs[0].clone().requires_grad_(True)
+    depth = renderer(v, *inputs[1:])
+    v_ref = inputs[0].clone().requires_grad_(True)
+    depth_ref = DepthRenderer(faces, size, tile_size=None, cpu_rasteriser="pytorch3d")(v_ref, *inputs[1:])
+    assert torch.equal(depth > 0, depth_ref > 0)
+    assert torch.allclose(depth, depth_ref, rtol=DEPTH_ULPS * torch.finfo(torch.float32).eps, atol=0)
+    weight = torch.rand(depth.shape, generator=torch.Generator().manual_seed(1))
+    (depth * weight).sum().backward()
+    (depth_ref * weight).sum().backward()
+    assert v.grad.abs().max() > 0
+    assert torch.allclose(v.grad, v_ref.grad, rtol=1e-4, atol=1e-6 * float(v_ref.grad.abs().max()))
+
+
+def test_vectorised_rasteriser_is_taken_and_falls_back(monkeypatch):
+    """Used on the CPU for depth without a gradient through the rasteriser; PyTorch3D renders
+    when a face is cut by the near plane, when the rasteriser's own gradient is asked for, and
+    with ``cpu_rasteriser='pytorch3d'``."""
+    import common.nets.renderer as renderer_module
+    from common.utils.default_hand import make_default_hand
+    hand = make_default_hand()
+    faces = torch.as_tensor(hand.faces)
+    calls = []
+    original = renderer_module.rasterize_depth
+
+    def counting(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(renderer_module, "rasterize_depth", counting)
+    H, W = 44, 36
+    inputs = _hand_batch(np.asarray(hand.vertices, float), 1, 2, H, W, distance=250.0)
+    # Near plane through the hand: faces cut by it, so PyTorch3D clips and renders.
+    near = 235.0
+    clipped = DepthRenderer(faces, (H, W), near=near)
+    face, zbuf = clipped.rasterize(*inputs)
+    assert calls == [False]
+    verts = clipped.screen_vertices(*inputs).reshape(2, -1, 3).float()
+    _assert_same_fragments(_p3d_reference(faces, (H, W), verts, near), (face.reshape(2, H, W, 1),
+                                                                      zbuf.reshape(2, H, W, 1)), "clipped")
+    # No face cut: the vectorised path.
+    DepthRenderer(faces, (H, W), near=1.0).rasterize(*inputs)
+    assert calls == [False, True]
+    # A gradient through rasterize() is PyTorch3D's; so is everything with cpu_rasteriser="pytorch3d".
+    DepthRenderer(faces, (H, W))(inputs[0].clone().requires_grad_(True), *inputs[1:])
+    assert calls == [False, True, True]  # forward's own gradient: the values need no graph
+    DepthRenderer(faces, (H, W)).rasterize(inputs[0].clone().requires_grad_(True), *inputs[1:])
+    DepthRenderer(faces, (H, W), cpu_rasteriser="pytorch3d")(*inputs)
+    assert calls == [False, True, True]
+    with pytest.raises(ValueError, match=r"cpu_rasteriser"):
+        DepthRenderer(faces, cpu_rasteriser="numpy")
+
+
+def test_vectorised_rasteriser_corner_cases(monkeypatch):
+    """Ties (the lower face index wins), zero-area faces, faces entirely behind the near plane
+    (culled), faces beyond the image, non-finite input, chunking: as PyTorch3D."""
+    import common.nets.rasterizer as rasterizer_module
+    g = torch.Generator().manual_seed(4)
+    H, W = 30, 34
+    tris = torch.rand(40, 3, 3, generator=g)
+    tris[..., :2] = tris[..., :2] * 2.4 - 1.2          # some reach beyond the image
+    tris[..., 2] = 200 + 100 * tris[..., 2]
+    tris[5] = tris[3]                                   # a duplicate: equal depth, the tie goes to 3
+    tris[7, 2] = tris[7, 0]                             # zero area
+    tris[9, :, 2] = 0.5                                 # entirely behind near = 1
+    verts = tris.reshape(1, -1, 3).repeat(2, 1, 1)
+    verts[1, :, :2] *= -0.7                             # a second view
+    faces = torch.arange(120).reshape(40, 3)
+    reference = _p3d_reference(faces, (H, W), verts)
+    ours = rasterize_depth(verts, faces, (H, W), 1.0)
+    _assert_same_fragments(reference, ours, "triangles")
+    assert torch.equal(ours[0], reference[0])
+    assert (ours[0] == 3).any() and not (ours[0] == 5).any()
+    assert not (ours[0] == 7).any() and not (ours[0] == 9).any()
+    # Chunks of a few pairs give the same result.
+    monkeypatch.setattr(rasterizer_module, "_CHUNK_PAIRS", 50)
+    chunked = rasterize_depth(verts, faces, (H, W), 1.0)
+    assert torch.equal(chunked[0], ours[0]) and torch.equal(chunked[1], ours[1])
+    # Nothing on screen, and non-finite coordinates (left to PyTorch3D).
+    empty = rasterize_depth(verts + torch.tensor([9.0, 0.0, 0.0]), faces, (H, W), 1.0)
+    assert (empty[0] == -1).all() and (empty[1] == -1).all()
+    verts[0, 4, 0] = float("nan")
+    assert rasterize_depth(verts, faces, (H, W), 1.0) is None
+
+
+def test_pixel_ndc_is_pytorch3d_sampling():
+    """The NDC points PyTorch3D samples, as the renderer's docstring states them:
+    ``x = (W − 1 − 2c) / min(H, W)`` (and y alike), for square, wide and tall images."""
+    for H, W in ((32, 32), (20, 57), (61, 18)):
+        S = min(H, W)
+        assert torch.allclose(pixel_ndc(W, H).double(), (W - 1 - 2 * torch.arange(W, dtype=torch.float64)) / S,
+                              rtol=0, atol=4e-7 * W / S)
+        assert torch.allclose(pixel_ndc(H, W).double(), (H - 1 - 2 * torch.arange(H, dtype=torch.float64)) / S,
+                              rtol=0, atol=4e-7 * H / S)

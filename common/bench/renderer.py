@@ -2,15 +2,15 @@
 
 Renders a hand template seen by ``views`` cameras placed around it (as the training loop does:
 B = 1 sample, N views, one rasteriser call), each view cropped to its bounding box and warped to
-``size × size``, and reports the median time of ``repeats`` calls, with the renderer's CPU tiling
-or another ``tile_size`` (0: untiled). Face count is varied with :func:`subdivide`. Run through
-``python main/bench.py renderer``.
+``size × size``, and reports the median time of ``repeats`` calls, with the renderer's vectorised
+CPU rasteriser or PyTorch3D's (tiled, or untiled with ``tile_size`` 0). Face count is varied with
+:func:`subdivide`. Run through ``python main/bench.py renderer``.
 """
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ def _call(renderer: DepthRenderer, vertices: torch.Tensor, cams, backward: bool)
 def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
                   device: Optional[torch.device | str] = None,
                   num_threads: Optional[int] = None, backward: bool = False,
-                  tile_size: Optional[int] = DEFAULT_TILE_SIZE) -> List[Dict]:
+                  tile_size: Optional[int] = DEFAULT_TILE_SIZE, cpu_rasteriser: str = "vectorised") -> List[Dict]:
     """Median forward time of :class:`DepthRenderer` on ``hand_model``'s template.
 
     Args:
@@ -115,11 +115,12 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         num_threads: if given, ``torch.set_num_threads`` for the measurement (restored after).
         backward: time forward + backward of ``depth.sum()`` wrt the vertices instead of
             the forward alone.
-        tile_size: the renderer's ``tile_size`` (None or 0: each view whole).
+        tile_size: the renderer's ``tile_size`` (None or 0: each view whole), for PyTorch3D.
+        cpu_rasteriser: the renderer's ``cpu_rasteriser``, ``'vectorised'`` or ``'pytorch3d'``.
 
     Returns:
         One dict per size: ``size``, ``views``, ``faces``, ``vertices``, ``device``,
-        ``threads``, ``backward``, ``tile_size`` (0 for none), ``ms_per_call`` (median),
+        ``threads``, ``backward``, ``tile_size`` (0 for none), ``rasteriser``, ``ms_per_call`` (median),
         ``ms_per_view`` (= ms_per_call / views), ``coverage`` (mean fraction of pixels with
         depth, a sanity check).
     """
@@ -133,7 +134,8 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         results = []
         for size in sizes:
             cams = [t.to(device) for t in ring_cameras(hand_model.vertices, views, int(size))]
-            renderer = DepthRenderer(faces, image_size=(int(size), int(size)), tile_size=tile_size).to(device)
+            renderer = DepthRenderer(faces, image_size=(int(size), int(size)), tile_size=tile_size,
+                                     cpu_rasteriser=cpu_rasteriser).to(device)
             v = verts.clone().requires_grad_(backward)
             depth = _call(renderer, v, cams, backward)                          # warm-up
             ms = 1000.0 * median_seconds(lambda: _call(renderer, v, cams, backward), repeats, warmup=0,
@@ -141,7 +143,7 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
             results.append({
                 "size": int(size), "views": int(views), "faces": int(faces.shape[0]),
                 "vertices": int(verts.shape[1]), "device": str(device), "threads": torch.get_num_threads(),
-                "backward": bool(backward), "tile_size": int(tile_size or 0),
+                "backward": bool(backward), "tile_size": int(tile_size or 0), "rasteriser": cpu_rasteriser,
                 "ms_per_call": ms, "ms_per_view": ms / views,
                 "coverage": float((depth > 0).float().mean()),
             })
@@ -150,35 +152,41 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         torch.set_num_threads(old_threads)
 
 
-def compare_tilings(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
-                    tile_sizes: Sequence[int] = (0, DEFAULT_TILE_SIZE), num_threads: Optional[int] = None,
-                    print_fn=print) -> List[Dict]:
-    """Time forward and forward + backward for each ``tile_size`` (0: untiled) and print one row
-    per (hand, size, tile size), with the speed-up over the untiled row when there is one.
+def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
+                      variants: Sequence[Tuple[str, int]] = (("vectorised", DEFAULT_TILE_SIZE),
+                                                             ("pytorch3d", DEFAULT_TILE_SIZE)),
+                      num_threads: Optional[int] = None, print_fn=print) -> List[Dict]:
+    """Time forward and forward + backward for each ``(cpu_rasteriser, tile_size)`` variant
+    (tile 0: PyTorch3D untiled; the tile size does not matter to the vectorised rasteriser) and
+    print one row per (hand, size, variant), with the speed-up over the first PyTorch3D variant.
 
     ``hands``: ``(name, hand_model)`` pairs.  Returns the rows as dicts (``hand``, ``size``,
-    ``tile_size``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``).
+    ``rasteriser``, ``tile_size``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``).
     """
     print_fn(f"depth renderer on the CPU, {num_threads or torch.get_num_threads()} threads; B=1 sample x "
-             f"{views} views in one call; median of {repeats} runs; tile 0 = untiled")
-    print_fn(f"{'hand':<10} {'faces':>6} {'size':>9} {'tile':>4} | {'ms/view':>8} {'ms/call':>8} | "
+             f"{views} views in one call; median of {repeats} runs; tile 0 = PyTorch3D untiled")
+    print_fn(f"{'hand':<12} {'faces':>6} {'size':>9} {'rasteriser':>10} {'tile':>4} | {'ms/view':>8} {'ms/call':>8} | "
              f"{'+backward ms/view':>17} | {'speed-up fwd':>12} {'+bwd':>6}")
+    reference = next((v for v in variants if v[0] == "pytorch3d"), None)
     out = []
     for name, hand in hands:
         rows = {}
-        for tile in tile_sizes:
-            kw = dict(sizes=sizes, views=views, repeats=repeats, num_threads=num_threads, tile_size=tile)
-            rows[tile] = list(zip(time_renderer(hand, **kw), time_renderer(hand, backward=True, **kw)))
+        for rasteriser, tile in variants:
+            kw = dict(sizes=sizes, views=views, repeats=repeats, num_threads=num_threads, tile_size=tile,
+                      cpu_rasteriser=rasteriser)
+            rows[rasteriser, tile] = list(zip(time_renderer(hand, **kw), time_renderer(hand, backward=True, **kw)))
         for i in range(len(sizes)):
-            base = rows[0][i] if 0 in rows else None
-            for tile in tile_sizes:
-                f, b = rows[tile][i]
+            base = rows[reference][i] if reference is not None else None
+            for rasteriser, tile in variants:
+                f, b = rows[rasteriser, tile][i]
                 gain = ""
-                if base is not None and tile != 0:
+                if base is not None and (rasteriser, tile) != reference:
                     gain = (f"{base[0]['ms_per_view'] / f['ms_per_view']:>11.1f}x "
                             f"{base[1]['ms_per_view'] / b['ms_per_view']:>5.1f}x")
-                print_fn(f"{name:<10} {f['faces']:>6} {f['size']:>4}x{f['size']:<4} {tile:>4} | "
+                shown_tile = "-" if rasteriser == "vectorised" else str(tile)
+                print_fn(f"{name:<12} {f['faces']:>6} {f['size']:>4}x{f['size']:<4} {rasteriser:>10} {shown_tile:>4} | "
                          f"{f['ms_per_view']:>8.1f} {f['ms_per_call']:>8.1f} | {b['ms_per_view']:>17.1f} | {gain}")
-                out.append({"hand": name, "size": f["size"], "tile_size": tile, "faces": f["faces"],
-                            "ms_per_view": f["ms_per_view"], "ms_per_view_backward": b["ms_per_view"]})
+                out.append({"hand": name, "size": f["size"], "rasteriser": rasteriser, "tile_size": tile,
+                            "faces": f["faces"], "ms_per_view": f["ms_per_view"],
+                            "ms_per_view_backward": b["ms_per_view"]})
     return out

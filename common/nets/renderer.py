@@ -76,7 +76,17 @@ they would not cut the kernel's work, or would exceed ``_MAX_TILE_COPIES`` per f
 the batch (which bounds the memory, e.g. for a mesh mostly across the near plane), the
 views are rendered whole.  On CUDA PyTorch3D bins by itself and views are rendered whole.
 
-Gradients.  :meth:`DepthRenderer.forward` takes its values from PyTorch3D and its gradient
+The vectorised CPU rasteriser.  PyTorch3D's kernel, even tiled, spends most of a CPU training
+iteration on per-face bookkeeping.  :mod:`common.nets.rasterizer` takes the same decisions
+(sample points, box test, zero-area and depth skips, coverage by perspective-corrected
+barycentrics > 0, depth, nearest face with the lowest index on a tie) for all (face, pixel)
+pairs at once, with the kernel's float32 formulas in its order of operations: on this project's
+machines its face and depth maps equal PyTorch3D's bit for bit, and it is 6–19× faster
+(BENCHMARKS.md).  It leaves to PyTorch3D what it does not reproduce: faces cut by the near
+plane (PyTorch3D splits them), ``faces_per_pixel > 1``, non-finite coordinates, CUDA, and
+:meth:`DepthRenderer.rasterize` with a gradient (PyTorch3D's backward).
+
+Gradients.  :meth:`DepthRenderer.forward` takes its values from the rasteriser and its gradient
 from :func:`plane_depth`: the depth of a covered pixel written as a function of its face's
 three vertices (where the pixel's ray meets the face's plane), computed for all covered pixels
 at once and differentiated by autograd.  For a fixed covering face this is the function
@@ -99,6 +109,8 @@ from torch import nn
 
 from pytorch3d.renderer.mesh import rasterize_meshes
 from pytorch3d.structures import Meshes
+
+from common.nets.rasterizer import rasterize_depth
 
 __all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE"]
 
@@ -238,11 +250,12 @@ def _parse_image_size(image_size) -> Tuple[int, int]:
 class DepthRenderer(nn.Module):
     """Render depth maps of a batch of meshes seen from several cameras each.
 
-    All ``B·N`` (sample, view) pairs go to PyTorch3D in one rasteriser call:
-    on CUDA (or with ``tile_size`` off) as a batch of ``B·N`` meshes sharing
-    ``faces``, on the CPU as a batch of the non-empty tiles of all views (see
-    the module docstring).  Runs on the device of its inputs (move the module
-    with ``.to(device)`` so ``faces`` follows).
+    All ``B·N`` (sample, view) pairs are rasterised in one call: on the CPU by
+    :func:`common.nets.rasterizer.rasterize_depth` (PyTorch3D's CPU kernel's rules,
+    vectorised) when it applies, else by PyTorch3D, on CUDA as a batch of ``B·N``
+    meshes sharing ``faces`` (or with ``tile_size`` off), on the CPU as a batch of
+    the non-empty tiles of all views (see the module docstring).  Runs on the
+    device of its inputs (move the module with ``.to(device)`` so ``faces`` follows).
 
     Args:
         faces: ``[F, 3]`` integer vertex indices of the triangles.  Kept as a
@@ -265,12 +278,16 @@ class DepthRenderer(nn.Module):
             image smaller than that are cut to the image); ``None`` or 0 renders
             each view whole, as on CUDA.  The result is the same either way, up to
             float32 rounding; tiles only make it faster.
+        cpu_rasteriser: ``'vectorised'`` (default): on the CPU, depth without a
+            gradient through the rasteriser (what :meth:`forward` needs) comes from
+            the vectorised rasteriser, except when a face is cut by the near plane
+            or ``faces_per_pixel > 1``; ``'pytorch3d'``: always PyTorch3D.
     """
 
     def __init__(self, faces: torch.Tensor, image_size: Union[int, Sequence[int]] = (256, 256),
                  near: float = 1.0, far: float = 99999.0, faces_per_pixel: int = 1,
                  bin_size: Optional[int] = None, max_faces_per_bin: Optional[int] = None,
-                 tile_size: Optional[int] = DEFAULT_TILE_SIZE):
+                 tile_size: Optional[int] = DEFAULT_TILE_SIZE, cpu_rasteriser: str = "vectorised"):
         super().__init__()
         if not isinstance(faces, torch.Tensor):
             faces = torch.as_tensor(faces)
@@ -300,12 +317,16 @@ class DepthRenderer(nn.Module):
         self.bin_size = None if bin_size is None else int(bin_size)
         self.max_faces_per_bin = None if max_faces_per_bin is None else int(max_faces_per_bin)
         self.tile_size = int(tile_size) if tile_size else None
+        if cpu_rasteriser not in ("vectorised", "pytorch3d"):
+            raise ValueError(f"cpu_rasteriser: expected 'vectorised' or 'pytorch3d', got {cpu_rasteriser!r}")
+        self.cpu_rasteriser = cpu_rasteriser
         self.register_buffer("faces", faces.detach().to(torch.int64).clone(), persistent=False)
         self._min_vertex_num = int(faces.max()) + 1
 
     def extra_repr(self) -> str:
         return (f"faces={self.faces.shape[0]}, image_size={self.image_size}, near={self.near}, "
-                f"far={self.far}, faces_per_pixel={self.faces_per_pixel}, tile_size={self.tile_size}")
+                f"far={self.far}, faces_per_pixel={self.faces_per_pixel}, tile_size={self.tile_size}, "
+                f"cpu_rasteriser={self.cpu_rasteriser!r}")
 
     def screen_vertices(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
                         focal: torch.Tensor, princpt: torch.Tensor,
@@ -351,7 +372,7 @@ class DepthRenderer(nn.Module):
             face, zbuf = self.rasterize(vertices, *cameras)
         face, depth = face[..., 0], zbuf[..., 0]
         if own_gradient:
-            # The value stays PyTorch3D's; the gradient is that of the same depth written as a
+            # The value stays the rasteriser's; the gradient is that of the same depth written as a
             # function of the covering face's vertices (see the module docstring).
             covered = torch.nonzero(face >= 0, as_tuple=True)
             plane = plane_depth(vertices, self.faces, covered, face[covered], *cameras)
@@ -387,8 +408,12 @@ class DepthRenderer(nn.Module):
         # The PyTorch3D kernels are float32 only.
         verts = verts.reshape(M, V, 3).to(torch.float32)
         out = None
-        if not vertices.is_cuda and self.tile_size:
-            out = self._rasterize_tiled(verts)
+        if not vertices.is_cuda:
+            if (self.cpu_rasteriser == "vectorised" and K == 1
+                    and not (torch.is_grad_enabled() and verts.requires_grad)):
+                out = rasterize_depth(verts, self.faces, self.image_size, self.near)
+            if out is None and self.tile_size:
+                out = self._rasterize_tiled(verts)
         if out is None:
             out = self._rasterize_whole(verts)
         face, zbuf = out
