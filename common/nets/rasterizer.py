@@ -25,9 +25,10 @@ resolves the two halves of a cut face by their distance to the pixel); :func:`ra
 then returns None and the caller uses PyTorch3D. Faces entirely behind the near plane are
 dropped, as PyTorch3D's clipper culls them.
 
-The compiled kernel may fuse a multiply and an add where these tensor operations round twice,
-so depths agree to a few float32 ulps rather than bit for bit, and a pixel centre within
-rounding of an edge may be covered by one and not the other (the tests bound both).
+A compiler may fuse a multiply and an add in the kernel where these tensor operations round
+twice; then depths would differ by a float32 ulp or so and a pixel centre within rounding of an
+edge could be covered by one and not the other. With this project's pinned build the face and
+depth maps are equal bit for bit (tests/test_renderer.py, which tolerates the former).
 """
 from __future__ import annotations
 
