@@ -44,8 +44,10 @@ def bench_decode(args) -> None:
     from tests.reference import decode_loop_model
 
     print(f"decode: {machine_description()}; median of {args.repeats} runs (loop: fewer at large batches)")
+    print("correctives: our decode's pose-corrective MLP (with the identity offset) alone, the part whose")
+    print("work the loop also does; bound: loop / correctives, the speed-up if FK and LBS were free")
     print(f"{'hand':<10} {'V':>5} {'batch':>5} | {'ours ms':>8} {'meshes/s':>9} | "
-          f"{'loop ms':>8} {'meshes/s':>9} | {'speed-up':>8}")
+          f"{'loop ms':>8} {'meshes/s':>9} | {'speed-up':>8} | {'correctives ms':>14} {'bound':>7}")
     for name, hand in load_hands(args.hands):
         model = get_model("test", hand, cfg).eval()
         for batch in args.batch:
@@ -54,8 +56,10 @@ def bench_decode(args) -> None:
             with torch.no_grad():
                 ours = median_seconds(lambda: model.decode(euler), args.repeats)
                 loop = median_seconds(lambda: decode_loop_model(model, euler), loop_repeats, warmup=1)
+                layer = median_seconds(lambda: model.rest_vertices(euler), args.repeats)
             print(f"{name:<10} {hand.vertex_num:>5} {batch:>5} | {ours * 1e3:>8.2f} {batch / ours:>9.0f} | "
-                  f"{loop * 1e3:>8.2f} {batch / loop:>9.0f} | {loop / ours:>7.1f}x")
+                  f"{loop * 1e3:>8.2f} {batch / loop:>9.0f} | {loop / ours:>7.1f}x | {layer * 1e3:>14.2f} "
+                  f"{loop / layer:>6.1f}x")
 
 
 def bench_losses(args) -> None:
@@ -250,4 +254,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from common.utils.allocator import retain_freed_memory
+
+    retain_freed_memory()
     sys.exit(main())

@@ -89,4 +89,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from common.utils.allocator import retain_freed_memory
+
+    retain_freed_memory()
     sys.exit(main())
