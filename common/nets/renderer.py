@@ -110,7 +110,9 @@ from torch import nn
 from pytorch3d.renderer.mesh import rasterize_meshes
 from pytorch3d.structures import Meshes
 
-from common.nets.rasterizer import rasterize_depth
+# PyTorch3D's kEpsilon (the CPU kernel skips faces whose screen area, in its NDC units, is within
+# it of zero) and its edge function, shared with the vectorised rasteriser.
+from common.nets.rasterizer import _P3D_EPS, _edge, rasterize_depth
 
 __all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE"]
 
@@ -119,10 +121,6 @@ __all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE"]
 # behind the near plane (near > 0), so the clipper removes or cuts their faces;
 # replacing z by this value moves the cut point by at most ~1e-6 of a pixel.
 _Z_GUARD = 1e-6
-
-# PyTorch3D's kEpsilon: the CPU kernel skips faces whose screen area (in its NDC units) is
-# within this of zero.
-_P3D_EPS = 1e-8
 
 # Default tile size of the CPU path (pixels), chosen by measurement (main/bench.py renderer).
 DEFAULT_TILE_SIZE = 16
@@ -468,7 +466,7 @@ class DepthRenderer(nn.Module):
         # Faces the kernel skips whatever the pixel: entirely behind the near plane (PyTorch3D's
         # clipper culls them) or of zero area (the kernel's float32 expression, same numbers).
         behind = (z < self.near).sum(-1)                                    # [M, F]
-        area = (x[..., 0] - x[..., 1]) * (y[..., 2] - y[..., 1]) - (y[..., 0] - y[..., 1]) * (x[..., 2] - x[..., 1])
+        area = _edge(x[..., 0], y[..., 0], x[..., 1], y[..., 1], x[..., 2], y[..., 2])
         skip = (behind == 3) | ((area <= _P3D_EPS) & (area >= -_P3D_EPS))
         # Faces cut by the near plane (or with non-finite coordinates) may reach any pixel.
         anywhere = ((behind > 0) & (behind < 3)) | ~torch.isfinite(fv[..., :2]).flatten(-2).all(-1)
