@@ -19,13 +19,12 @@ from common.nets.module import BackboneNet, PoseNet, SkeletonRefineNet, SkinRefi
 from common.nets.renderer import DepthRenderer
 from common.utils.hand_model import HandModel
 from common.utils.kinematics import (
+    KinematicTree,
     add_translation,
-    euler_to_matrix,
+    euler_to_transform,
     forward_kinematics,
     linear_blend_skinning,
     rigid_align,
-    to_homogeneous,
-    tree_levels,
 )
 from main.config import cfg as default_cfg
 
@@ -103,7 +102,7 @@ class Model(nn.Module):
         self.root_joint_idx = hand_model.root_index
         self.align_joint_idx = hand_model.align_joint_indices
         self.non_rigid_joint_idx = hand_model.non_rigid_joint_indices
-        self.levels = tree_levels(hand_model.parents)
+        self.kinematic_tree = KinematicTree.from_parents(hand_model.parents)
 
         # The subject's identity: a fixed random code, saved with the weights but never trained.
         self.register_buffer("id_code", torch.randn(id_code_dim))
@@ -150,7 +149,7 @@ class Model(nn.Module):
         if local_refined is None:
             local_refined = self.refined_local_pose()
         root = self.global_pose[self.root_joint_idx]
-        return forward_kinematics(local_refined[None], root, self.levels, self.root_joint_idx)[0]
+        return forward_kinematics(local_refined[None], root, self.kinematic_tree)[0]
 
     def identity_terms(self):
         """``(local_pose_refined [J, 4, 4], identity_offset [3V])``: everything that depends on the
@@ -197,8 +196,8 @@ class Model(nn.Module):
     def _pose(self, joint_euler: torch.Tensor, root_transform: torch.Tensor, local_refined: torch.Tensor,
               identity_offset: torch.Tensor) -> Dict[str, torch.Tensor]:
         """:meth:`pose` with the identity terms given (the training forward computes them once)."""
-        rotation = to_homogeneous(euler_to_matrix(joint_euler))
-        G = forward_kinematics(local_refined @ rotation, root_transform, self.levels, self.root_joint_idx)
+        rotation = euler_to_transform(joint_euler)
+        G = forward_kinematics(local_refined @ rotation, root_transform, self.kinematic_tree)
         rest_mesh = self.rest_vertices(joint_euler, identity_offset)
         mesh = linear_blend_skinning(rest_mesh, self.skinning_weight, G @ self.global_pose_inv)
         return {

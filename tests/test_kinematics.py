@@ -5,9 +5,26 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.kinematics import euler_to_matrix, pose_hand, rigid_align, tree_levels
+from common.utils import kinematics
+from common.utils.kinematics import (
+    KinematicTree,
+    euler_to_matrix,
+    euler_to_transform,
+    forward_kinematics,
+    linear_blend_skinning,
+    pose_hand,
+    rigid_align,
+    tree_levels,
+)
 from main.model import get_model
-from tests.reference import decode_loop_model, decode_reference, euler_matrix_4x4, random_euler
+from tests.reference import (
+    decode_loop_model,
+    decode_reference,
+    euler_matrix_4x4,
+    fk_recursive,
+    random_euler,
+    random_root,
+)
 
 
 def test_euler_to_matrix_matches_rz_ry_rx():
@@ -46,6 +63,88 @@ def test_tree_levels_parents_before_children(makehuman):
 def test_tree_levels_rejects_cycle():
     with pytest.raises(ValueError, match="cycle"):
         tree_levels([-1, 2, 1])
+
+
+def test_euler_to_transform_is_homogeneous_euler_to_matrix():
+    theta = (torch.rand(4, 7, 3, dtype=torch.float64) * 2 - 1) * math.pi
+    T = euler_to_transform(theta)
+    assert T.shape == (4, 7, 4, 4)
+    assert torch.equal(T[..., :3, :3], euler_to_matrix(theta))
+    assert torch.equal(T[..., :3, 3], torch.zeros(4, 7, 3, dtype=torch.float64))
+    assert torch.equal(T[..., 3, :], torch.tensor([0.0, 0, 0, 1], dtype=torch.float64).expand(4, 7, 4))
+
+
+# Skeletons whose depth levels are not evenly spaced ids (gathers, not slices), with branching at
+# several depths and the root in the middle; and the hands' layout (slices and a broadcast root).
+IRREGULAR_PARENTS = [3, 0, 0, -1, 3, 4, 1, 2, 7, 5, 3]
+
+
+@pytest.mark.parametrize("parents", [IRREGULAR_PARENTS, "makehuman"])
+def test_forward_kinematics_matches_recursive_reference(parents, makehuman):
+    if parents == "makehuman":
+        parents = list(makehuman.parents)
+    J, B = len(parents), 3
+    tree = KinematicTree.from_parents(parents)
+    children = [[c for c in range(J) if parents[c] == j] for j in range(J)]
+    local = random_root(B * J, 2).double().view(B, J, 4, 4).requires_grad_()
+    root = random_root(B, 3).double().requires_grad_()
+    G = forward_kinematics(local, root, tree)
+    assert G.shape == (B, J, 4, 4)
+    for b in range(B):
+        g = [None] * J
+        g[tree.root_index] = root[b]
+        fk_recursive(children, tree.root_index, local[b], g)
+        assert torch.allclose(G[b], torch.stack(g), atol=1e-9)
+    # Gradients equal those through the recursion.
+    weights = torch.randn(B, J, 4, 4, dtype=torch.float64)
+    grads = torch.autograd.grad((G * weights).sum(), (local, root))
+    ref = []
+    for b in range(B):
+        g = [None] * J
+        g[tree.root_index] = root[b]
+        fk_recursive(children, tree.root_index, local[b], g)
+        ref.append(torch.stack(g))
+    ref_grads = torch.autograd.grad((torch.stack(ref) * weights).sum(), (local, root))
+    for ours, theirs in zip(grads, ref_grads):
+        assert torch.allclose(ours, theirs, atol=1e-9)
+
+
+def test_kinematic_tree_rejects_several_roots():
+    with pytest.raises(ValueError, match="exactly one root"):
+        KinematicTree.from_parents([-1, 0, -1])
+
+
+def _skinning_loop(vertices, weights, transforms):
+    """``Σ_j w_ij · (T_j · [v_i; 1])[:3]`` joint by joint."""
+    v1 = torch.cat([vertices, torch.ones_like(vertices[..., :1])], -1)
+    return sum(weights[:, j, None] * (v1 @ transforms[:, j].transpose(1, 2))[..., :3]
+               for j in range(weights.shape[1]))
+
+
+def test_linear_blend_skinning_in_slices_equals_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    B, V, J = 7, 50, 6
+    vertices = (torch.randn(B, V, 3, generator=g, dtype=torch.float64) * 40).requires_grad_()
+    weights = torch.rand(V, J, generator=g, dtype=torch.float64) * (torch.rand(V, J, generator=g) < 0.4)
+    transforms = random_root(B * J, 5).double().view(B, J, 4, 4).requires_grad_()
+    expected = _skinning_loop(vertices, weights, transforms)
+    one_pass = linear_blend_skinning(vertices, weights, transforms)
+    # Force slices of two samples (the last slice has one).
+    per_sample = V * 12 * 8
+    monkeypatch.setattr(kinematics, "_BLEND_MAX_BYTES", per_sample * B - 1)
+    monkeypatch.setattr(kinematics, "_BLEND_SLICE_BYTES", per_sample * 2)
+    sliced = linear_blend_skinning(vertices, weights, transforms)
+    assert sliced.shape == (B, V, 3)
+    assert torch.allclose(one_pass, expected, atol=1e-9) and torch.equal(sliced, one_pass)
+    upstream = torch.randn(B, V, 3, generator=g, dtype=torch.float64)
+    sliced_grads = torch.autograd.grad((sliced * upstream).sum(), (vertices, transforms))
+    loop_grads = torch.autograd.grad((expected * upstream).sum(), (vertices, transforms))
+    for ours, theirs in zip(sliced_grads, loop_grads):
+        assert torch.allclose(ours, theirs, atol=1e-9)
+    # A rest mesh shared by the batch ([1, V, 3]) is expanded, not sliced past its end.
+    shared = linear_blend_skinning(vertices[:1].detach(), weights, transforms.detach())
+    expected_shared = _skinning_loop(vertices[:1].detach().expand(B, V, 3), weights, transforms.detach())
+    assert torch.allclose(shared, expected_shared, atol=1e-9)
 
 
 @pytest.mark.parametrize("reflect", [False, True])

@@ -5,10 +5,24 @@ Transforms are 4x4 homogeneous matrices acting on column vectors.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+
+def _euler_entries(theta: torch.Tensor) -> List[torch.Tensor]:
+    """The nine entries of ``Rz(θz) · Ry(θy) · Rx(θx)`` in row-major order, each ``[...]``."""
+    if theta.shape[-1] != 3:
+        raise ValueError(f"euler_to_matrix: expected angles of shape [..., 3], got {tuple(theta.shape)}")
+    cx, cy, cz = torch.cos(theta).unbind(-1)
+    sx, sy, sz = torch.sin(theta).unbind(-1)
+    return [
+        cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx,
+        sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx,
+        -sy, cy * sx, cy * cx,
+    ]
 
 
 def euler_to_matrix(theta: torch.Tensor) -> torch.Tensor:
@@ -19,17 +33,15 @@ def euler_to_matrix(theta: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., 3, 3]`` rotation matrices.
     """
-    if theta.shape[-1] != 3:
-        raise ValueError(f"euler_to_matrix: expected angles of shape [..., 3], got {tuple(theta.shape)}")
-    cx, cy, cz = torch.cos(theta).unbind(-1)
-    sx, sy, sz = torch.sin(theta).unbind(-1)
-    # Closed form of Rz @ Ry @ Rx.
-    rows = [
-        cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx,
-        sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx,
-        -sy, cy * sx, cy * cx,
-    ]
-    return torch.stack(rows, dim=-1).reshape(*theta.shape[:-1], 3, 3)
+    return torch.stack(_euler_entries(theta), dim=-1).reshape(*theta.shape[:-1], 3, 3)
+
+
+def euler_to_transform(theta: torch.Tensor) -> torch.Tensor:
+    """``to_homogeneous(euler_to_matrix(theta))`` in one stack: ``[..., 3]`` radians → ``[..., 4, 4]``."""
+    r = _euler_entries(theta)
+    zero, one = torch.zeros_like(r[0]), torch.ones_like(r[0])
+    rows = r[0:3] + [zero] + r[3:6] + [zero] + r[6:9] + [zero, zero, zero, zero, one]
+    return torch.stack(rows, dim=-1).reshape(*theta.shape[:-1], 4, 4)
 
 
 def to_homogeneous(rotation: torch.Tensor, translation: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,33 +88,83 @@ def tree_levels(parents: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
     return levels
 
 
+Index = Union[slice, torch.Tensor]
+
+
+def _compact_index(ids: Sequence[int], broadcast: bool = False) -> Index:
+    """A list of ids as a slice where it is evenly spaced (a view instead of a gather), else a
+    ``LongTensor``. With ``broadcast``, one id repeated becomes a length-1 slice."""
+    ids = [int(i) for i in ids]
+    if broadcast and len(set(ids)) == 1:
+        return slice(ids[0], ids[0] + 1)
+    step = ids[1] - ids[0] if len(ids) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(ids, ids[1:])):
+        return slice(ids[0], ids[-1] + 1, step)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class KinematicTree:
+    """A skeleton prepared for :func:`forward_kinematics`: one step per tree depth.
+
+    ``steps[d] = (joints, parents)``: the joints of depth ``d + 1`` (an index into ``J``) and the
+    positions of their parents among the joints of depth ``d`` (an index into that step's output;
+    the root is depth 0). ``inverse`` maps the depth-ordered stack back to joint order.
+    """
+
+    root_index: int
+    levels: Tuple[Tuple[Tuple[int, ...], Tuple[int, ...]], ...]
+    steps: Tuple[Tuple[Index, Index], ...]
+    inverse: Index
+
+    @classmethod
+    def from_parents(cls, parents: Sequence[int]) -> "KinematicTree":
+        """``parents``: ``J`` parent ids, -1 for the (single) root."""
+        parents = [int(p) for p in parents]
+        roots = [j for j, p in enumerate(parents) if p < 0]
+        if len(roots) != 1:
+            raise ValueError(f"KinematicTree: expected exactly one root (parent -1), got joints {roots}")
+        levels = tree_levels(parents)
+        previous, order, steps = roots, list(roots), []
+        for ids, parent_ids in levels:
+            steps.append((_compact_index(ids), _compact_index([previous.index(p) for p in parent_ids], True)))
+            previous = ids
+            order += ids
+        inverse = _compact_index([order.index(j) for j in range(len(parents))])
+        return cls(roots[0], tuple((tuple(i), tuple(p)) for i, p in levels), tuple(steps), inverse)
+
+
 def forward_kinematics(
     local_transforms: torch.Tensor,
     root_transform: torch.Tensor,
-    levels: Sequence[Tuple[List[int], List[int]]],
-    root_index: int,
+    tree: KinematicTree,
 ) -> torch.Tensor:
     """Global joint transforms ``G_child = G_parent · local_child``, root first.
 
     Args:
         local_transforms: ``[B, J, 4, 4]`` (for the decoder: ``L'_j · R_j``); the root's entry is unused.
         root_transform: ``[B, 4, 4]`` or ``[4, 4]`` global transform of the root.
-        levels: output of :func:`tree_levels`.
-        root_index: id of the root joint.
+        tree: the skeleton, :meth:`KinematicTree.from_parents`.
     Returns:
         ``[B, J, 4, 4]`` global transforms (mm).
     """
-    B, J = local_transforms.shape[:2]
-    root_transform = root_transform.expand(B, 4, 4)
-    # One batched product per tree depth instead of one per joint; assembled out of place for autograd.
-    globals_: List[torch.Tensor | None] = [None] * J
-    globals_[root_index] = root_transform
-    for ids, parent_ids in levels:
-        parent_g = torch.stack([globals_[p] for p in parent_ids], dim=1)
-        child_g = parent_g @ local_transforms[:, ids]
-        for k, j in enumerate(ids):
-            globals_[j] = child_g[:, k]
-    return torch.stack(globals_, dim=1)
+    B = local_transforms.shape[0]
+    # One batched product per tree depth; each depth's parents are all in the previous depth, so
+    # its transforms are read from the previous product (mostly views, a hand has evenly spaced ids).
+    current = root_transform.expand(B, 4, 4)[:, None]
+    depths = [current]
+    for joints, parents in tree.steps:
+        current = current[:, parents] @ local_transforms[:, joints]
+        depths.append(current)
+    return torch.cat(depths, dim=1)[:, tree.inverse]
+
+
+# Above this size the blended matrices of a call leave the last-level cache and every pass over
+# them goes to DRAM: the default hand's at batch 1024 would be 242 MB. Larger batches are skinned
+# in slices whose blended matrices take about _BLEND_SLICE_BYTES (2-2.5x faster at batch 256-1024
+# on a 32 MiB L3, BENCHMARKS.md, and a bounded temporary).
+_BLEND_MAX_BYTES = 32 * 2**20
+_BLEND_SLICE_BYTES = 8 * 2**20
 
 
 def linear_blend_skinning(
@@ -117,6 +179,18 @@ def linear_blend_skinning(
     Returns:
         ``[B, V, 3]`` posed vertices (mm).
     """
+    B = transforms.shape[0]
+    per_sample = skinning_weights.shape[0] * 12 * transforms.element_size()
+    if B * per_sample <= _BLEND_MAX_BYTES:
+        return _blend_and_skin(vertices, skinning_weights, transforms)
+    step = max(1, _BLEND_SLICE_BYTES // per_sample)
+    vertices = vertices.expand(B, -1, -1)
+    return torch.cat([_blend_and_skin(vertices[b:b + step], skinning_weights, transforms[b:b + step])
+                      for b in range(0, B, step)])
+
+
+def _blend_and_skin(vertices: torch.Tensor, skinning_weights: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_blend_skinning` of one batch in one pass; same arguments and result."""
     B, J = transforms.shape[:2]
     V = skinning_weights.shape[0]
     # At batch 64 the blended 3x4 matrices are megabytes: lay them out [V, 3, 4, B] so that one
@@ -179,9 +253,8 @@ def pose_hand(
     local = as_t(hand_model.local_pose)
     if skeleton_offset is not None:
         local = add_translation(local, skeleton_offset)
-    rot = to_homogeneous(euler_to_matrix(euler))
     root = torch.eye(4, dtype=dtype, device=device) if root_transform is None else root_transform
-    G = forward_kinematics(local @ rot, root, tree_levels(hand_model.parents), hand_model.root_index)
+    G = forward_kinematics(local @ euler_to_transform(euler), root, KinematicTree.from_parents(hand_model.parents))
     T = G @ as_t(hand_model.global_pose_inv)
     verts = as_t(hand_model.vertices) if rest_vertices is None else rest_vertices
     verts = verts.expand(euler.shape[0], -1, -1)
