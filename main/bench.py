@@ -38,6 +38,12 @@ from common.bench.timing import load_hands, machine_description, median_seconds 
 JSON_TAG = "BENCH_JSON "
 
 
+def gemm_throughput(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-product rate in FLOP/s (a ``size``² × ``size``² product, median)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / median_seconds(lambda: a @ b, repeats)
+
+
 def bench_decode(args) -> None:
     from main.config import cfg
     from main.model import get_model
@@ -45,11 +51,13 @@ def bench_decode(args) -> None:
 
     print(f"decode: {machine_description()}; median of {args.repeats} runs (loop: fewer at large batches)")
     print("correctives: our decode's pose-corrective MLP (with the identity offset) alone, the part whose")
-    print("work the loop also does; bound: loop / correctives, the speed-up if FK and LBS were free")
+    print("work the loop also does, and its rate; bound: loop / correctives, the speed-up if FK and LBS were free")
+    print(f"float32 matrix product on this machine (2048x2048, for scale): {gemm_throughput() / 1e9:.0f} GFLOP/s")
     print(f"{'hand':<10} {'V':>5} {'batch':>5} | {'ours ms':>8} {'meshes/s':>9} | "
-          f"{'loop ms':>8} {'meshes/s':>9} | {'speed-up':>8} | {'correctives ms':>14} {'bound':>7}")
+          f"{'loop ms':>8} {'meshes/s':>9} | {'speed-up':>8} | {'correctives ms':>14} {'GFLOP/s':>7} {'bound':>7}")
     for name, hand in load_hands(args.hands):
         model = get_model("test", hand, cfg).eval()
+        corrective_layer = model.skin_refine_net.fc_pose[-1].weight  # [3V, hidden]
         for batch in args.batch:
             euler = (torch.rand(batch, hand.joint_num, 3) - 0.5) * torch.from_numpy(hand.dof_mask)
             loop_repeats = max(3, args.repeats * 4 // max(4, batch))
@@ -57,9 +65,10 @@ def bench_decode(args) -> None:
                 ours = median_seconds(lambda: model.decode(euler), args.repeats)
                 loop = median_seconds(lambda: decode_loop_model(model, euler), loop_repeats, warmup=1)
                 layer = median_seconds(lambda: model.rest_vertices(euler), args.repeats)
+            layer_flops = 2 * corrective_layer.numel() * batch
             print(f"{name:<10} {hand.vertex_num:>5} {batch:>5} | {ours * 1e3:>8.2f} {batch / ours:>9.0f} | "
                   f"{loop * 1e3:>8.2f} {batch / loop:>9.0f} | {loop / ours:>7.1f}x | {layer * 1e3:>14.2f} "
-                  f"{loop / layer:>6.1f}x")
+                  f"{layer_flops / layer / 1e9:>7.0f} {loop / layer:>6.1f}x")
 
 
 def bench_losses(args) -> None:
