@@ -90,21 +90,18 @@ def test_forward_kinematics_matches_recursive_reference(parents, makehuman):
     root = random_root(B, 3).double().requires_grad_()
     G = forward_kinematics(local, root, tree)
     assert G.shape == (B, J, 4, 4)
+    reference = []
     for b in range(B):
         g = [None] * J
         g[tree.root_index] = root[b]
         fk_recursive(children, tree.root_index, local[b], g)
-        assert torch.allclose(G[b], torch.stack(g), atol=1e-9)
+        reference.append(torch.stack(g))
+    reference = torch.stack(reference)
+    assert torch.allclose(G, reference, atol=1e-9)
     # Gradients equal those through the recursion.
     weights = torch.randn(B, J, 4, 4, dtype=torch.float64)
     grads = torch.autograd.grad((G * weights).sum(), (local, root))
-    ref = []
-    for b in range(B):
-        g = [None] * J
-        g[tree.root_index] = root[b]
-        fk_recursive(children, tree.root_index, local[b], g)
-        ref.append(torch.stack(g))
-    ref_grads = torch.autograd.grad((torch.stack(ref) * weights).sum(), (local, root))
+    ref_grads = torch.autograd.grad((reference * weights).sum(), (local, root))
     for ours, theirs in zip(grads, ref_grads):
         assert torch.allclose(ours, theirs, atol=1e-9)
 

@@ -113,7 +113,6 @@ class KinematicTree:
     """
 
     root_index: int
-    levels: Tuple[Tuple[Tuple[int, ...], Tuple[int, ...]], ...]
     steps: Tuple[Tuple[Index, Index], ...]
     inverse: Index
 
@@ -124,14 +123,13 @@ class KinematicTree:
         roots = [j for j, p in enumerate(parents) if p < 0]
         if len(roots) != 1:
             raise ValueError(f"KinematicTree: expected exactly one root (parent -1), got joints {roots}")
-        levels = tree_levels(parents)
         previous, order, steps = roots, list(roots), []
-        for ids, parent_ids in levels:
+        for ids, parent_ids in tree_levels(parents):
             steps.append((_compact_index(ids), _compact_index([previous.index(p) for p in parent_ids], True)))
             previous = ids
             order += ids
         inverse = _compact_index([order.index(j) for j in range(len(parents))])
-        return cls(roots[0], tuple((tuple(i), tuple(p)) for i, p in levels), tuple(steps), inverse)
+        return cls(roots[0], tuple(steps), inverse)
 
 
 def forward_kinematics(
@@ -173,7 +171,7 @@ def linear_blend_skinning(
     """``v'_i = Σ_j w_ij · (T_j · [v_i; 1])[:3]``, computed as ``(Σ_j w_ij T_j) · [v_i; 1]``.
 
     Args:
-        vertices: ``[B, V, 3]`` rest-pose vertices (mm).
+        vertices: ``[B, V, 3]`` rest-pose vertices (mm), or ``[1, V, 3]`` shared by the batch.
         skinning_weights: ``[V, J]`` weights (not required to sum to 1, as in the original).
         transforms: ``[B, J, 4, 4]`` skinning transforms ``G_j · G_template_j⁻¹``.
     Returns:
