@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from common.utils import distributed
 from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from common.utils.device import parse_gpu_ids, select_device
+from common.utils.device import parse_gpu_ids, select_device, usable_cpus
 from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model, save_obj
 from common.utils.hand_model_source import resolve_hand_model
 from common.utils.io import atomic_write_bytes, atomic_write_text
@@ -193,11 +193,7 @@ def log_options(config: Config) -> None:
 
 def loader_workers(config: Config) -> int:
     """``cfg.num_thread`` data-loading workers, at most one per CPU this process may use."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(0, min(int(config.num_thread), cpus))
+    return max(0, min(int(config.num_thread), usable_cpus()))
 
 
 def epoch_time(seconds: float) -> str:

@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from common.bench.timing import load_hands, machine_description, median_seconds  # noqa: E402
+from common.utils.device import usable_cpus  # noqa: E402
 
 JSON_TAG = "BENCH_JSON "
 
@@ -165,7 +166,7 @@ def bench_train(args) -> int:
 
 
 def bench_scaling(args) -> int:
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     forwarded = ["--iterations", str(args.iterations), "--warmup", str(args.warmup), "--json"]
     if args.cfg_file:
         forwarded += ["--cfg", args.cfg_file]

@@ -1,7 +1,6 @@
 """What every benchmark needs: a median timer, the machine's description, the hands to measure."""
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -9,6 +8,8 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+from common.utils.device import usable_cpus
 
 REPO = Path(__file__).resolve().parents[2]
 # The MakeHuman hand sits beside the repository (see README); never part of it.
@@ -48,12 +49,8 @@ def cpu_name() -> str:
 
 def machine_description() -> str:
     """One line: CPU, cores this process may use, torch threads and version, GPU if any."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu_name()}, {cores} cores, {torch.get_num_threads()} torch threads, {gpu}, "
+    return (f"{cpu_name()}, {usable_cpus()} cores, {torch.get_num_threads()} torch threads, {gpu}, "
             f"torch {torch.__version__}")
 
 

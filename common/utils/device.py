@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import List, Optional
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask, which ``taskset`` or a batch
+    scheduler may narrow; all of the machine's where the platform has no such mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def parse_gpu_ids(text: Optional[str]) -> List[int]:
