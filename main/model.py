@@ -208,6 +208,23 @@ class Model(nn.Module):
         }
 
     @torch.no_grad()
+    def skinned_rest_mesh(self, rest_mesh: torch.Tensor, template_pose: torch.Tensor) -> torch.Tensor:
+        """The penetration loss's reference surface (the original's ``mesh_refined_v``, detached).
+
+        The corrected rest mesh skinned by the refined skeleton at zero angles,
+        ``T_j = G'_j · global_pose_inv_j``: it sits on the bones the radii are measured from, which
+        the un-skinned mesh does not when the skeleton corrective moves joints.
+
+        Args:
+            rest_mesh: ``[B, V, 3]`` template + pose + identity correctives (mm).
+            template_pose: ``[J, 4, 4]`` refined template poses ``G'`` (template root).
+        Returns:
+            ``[B, V, 3]`` (mm), without gradient.
+        """
+        transforms = (template_pose @ self.global_pose_inv)[None]
+        return linear_blend_skinning(rest_mesh, self.skinning_weight, transforms).contiguous()
+
+    @torch.no_grad()
     def zero_correctives(self) -> None:
         """Make the skeleton and skin correctives exactly zero (the template as it is), by zeroing
         the last layer of each corrective network."""
@@ -308,7 +325,8 @@ class Model(nn.Module):
         return {
             "joint": joint,
             "depthmap": depthmap,
-            "penet": self.penet_loss(template_pose.detach(), out["rest_mesh"].detach(), joint_out, mesh_out),
+            "penet": self.penet_loss(template_pose.detach(), self.skinned_rest_mesh(out["rest_mesh"], template_pose),
+                                     joint_out, mesh_out),
             "lap": self.lap_loss(mesh_out) * self.loss_lap_weight,
         }
 

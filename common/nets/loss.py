@@ -13,9 +13,9 @@ Corner cases the original leaves undefined (it raises or divides by zero) and wh
 * a skeleton with no pair of disjoint bones, or no non-thumb path: that term is 0;
 * a point pair at zero distance: the (sub)gradient of the distance is 0 instead of NaN.
 
-The original's training call passes the rest mesh under a name its model never defines
-(``mesh_refined_v``); what it means, and what is used here, is DESIGN's rest-pose mesh with
-correctives, ``Model.pose(...)['rest_mesh']``.
+The penetration loss's radii are measured on the original's ``mesh_refined_v``: the rest mesh with
+correctives skinned by the refined skeleton at zero angles (``Model.skinned_rest_mesh``), so that
+it lies on the refined bones the points are placed on.
 """
 from __future__ import annotations
 
@@ -440,7 +440,8 @@ class PenetLoss(nn.Module):
         Args:
             template_pose: ``[J, 4, 4]`` or ``[B, J, 4, 4]`` global rest poses of the refined
                 skeleton (or ``[(B,) J, 3]`` positions), mm.
-            rest_mesh: ``[B, V, 3]`` rest-pose vertices with correctives (mm).
+            rest_mesh: ``[B, V, 3]`` rest-pose vertices with correctives, skinned by the refined
+                skeleton at zero angles (mm).
         """
         if rest_mesh.dim() != 3 or rest_mesh.shape[-1] != 3:
             raise ValueError(f"rest_mesh: expected [B, V, 3] (mm), got {_shape(rest_mesh)}")
@@ -532,8 +533,8 @@ class PenetLoss(nn.Module):
         joint_out, mesh_out_refined)``):
             template_pose: ``[J, 4, 4]`` or ``[B, J, 4, 4]`` global rest poses of the refined
                 skeleton (zero angles, template root), mm — ``Model.refined_template_pose()``.
-            rest_mesh: ``[B, V, 3]`` rest-pose vertices with pose and identity correctives (mm) —
-                ``Model.pose(...)['rest_mesh']``.
+            rest_mesh: ``[B, V, 3]`` rest-pose vertices with pose and identity correctives, skinned
+                by the refined skeleton at zero angles (mm) — ``Model.skinned_rest_mesh``.
             joint_out: ``[B, J, 3]`` posed joints (mm).
             mesh_out: ``[B, V, 3]`` posed vertices (mm).
             ``template_pose`` and ``rest_mesh`` only set the radii; no gradient flows into them.
