@@ -24,23 +24,28 @@ in every worker and every epoch (fresh views each epoch, as the original); with 
 the draw for sample ``i`` is a function of ``(seed, epoch, i)`` (call :meth:`set_epoch`). In
 ``mode='test'`` the draw is a function of ``(seed or 0, i)`` only: the same views every time.
 
-Geometry. Pixel convention is OpenCV's, as ``cv2.warpAffine`` uses it: pixel centres at integer
-coordinates, so an image of width ``W`` spans ``[-0.5, W - 0.5]``. World -> camera ``x_c = R (x -
-campos)``, pixel ``u = fx x/z + cx``, ``v = fy y/z + cy`` (skew and lens distortion are ignored,
-as in the original). The pixel space of ``K`` (the "K space") is the image's own resolution by
-default, or ``image_shape`` when given. In it, the valid keypoints (in front of the camera) are
-projected, their bounding box is enlarged 1.5x about its centre and clipped to ``[-0.5, W-0.5] x
-[-0.5, H-0.5]``. The returned ``affine`` ``[2, 3]`` maps K-space pixel coordinates to crop pixel
-coordinates, sending the box's left/top edge to -0.5 and its right/bottom edge to ``W_crop - 0.5``
-(``H_crop - 0.5``) independently in x and y (no aspect preservation): apply it to ``(u, v, 1)`` of
-projected vertices before rasterising (DESIGN §6). A raster at another resolution ``h x w`` (a
-depth map, a larger image) is resampled with the centre-aligned rule ``r = (k + 0.5) * w / W -
-0.5`` (the rule of ``cv2.resize``), composed into the affine handed to ``cv2.warpAffine``.
+Geometry, as the original (``data/dataset.py``, ``common/utils/preprocessing.py``). The cameras'
+``K`` is expressed in one pixel space, ``original_img_shape = (512, 334)`` (H, W), whatever the
+size of the image and depth-map files. World -> camera ``x_c = R (x - campos)``, pixel ``u = fx
+x/(z + 1e-8) + cx``, ``v = fy y/(z + 1e-8) + cy`` (no skew, no lens distortion). In that space the
+valid keypoints (those in front of the camera) are projected, their bounding box is enlarged 1.5x
+about its centre and clipped to the pixel centres ``[0, W-1] x [0, H-1]``. The box's corners count
+as pixel centres, so the patch is ``x1 - x0 + 1`` wide, centred on ``(x0 + x1 + 1) / 2``:
 
-Warping. Input images: bilinear, RGB, float32 in [0, 1], ``[3, H, W]``. Depth maps: nearest
-neighbour, so every output pixel is a depth that was measured (or 0): bilinear warping would
-invent depths on the silhouette and across depth edges by mixing foreground, background and the
-0 of empty pixels. Outside the source: 0 (image black, depth "no depth").
+* the render ``affine`` ``[2, 3]`` (float32) is that patch of the cameras' pixel space mapped onto
+  the ``rendered_img_shape`` crop (its centre to the crop's centre, no aspect preservation): apply
+  it to ``(u, v, 1)`` of projected vertices before rasterising (DESIGN §6);
+* the input crop scales the box to the image file's resolution first (``x * w / W``, ``y * h /
+  H``) and takes the patch there, in image pixels; the picture (0-255) is warped bilinearly to
+  ``input_img_shape`` and divided by 255. ``img_affine`` maps the cameras' pixel space to the input
+  crop (the image file being that space resampled by the centre-aligned rule below).
+* a depth map of any resolution is warped with the render affine composed with depth-map pixels
+  -> the cameras' pixels by the centre-aligned rule ``k = (r + 0.5) * W / w - 0.5`` (that of
+  ``cv2.resize``), nearest neighbour, so that target and rendering are registered. This is a
+  deliberate difference (see the README): the original scales the box to the depth map and warps
+  bilinearly, which puts its ``+1`` in depth-map pixels and invents depths on the silhouette and
+  across depth edges by mixing foreground, background and the 0 of empty pixels. Outside the
+  source: 0 (image black, depth "no depth").
 
 Errors. A missing or unreadable file for a sample (image, keypoints, depth map), including a
 depth-map pickle that is not a plain numeric array (see ``common.utils.safe_pickle``), becomes a
@@ -78,8 +83,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PTS_JOINT_NAMES", "HAND_PREFIX", "DataFormatError", "SampleError", "read_krt", "write_krt",
-    "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "project", "crop_box",
-    "box_affine", "raster_affine", "warp", "DeepHandMeshDataset",
+    "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "project", "keypoint_box",
+    "clip_box", "patch_affine", "render_affine", "image_affine", "resample_affine", "raster_affine", "warp",
+    "DeepHandMeshDataset", "ORIGINAL_IMG_SHAPE",
 ]
 
 # Right-hand joints of a keypoint file, by their index 0..20 (21..41 are the left hand).
@@ -93,6 +99,9 @@ PTS_JOINT_NAMES = (
 )
 HAND_PREFIX = "b_r_"
 BOX_SCALE = 1.5
+# (H, W) of the pixel space the released KRT_512 cameras' K is expressed in, whatever the size
+# of the image and depth-map files (the original's ``original_img_shape``).
+ORIGINAL_IMG_SHAPE = (512, 334)
 MAX_CONSECUTIVE_SKIPS = 100
 COLOUR_CAMERA_PREFIX = "40"
 IMAGE_RE = re.compile(r"^image(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
@@ -303,47 +312,105 @@ def project(points: np.ndarray, camrot: np.ndarray, campos: np.ndarray, focal: n
     return uv, z
 
 
-def crop_box(uv: np.ndarray, image_shape: Tuple[int, int], scale: float = BOX_SCALE) -> np.ndarray:
-    """Box ``[x0, y0, x1, y1]`` (continuous pixel edges) around ``uv [P, 2]``.
+def keypoint_box(joint_world: np.ndarray, camrot: np.ndarray, campos: np.ndarray, focal: np.ndarray,
+                 princpt: np.ndarray, scale: float = BOX_SCALE) -> np.ndarray:
+    """The original's ``get_bbox``: ``[x0, y0, x1, y1]`` float32 around the projected keypoints.
 
-    The points' bounding box, enlarged ``scale`` times about its centre, clipped to the image
-    ``[-0.5, W-0.5] x [-0.5, H-0.5]`` of ``image_shape = (H, W)``.
+    Each point goes to the camera one at a time (``R · (x − campos)``) and to pixels with
+    ``x = fx·X/(Z + 1e-8) + cx``, all in float32 as the original computes it, so that the box
+    (and from it the crop) is the original's to the last bit. The points' extent is enlarged
+    ``scale`` times about its centre.
+
+    Args:
+        joint_world: ``[P, 3]`` valid keypoints in front of the camera, world mm (float32).
+        camrot ``[3, 3]``, campos ``[3]``, focal ``[2]``, princpt ``[2]``: float32, K-space pixels.
+    Raises:
+        ValueError: no point to frame.
+    """
+    points = np.asarray(joint_world, np.float32).reshape(-1, 3)
+    if len(points) == 0:
+        raise ValueError("no keypoint to frame")
+    cam = np.stack([np.dot(camrot, p - campos) for p in points])
+    x = cam[:, 0] / (cam[:, 2] + 1e-8) * focal[0] + princpt[0]
+    y = cam[:, 1] / (cam[:, 2] + 1e-8) * focal[1] + princpt[1]
+    x0, x1, y0, y1 = x.min(), x.max(), y.min(), y.max()
+    xc, yc = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    w, h = x1 - x0, y1 - y0
+    return np.array([xc - 0.5 * w * scale, yc - 0.5 * h * scale,
+                     xc + 0.5 * w * scale, yc + 0.5 * h * scale]).astype(np.float32)
+
+
+def clip_box(box: np.ndarray, original_img_shape: Tuple[int, int]) -> np.ndarray:
+    """The box clipped to the pixel centres ``[0, W−1] × [0, H−1]`` of the cameras' image.
+
+    Python's ``max``/``min`` on the float32 values, as the original: the array that comes out is
+    float64 where a side was clipped and float32 otherwise, and later arithmetic follows that.
 
     Raises:
-        ValueError: no point, or the clipped box is less than one pixel wide or high.
+        ValueError: the box has no extent inside the image.
     """
-    uv = np.asarray(uv, np.float64).reshape(-1, 2)
-    if len(uv) == 0:
-        raise ValueError("no keypoint to frame")
-    lo, hi = uv.min(0), uv.max(0)
-    centre, half = (lo + hi) / 2, (hi - lo) / 2 * scale
-    H, W = image_shape
-    x0, y0 = np.maximum(centre - half, -0.5)
-    x1, y1 = np.minimum(centre + half, [W - 0.5, H - 0.5])
-    if not (x1 - x0 >= 1 and y1 - y0 >= 1):
-        raise ValueError(f"the keypoints' box {np.round([*(centre - half), *(centre + half)], 2)} "
-                         f"leaves less than a pixel inside the {W}x{H} image")
-    return np.array([x0, y0, x1, y1])
+    H, W = original_img_shape
+    x0, y0, x1, y1 = box
+    clipped = np.array([max(x0, 0), max(y0, 0), min(x1, W - 1), min(y1, H - 1)])
+    if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+        raise ValueError(f"the keypoints' box {np.round(np.asarray(box, np.float64), 2).tolist()} has no "
+                         f"extent inside the {W}x{H} image")
+    return clipped
 
 
-def box_affine(box: np.ndarray, out_shape: Tuple[int, int]) -> np.ndarray:
-    """``[2, 3]`` affine sending ``box`` (pixel edges) onto an ``out_shape = (H, W)`` crop.
-
-    x0 -> -0.5 and x1 -> W-0.5 (likewise y): the crop's pixel edges, OpenCV convention.
-    """
-    x0, y0, x1, y1 = np.asarray(box, np.float64)
+def patch_affine(centre_x: float, centre_y: float, width: float, height: float,
+                 out_shape: Tuple[int, int]) -> np.ndarray:
+    """``[2, 3]`` affine taking a ``width × height`` patch centred on ``(centre_x, centre_y)`` onto an
+    ``out_shape = (H, W)`` crop: the patch centre to ``(W/2, H/2)``, its half extents to ``W/2`` and
+    ``H/2`` (no aspect preservation). The original's ``gen_trans_from_patch_cv`` without scale or
+    rotation: three float32 point pairs through ``cv2.getAffineTransform``."""
     H, W = out_shape
-    sx, sy = W / (x1 - x0), H / (y1 - y0)
-    return np.array([[sx, 0.0, -0.5 - sx * x0], [0.0, sy, -0.5 - sy * y0]])
+    centre = np.array([centre_x, centre_y], np.float32)
+    src = np.stack([centre, centre + np.array([0, height * 0.5], np.float32),
+                    centre + np.array([width * 0.5, 0], np.float32)]).astype(np.float32)
+    mid = np.array([W * 0.5, H * 0.5], np.float32)
+    dst = np.stack([mid, mid + np.array([0, H * 0.5], np.float32),
+                    mid + np.array([W * 0.5, 0], np.float32)]).astype(np.float32)
+    return cv2.getAffineTransform(src, dst)
+
+
+def render_affine(box: np.ndarray, out_shape: Tuple[int, int]) -> np.ndarray:
+    """``[2, 3]`` float32: the cameras' pixel space → a rendered crop, for a clipped box.
+
+    As the original: centre ``((x0+x1+1)/2, (y0+y1+1)/2)`` and size ``(x1−x0+1, y1−y0+1)``, the box's
+    corners being pixel centres."""
+    x0, y0, x1, y1 = box
+    return patch_affine((x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0, x1 - x0 + 1, y1 - y0 + 1,
+                        out_shape).astype(np.float32)
+
+
+def image_affine(box: np.ndarray, original_img_shape: Tuple[int, int], image_shape: Tuple[int, int],
+                 out_shape: Tuple[int, int]) -> np.ndarray:
+    """``[2, 3]`` affine: pixels of an image of ``image_shape = (h, w)`` → the input crop.
+
+    As the original: the clipped box (cameras' pixel space) is scaled by ``w/W`` and ``h/H``, and
+    the patch is centred on ``x0 + (x1−x0+1)/2`` with size ``x1−x0+1`` in *image* pixels."""
+    (H, W), (h, w) = original_img_shape, image_shape
+    x0, y0, x1, y1 = box
+    x0, x1 = np.array([x0, x1]) / W * w
+    y0, y1 = np.array([y0, y1]) / H * h
+    width, height = x1 - x0 + 1, y1 - y0 + 1
+    return patch_affine(float(x0 + 0.5 * width), float(y0 + 0.5 * height), float(width), float(height),
+                        out_shape)
+
+
+def resample_affine(src_shape: Tuple[int, int], dst_shape: Tuple[int, int]) -> np.ndarray:
+    """``[2, 3]`` map from the pixels of a raster of ``src_shape = (H, W)`` to those of the same view
+    stored at ``dst_shape``, by the centre-aligned rule of ``cv2.resize``: ``r = (k + 0.5) * w/W − 0.5``."""
+    sy, sx = dst_shape[0] / src_shape[0], dst_shape[1] / src_shape[1]
+    return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
 
 
 def raster_affine(affine: np.ndarray, kspace_shape: Tuple[int, int],
                   raster_shape: Tuple[int, int]) -> np.ndarray:
-    """The affine of a raster of ``raster_shape`` whose pixels cover the K space of shape
-    ``kspace_shape``: ``affine`` composed with raster -> K space, ``k = (r + 0.5) * S/s - 0.5``."""
-    (KH, KW), (h, w) = kspace_shape, raster_shape
-    ax, ay = KW / w, KH / h
-    k_from_r = np.array([[ax, 0.0, 0.5 * ax - 0.5], [0.0, ay, 0.5 * ay - 0.5], [0.0, 0.0, 1.0]])
+    """The affine of a raster of ``raster_shape`` whose pixels cover the cameras' pixel space of
+    shape ``kspace_shape``: ``affine`` composed with raster -> that space (:func:`resample_affine`)."""
+    k_from_r = np.vstack([resample_affine(raster_shape, kspace_shape), [0.0, 0.0, 1.0]])
     return np.asarray(affine, np.float64) @ k_from_r
 
 
@@ -431,8 +498,8 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         render_view_num: target views per sample.
         on_error: ``'stop'`` (raise :class:`SampleError`) or ``'skip'``.
         seed: ``None`` or an integer (see the module notes).
-        image_shape: ``(H, W)`` of the pixel space of the cameras' ``K``; ``None``: the size of
-            the sample's input image (the released images and ``KRT_512`` agree: 512 x 334).
+        original_img_shape: ``(H, W)`` of the pixel space of the cameras' ``K`` (the released
+            ``KRT_512``: 512 x 334), whatever the size of the image and depth-map files.
         holdout_sequences: sequences kept for ``mode='test'`` and left out of ``'train'``.
     """
 
@@ -440,7 +507,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
                  joint_names: Sequence[str] = (), input_img_shape: Tuple[int, int] = (256, 256),
                  rendered_img_shape: Tuple[int, int] = (256, 256), render_view_num: int = 6,
                  on_error: str = "stop", seed: Optional[int] = None,
-                 image_shape: Optional[Tuple[int, int]] = None,
+                 original_img_shape: Tuple[int, int] = ORIGINAL_IMG_SHAPE,
                  holdout_sequences: Sequence[str] = ()):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
@@ -457,7 +524,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         self.render_view_num = int(render_view_num)
         self.on_error = on_error
         self.seed = None if seed is None else int(seed)
-        self.image_shape = None if image_shape is None else _shape(image_shape, "image_shape")
+        self.original_img_shape = _shape(original_img_shape, "original_img_shape")
         self.epoch = 0
         self._model_index = pts_to_model_index(self.joint_names)
 
@@ -522,14 +589,15 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg, mode: str, hand_model, **overrides) -> "DeepHandMeshDataset":
         """Build from a ``Config`` and a ``HandModel`` (or a list of joint names).
 
-        ``overrides`` set the arguments the configuration does not hold (``on_error``, ``seed``,
-        ``image_shape``, ``holdout_sequences``) or replace those it does.
+        ``overrides`` set the arguments the configuration does not hold (``on_error``, ``seed``)
+        or replace those it does.
         """
         names = getattr(hand_model, "joint_names", hand_model)
         kwargs = dict(data_dir=cfg.data_dir, subject=cfg.subject, mode=mode, joint_names=names,
                       input_img_shape=tuple(cfg.input_img_shape),
                       rendered_img_shape=tuple(cfg.rendered_img_shape),
                       render_view_num=cfg.render_view_num,
+                      original_img_shape=tuple(cfg.original_img_shape),
                       holdout_sequences=tuple(getattr(cfg, "holdout_sequences", ()) or ()))
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -601,12 +669,14 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         key = [seed, idx] if self.mode == "test" else [seed, self.epoch, idx]
         return np.random.default_rng(key).choice(n, size=k, replace=False).astype(np.int64)
 
-    def sample_box(self, joint_world: np.ndarray, joint_valid: np.ndarray, cam_idx: int,
-                   kspace_shape: Tuple[int, int]) -> np.ndarray:
-        """The crop box ``[x0, y0, x1, y1]`` of camera ``cam_idx`` in its K space."""
-        uv, z = project(joint_world[joint_valid > 0], self.camrot[cam_idx], self.campos[cam_idx],
-                        self.focal[cam_idx], self.princpt[cam_idx])
-        return crop_box(uv[z > 0], kspace_shape)
+    def sample_box(self, joint_world: np.ndarray, joint_valid: np.ndarray, cam_idx: int) -> np.ndarray:
+        """The clipped crop box ``[x0, y0, x1, y1]`` of camera ``cam_idx``, in the cameras' pixel
+        space (``original_img_shape``), from the valid keypoints in front of the camera."""
+        R, C = self.camrot[cam_idx], self.campos[cam_idx]
+        points = joint_world[joint_valid > 0]
+        points = points[(points - C) @ R[2] > 0]
+        box = keypoint_box(points, R, C, self.focal[cam_idx], self.princpt[cam_idx])
+        return clip_box(box, self.original_img_shape)
 
     def load_sample(self, idx: int) -> Dict[str, object]:
         """Build sample ``idx`` (no skipping); raises :class:`SampleError`."""
@@ -621,31 +691,35 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         if not joint_valid.any():
             raise SampleError(f"{kp_path}: no right-hand keypoint (indices 0-20)", str(kp_path))
 
-        img_path = self.image_path(idx)
-        img = _read_image(img_path)
-        kspace = self.image_shape or img.shape[:2]
-
         def box_of(view: int) -> np.ndarray:
             try:
-                return self.sample_box(joint_world, joint_valid, view, kspace)
+                return self.sample_box(joint_world, joint_valid, view)
             except ValueError as err:
                 raise SampleError(f"{kp_path}: camera {self.cameras[view]}: {err}",
                                   str(kp_path)) from None
 
-        img_affine = box_affine(box_of(c), self.input_img_shape)
-        img = warp(img, raster_affine(img_affine, kspace, img.shape[:2]), self.input_img_shape,
-                   nearest=False)
+        img_path = self.image_path(idx)
+        img = _read_image(img_path)
+        h, w = img.shape[:2]
+        to_crop = image_affine(box_of(c), self.original_img_shape, (h, w), self.input_img_shape)
+        # As the original: the 0-255 picture is warped, then divided by 255 (in float32).
+        img = warp(img, to_crop, self.input_img_shape, nearest=False) / np.float32(255)
+        # Where a point of the cameras' pixel space appears in the crop (the image being that
+        # space resampled); at 512 x 334 exactly the crop's own affine.
+        img_affine = raster_affine(to_crop, (h, w), self.original_img_shape)
 
         views = self.draw_views(idx)
         depthmaps, affines = [], []
         for v in views:
-            affine = box_affine(box_of(int(v)), self.rendered_img_shape)
+            affine = render_affine(box_of(int(v)), self.rendered_img_shape)
             path = self.depthmap_path(frame, self.cameras[v])
             try:
                 depth = load_depthmap(path)
             except (OSError, DepthmapError) as err:
                 raise _sample_error(path, err) from err
-            depthmaps.append(warp(depth, raster_affine(affine, kspace, depth.shape),
+            # The render affine itself, composed with depth-map pixels -> the cameras' pixels:
+            # target and rendering are registered at any depth-map resolution.
+            depthmaps.append(warp(depth, raster_affine(affine, self.original_img_shape, depth.shape),
                                   self.rendered_img_shape, nearest=True))
             affines.append(affine)
 
@@ -689,7 +763,7 @@ def _sample_error(path: Path, err: Exception) -> SampleError:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """``[H, W, 3]`` float32 RGB in [0, 1]; SampleError naming ``path`` on failure."""
+    """``[H, W, 3]`` float32 RGB in [0, 255]; SampleError naming ``path`` on failure."""
     if not path.is_file():
         raise SampleError(f"{path}: file not found", str(path))
     data = np.fromfile(str(path), np.uint8)
@@ -697,4 +771,4 @@ def _read_image(path: Path) -> np.ndarray:
     if img is None:
         raise SampleError(f"{path}: could not be decoded as an image (corrupt or not an image)",
                           str(path))
-    return img[:, :, ::-1].astype(np.float32) * np.float32(1 / 255)
+    return img[:, :, ::-1].astype(np.float32)

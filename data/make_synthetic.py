@@ -1,8 +1,12 @@
 """Write a synthetic data set in exactly the released DeepHandMesh layout (DESIGN §5).
 
-    python data/make_synthetic.py --out data/synthetic                 # the small default
-    python data/make_synthetic.py --out data/synth_big --frames 50 --sequences 4 --cameras 12 \\
-        --image_size 256x167 --depth_size 128x84                       # a larger set
+    python data/make_synthetic.py --out data/synthetic                 # 2 x 3 frames, 6 cameras
+    python data/make_synthetic.py --out data/synth_big --frames 50 --sequences 4 --cameras 12
+    python data/make_synthetic.py --out data/synth_small --image_size 256x167 --depth_size 128x84
+
+The cameras' ``KRT_512`` is in the 512 x 334 pixel space of the released data; images and depth
+maps are stored at 512 x 334 by default (the hand then spans ~280 pixels, so a 256 x 256 input
+crop is not upsampled) or at the sizes asked for, resampled from that space.
 
 Layout written under ``--out``::
 
@@ -48,7 +52,7 @@ from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.kinematics import pose_hand  # noqa: E402
 from common.utils.io import atomic_write_bytes  # noqa: E402
 from common.utils.vis import paint_mesh  # noqa: E402
-from data.dataset import write_krt, write_pts  # noqa: E402
+from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine, write_krt, write_pts  # noqa: E402
 
 # Joint limits in degrees, (x, y, z) ranges by joint-name suffix; z is the flexion axis.
 JOINT_LIMITS = {
@@ -145,14 +149,15 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     ])
 
 
-def dome_cameras(count: int, image_hw, rng: np.random.Generator, radius_mm: float = 600.0,
+def dome_cameras(count: int, kspace_hw, rng: np.random.Generator, radius_mm: float = 600.0,
                  fill: float = 0.55):
-    """Cameras on the upper half of a sphere around the origin, looking at it (world +z is up).
+    """Cameras on the upper half of a sphere around the origin, looking at it (world +z is up),
+    with ``K`` in the pixel space ``kspace_hw = (H, W)`` (the released ``KRT_512``'s 512 x 334).
 
     Returns ``{name: {'K' [3,3], 'dist' [5], 'R' [3,3], 't' [3]}}`` with OpenCV conventions
     (``x_c = R x + t``, x right, y down, z forward); names ``400000``, ``400001``… (colour cameras).
     """
-    h, w = image_hw
+    h, w = kspace_hw
     focal = fill * h * radius_mm / 200.0  # a 200 mm hand spans ``fill`` of the image height
     golden = math.pi * (3 - math.sqrt(5))
     cams = {}
@@ -171,16 +176,11 @@ def dome_cameras(count: int, image_hw, rng: np.random.Generator, radius_mm: floa
     return cams
 
 
-def scale_affine(src_hw, dst_hw) -> np.ndarray:
-    """``[2, 3]`` affine from pixel coordinates of an image of size ``src_hw`` to one of ``dst_hw``
-    (pixel centres at integers)."""
-    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
-    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]])
-
-
-def render_depth_maps(renderer_faces: torch.Tensor, vertices: np.ndarray, cams, image_hw, depth_hw,
+def render_depth_maps(renderer_faces: torch.Tensor, vertices: np.ndarray, cams, kspace_hw, depth_hw,
                       margin: int = 2) -> np.ndarray:
-    """``[N, Hd, Wd]`` float32 depth (mm, 0 empty) of one posed mesh in every camera.
+    """``[N, Hd, Wd]`` float32 depth (mm, 0 empty) of one posed mesh in every camera, at the
+    resolution ``depth_hw`` (the cameras' pixel space ``kspace_hw`` resampled by the centre-aligned
+    rule the data reader inverts).
 
     Only the window around the mesh's projection is rasterised (the CPU rasteriser costs
     pixels × faces); the window is the same crop of the full map, so the values are identical.
@@ -191,7 +191,7 @@ def render_depth_maps(renderer_faces: torch.Tensor, vertices: np.ndarray, cams, 
     campos = torch.tensor(np.stack([-cams[c]["R"].T @ cams[c]["t"] for c in names]))[None]
     focal = torch.tensor(np.stack([[cams[c]["K"][0, 0], cams[c]["K"][1, 1]] for c in names]))[None]
     princpt = torch.tensor(np.stack([[cams[c]["K"][0, 2], cams[c]["K"][1, 2]] for c in names]))[None]
-    to_depth = torch.tensor(scale_affine(image_hw, depth_hw)).expand(1, N, 2, 3)
+    to_depth = torch.tensor(resample_affine(kspace_hw, depth_hw)).expand(1, N, 2, 3)
     verts = torch.tensor(vertices)[None]
     uv = project_points(verts, camrot, campos, focal, princpt, to_depth)[0, ..., :2].numpy()
     lo = np.floor(uv.min(1)).astype(int) - margin
@@ -221,12 +221,14 @@ def background(image_hw, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render_image(vertices: np.ndarray, faces: np.ndarray, cam, image_hw, backdrop: np.ndarray,
+def render_image(vertices: np.ndarray, faces: np.ndarray, cam, kspace_hw, image_hw, backdrop: np.ndarray,
                  skin_bgr, supersample: int = 2) -> np.ndarray:
-    """A shaded picture of the posed mesh through one camera (painter's algorithm), uint8 BGR."""
+    """A shaded picture of the posed mesh through one camera (painter's algorithm), uint8 BGR, of
+    ``image_hw`` pixels (``K`` being in the pixel space ``kspace_hw``)."""
     xc = vertices @ cam["R"].T + cam["t"]
     K = cam["K"]
     uv = np.stack([K[0, 0] * xc[:, 0] / xc[:, 2] + K[0, 2], K[1, 1] * xc[:, 1] / xc[:, 2] + K[1, 2]], 1)
+    uv = uv @ resample_affine(kspace_hw, image_hw)[:, :2].T + resample_affine(kspace_hw, image_hw)[:, 2]
     s = supersample
     big = cv2.resize(backdrop, (image_hw[1] * s, image_hw[0] * s), interpolation=cv2.INTER_NEAREST)
     # Supersampled pixel centres: (u + 0.5) * s - 0.5. The viewing frame has +z towards the camera.
@@ -245,17 +247,19 @@ def parse_hw(text: str):
 
 
 def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2, frames: int = 3,
-             cameras: int = 6, image_hw=(128, 84), depth_hw=(64, 42), subject: int = 4,
+             cameras: int = 6, image_hw=ORIGINAL_IMG_SHAPE, depth_hw=ORIGINAL_IMG_SHAPE, subject: int = 4,
              drop_keypoints: float = 0.05, progress: bool = True, skeleton_mm: float = 3.0,
-             identity_mm: float = 3.0) -> dict:
+             identity_mm: float = 3.0, original_img_shape=ORIGINAL_IMG_SHAPE) -> dict:
     """Write the data set; returns the ``gt/meta.json`` dict.
 
+    As in the released data, ``KRT_512`` is in the pixel space ``original_img_shape`` (512 x 334)
+    and the images and depth maps are stored at ``image_hw`` and ``depth_hw``, resampled from it.
     ``skeleton_mm`` and ``identity_mm`` bound the person's bone-length changes and identity
     corrective (see :func:`make_identity`)."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     save_hand_model(hand_model, out / "hand_model")
-    cams = dome_cameras(cameras, image_hw, rng)
+    cams = dome_cameras(cameras, original_img_shape, rng)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     write_krt(out / "annotations" / "KRT_512", cams)
     skeleton_offset, id_corrective = make_identity(hand_model, rng, skeleton_mm, identity_mm)
@@ -285,9 +289,10 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
             joints, verts = pose_hand(hand_model, e64, torch.tensor(root), *args)
             joints, verts = joints[0].numpy(), verts[0].numpy()
 
-            depth = render_depth_maps(faces_t, verts, cams, image_hw, depth_hw)
+            depth = render_depth_maps(faces_t, verts, cams, original_img_shape, depth_hw)
             for n, cam in enumerate(cams):
-                img = render_image(verts, hand_model.faces, cams[cam], image_hw, backdrops[cam], skin)
+                img = render_image(verts, hand_model.faces, cams[cam], original_img_shape, image_hw,
+                                   backdrops[cam], skin)
                 path = out / "images" / f"subject_{subject}" / seq / f"cam{cam}" / f"image{frame:04d}.jpg"
                 ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
                 if not ok:
@@ -309,7 +314,8 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
     np.savez(gt / "identity.npz", skeleton_offset=skeleton_offset, id_corrective=id_corrective)
     np.savez(gt / "frames.npz", **{k: np.asarray(v) for k, v in record.items()})
     meta = {"seed": seed, "subject": subject, "sequences": seq_names, "frames_per_sequence": frames,
-            "cameras": list(cams), "image_hw": list(image_hw), "depth_hw": list(depth_hw),
+            "cameras": list(cams), "original_img_shape": list(original_img_shape),
+            "image_hw": list(image_hw), "depth_hw": list(depth_hw),
             "hand_model": hand_model.source, "drop_keypoints": drop_keypoints,
             "skeleton_mm": skeleton_mm, "identity_mm": identity_mm}
     atomic_write_bytes(gt / "meta.json", json.dumps(meta, indent=2).encode())
@@ -324,8 +330,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sequences", type=int, default=2, help="RT sequences")
     parser.add_argument("--frames", type=int, default=3, help="frames per sequence")
     parser.add_argument("--cameras", type=int, default=6)
-    parser.add_argument("--image_size", type=parse_hw, default=(128, 84), help="HxW of the images")
-    parser.add_argument("--depth_size", type=parse_hw, default=(64, 42), help="HxW of the depth maps")
+    parser.add_argument("--image_size", type=parse_hw, default=ORIGINAL_IMG_SHAPE,
+                        help="HxW of the stored images (default 512x334, the released images')")
+    parser.add_argument("--depth_size", type=parse_hw, default=ORIGINAL_IMG_SHAPE,
+                        help="HxW of the stored depth maps (default 512x334)")
+    parser.add_argument("--original_img_shape", type=parse_hw, default=ORIGINAL_IMG_SHAPE,
+                        help="HxW of the cameras' pixel space, that of KRT_512 (default 512x334)")
     parser.add_argument("--subject", type=int, default=4)
     parser.add_argument("--drop_keypoints", type=float, default=0.05,
                         help="probability that a keypoint is missing from a .pts file")
@@ -351,7 +361,8 @@ def main(argv=None) -> int:
         return 2
     meta = generate(Path(args.out), hand, args.seed, args.sequences, args.frames, args.cameras,
                     args.image_size, args.depth_size, args.subject, args.drop_keypoints,
-                    skeleton_mm=args.skeleton_mm, identity_mm=args.identity_mm)
+                    skeleton_mm=args.skeleton_mm, identity_mm=args.identity_mm,
+                    original_img_shape=args.original_img_shape)
     print(f"wrote {args.sequences * args.frames} frames × {args.cameras} cameras to {args.out} "
           f"(ground truth in {Path(args.out) / 'gt'}; seed {meta['seed']})")
     return 0

@@ -26,7 +26,8 @@ from common.nets.renderer import DepthRenderer, project_points  # noqa: E402
 from common.utils.hand_model import HandModelError, is_hand_model_folder, load_hand_model  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
-from data.dataset import DataFormatError, DeepHandMeshDataset, SampleError  # noqa: E402
+from data.dataset import ORIGINAL_IMG_SHAPE, DataFormatError, DeepHandMeshDataset, SampleError  # noqa: E402
+from data.make_synthetic import parse_hw  # noqa: E402
 
 DIFF_FULL_SCALE_MM = 5.0
 
@@ -73,13 +74,13 @@ def ground_truth_vertices(data_dir: Path, frame: int):
 
 
 def show_sample(data_dir: Path, index: int, subject: int = 4, size: int = 128, views: int = 4,
-                scale: float = 2.0) -> np.ndarray:
+                scale: float = 2.0, original_img_shape=ORIGINAL_IMG_SHAPE) -> np.ndarray:
     """The picture described in the module docstring, as a BGR uint8 image."""
     hand_dir = data_dir / "hand_model"
     hand = load_hand_model(hand_dir) if is_hand_model_folder(hand_dir) else resolve_hand_model()
     dataset = DeepHandMeshDataset(data_dir, subject=subject, mode="test", joint_names=hand.joint_names,
                                   input_img_shape=(size, size), rendered_img_shape=(size, size),
-                                  render_view_num=views)
+                                  render_view_num=views, original_img_shape=original_img_shape)
     if not 0 <= index < len(dataset):
         raise IndexError(f"--index {index}: the data set has {len(dataset)} samples (0..{len(dataset) - 1})")
     sample = dataset.load_sample(index)
@@ -127,9 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("--subject", type=int, default=4)
     parser.add_argument("--size", type=int, default=128, help="crop size of the input and the depth maps")
     parser.add_argument("--views", type=int, default=4, help="target views to show")
+    parser.add_argument("--original_img_shape", type=parse_hw, default=ORIGINAL_IMG_SHAPE,
+                        help="HxW of the cameras' pixel space (that of KRT_512; default 512x334)")
     args = parser.parse_args(argv)
     try:
-        img = show_sample(Path(args.data), args.index, args.subject, args.size, args.views)
+        img = show_sample(Path(args.data), args.index, args.subject, args.size, args.views,
+                          original_img_shape=args.original_img_shape)
         save_image(args.out, img)
     except (HandModelError, DataFormatError, SampleError, IndexError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from common.utils.checkpoint import CheckpointError, load_decoder_checkpoint  # noqa: E402
 from common.utils.device import select_device  # noqa: E402
 from common.utils.hand_model import HandModelError, save_obj  # noqa: E402
 from common.utils.io import atomic_write_text  # noqa: E402
@@ -81,8 +81,10 @@ def run(args) -> Path:
         model.zero_correctives()
         print("no checkpoint given: skeleton and skin correctives are zero (the template as it is)")
     else:
-        info = load_checkpoint(model, ckpt)
+        info, absent = load_decoder_checkpoint(model, ckpt)
         print(f"checkpoint: {ckpt} (epoch {info.get('epoch', '?')})")
+        if absent:
+            print(f"the checkpoint holds no {', '.join(absent)}: not used for decoding")
     model.to(device).eval()
 
     with torch.no_grad():

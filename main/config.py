@@ -25,6 +25,9 @@ class Config:
     ## input, output
     input_img_shape = (256, 256)
     rendered_img_shape = (256, 256)
+    # (H, W) of the pixel space the cameras' K (KRT_512) is expressed in, whatever the size of
+    # the image and depth-map files: boxes are computed there and rescaled to each file.
+    original_img_shape = (512, 334)
     depth_min = 1
     depth_max = 99999
     render_view_num = 6

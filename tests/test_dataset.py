@@ -73,12 +73,13 @@ def pixel(cam, X):
 
 
 def hand_box(cam, pts):
-    """The crop box computed by hand: 1.5x the projected keypoints' box, clipped to the image."""
+    """The crop box computed by hand: 1.5x the projected keypoints' box, clipped to the pixel
+    centres of the image (the original's convention)."""
     uv = np.array([pixel(cam, p) for p in pts])
     lo, hi = uv.min(0), uv.max(0)
     c, half = (lo + hi) / 2, (hi - lo) * 0.75
-    return np.array([max(c[0] - half[0], -0.5), max(c[1] - half[1], -0.5),
-                     min(c[0] + half[0], IMG_W - 0.5), min(c[1] + half[1], IMG_H - 0.5)])
+    return np.array([max(c[0] - half[0], 0), max(c[1] - half[1], 0),
+                     min(c[0] + half[0], IMG_W - 1), min(c[1] + half[1], IMG_H - 1)])
 
 
 def make_data(root):
@@ -132,7 +133,7 @@ def fresh_data(tmp_path):
 def dataset(root, **kw):
     args = dict(data_dir=root, subject=4, mode="train", joint_names=JOINT_NAMES,
                 input_img_shape=INPUT_SHAPE, rendered_img_shape=RENDER_SHAPE, render_view_num=2,
-                on_error="stop", seed=0)
+                on_error="stop", seed=0, original_img_shape=(IMG_H, IMG_W))
     args.update(kw)
     return DeepHandMeshDataset(**args)
 
@@ -247,15 +248,17 @@ def test_input_box_affine_and_image(data, idx):
     keep = [k for k in range(21) if not (frame == 2 and PTS_JOINT_NAMES[k] == "index3")]
     box = hand_box(cam, pts[keep])
     world, valid = read_pts(ds.keypoint_path(frame), JOINT_NAMES)
-    got = ds.sample_box(world, valid, ds.cameras.index(cam_name), (IMG_H, IMG_W))
+    got = ds.sample_box(world, valid, ds.cameras.index(cam_name))
     np.testing.assert_allclose(got, box, atol=2e-3)
     if cam_name == "400300":
-        assert box[0] == -0.5  # clipped at the image's left edge
+        assert box[0] == 0  # clipped at the image's left edge
 
     item = ds[idx]
+    # The box's corners are pixel centres: a patch of (x1 - x0 + 1) pixels centred on (x0 + x1 + 1) / 2.
     H, W = INPUT_SHAPE
-    sx, sy = W / (box[2] - box[0]), H / (box[3] - box[1])
-    hand_affine = [[sx, 0, -0.5 - sx * box[0]], [0, sy, -0.5 - sy * box[1]]]
+    sx, sy = W / (box[2] - box[0] + 1), H / (box[3] - box[1] + 1)
+    hand_affine = [[sx, 0, W / 2 - sx * (box[0] + box[2] + 1) / 2],
+                   [0, sy, H / 2 - sy * (box[1] + box[3] + 1) / 2]]
     np.testing.assert_allclose(item["img_affine"].numpy(), hand_affine, rtol=1e-4, atol=1e-3)
     img = item["img"].numpy()
     assert img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
@@ -268,12 +271,12 @@ def test_input_box_affine_and_image(data, idx):
 
 
 def test_images_larger_than_the_camera_pixel_space(fresh_data, data):
-    """``image_shape`` declares K's pixel space; a 2x image is resampled into it."""
+    """``original_img_shape`` declares K's pixel space; a 2x image is read in it."""
     root, cams = fresh_data, data[1]
     for path in (root / "images/subject_4/RT_fist/cam400200").iterdir():
         img = cv2.imread(str(path))
         cv2.imwrite(str(path), cv2.resize(img, (2 * IMG_W, 2 * IMG_H), interpolation=cv2.INTER_LINEAR))
-    ds = dataset(root, image_shape=(IMG_H, IMG_W))
+    ds = dataset(root)
     for idx in (2, 3):
         seq, cam_name, frame = ds.samples[idx]
         assert cam_name == "400200"
@@ -308,12 +311,12 @@ def test_depth_targets_land_where_the_affine_says(data):
 def test_depth_warp_picks_the_right_raster_pixel(tmp_path):
     """Every crop pixel of a coordinate-coded depth map comes from the raster pixel nearest to
     where the inverse affine sends it (centre-aligned rescale between the resolutions)."""
-    from data.dataset import box_affine, raster_affine, warp
+    from data.dataset import raster_affine, render_affine, warp
 
     kspace, raster, out = (64, 48), (40, 36), (24, 20)
     rr, cc = np.mgrid[0:raster[0], 0:raster[1]]
     coded = (1 + cc + 100 * rr).astype(np.float32)
-    affine = box_affine(np.array([5.3, 7.9, 40.2, 50.6]), out)
+    affine = render_affine(np.array([5.3, 7.9, 40.2, 50.6]), out).astype(np.float64)
     crop = warp(coded, raster_affine(affine, kspace, raster), out, nearest=True)
     inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))
     ys, xs = np.mgrid[0:out[0], 0:out[1]]

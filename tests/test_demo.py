@@ -190,3 +190,53 @@ def test_gpu_flag_without_cuda_uses_cpu(tmp_path, capsys):
         pytest.skip("this machine has CUDA; the fallback path is for machines without it")
     assert demo.main(["--gpu", "0", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "mesh.obj").is_file()
+
+
+def test_decoder_only_snapshot_decodes(tmp_path, capsys, default_hand):
+    """As the original's demo (``strict=False``): a snapshot with the decoder's keys alone decodes;
+    one that lacks a decoder key is refused naming it; the encoder is not needed."""
+    torch.manual_seed(2)
+    model = get_model("train", default_hand)
+    with torch.no_grad():
+        for p in list(model.skin_refine_net.parameters()) + list(model.skeleton_refine_net.parameters()):
+            p.normal_(0, 0.05)
+    decoder = {k: v for k, v in model.state_dict().items()
+               if k.startswith(("id_code", "skeleton_refine_net.", "skin_refine_net."))}
+    path = tmp_path / "decoder.pth.tar"
+    save_checkpoint({"epoch": 7, "network": {"module." + k: v for k, v in decoder.items()}}, path)
+    assert demo.main(["--ckpt", str(path), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "the checkpoint holds no backbone_net, pose_net: not used for decoding" in printed, printed
+    v, _, _ = read_obj(tmp_path / "o" / "mesh.obj")
+    with torch.no_grad():
+        ref = model.eval().decode(build_pose(default_hand, "original"))["mesh_out_refined"][0].numpy()
+    assert np.abs(v - ref).max() < 1e-4
+
+    # With pose_net.DoF too (as a trimmed original snapshot has it), only the encoder's layers are absent.
+    save_checkpoint({"epoch": 7, "network": dict(decoder, **{"pose_net.DoF": model.pose_net.DoF})}, path)
+    assert demo.main(["--ckpt", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert "holds no backbone_net, pose_net.fc:" in capsys.readouterr().out
+
+    # A decoder key missing: refused, naming it.
+    partial = {k: v for k, v in decoder.items() if not k.startswith("skin_refine_net.fc_id.")}
+    save_checkpoint({"epoch": 7, "network": partial}, path)
+    fails(capsys, ["--ckpt", str(path), "--out", str(tmp_path)], "missing ['skin_refine_net.fc_id.0.weight'")
+
+
+@pytest.mark.parametrize("other", ["makehuman", "fewer vertices"])
+def test_decoder_only_snapshot_for_another_hand_is_refused(other, tmp_path, capsys, default_hand, request):
+    """Without pose_net.DoF the counts come from the corrective layers: still both are named. The
+    other hand is MakeHuman's (when ../shared is there) or the default hand's networks cut to 1000
+    vertices (any clone)."""
+    model = get_model("test", request.getfixturevalue("makehuman") if other == "makehuman" else default_hand)
+    decoder = {k: v for k, v in model.state_dict().items()
+               if k.startswith(("id_code", "skeleton_refine_net.", "skin_refine_net."))}
+    if other != "makehuman":
+        for layer in ("fc_pose", "fc_id"):
+            decoder[f"skin_refine_net.{layer}.2.weight"] = decoder[f"skin_refine_net.{layer}.2.weight"][:3000]
+            decoder[f"skin_refine_net.{layer}.2.bias"] = decoder[f"skin_refine_net.{layer}.2.bias"][:3000]
+    vertices = decoder["skin_refine_net.fc_id.2.bias"].shape[0] // 3
+    path = tmp_path / "other.pth.tar"
+    save_checkpoint({"epoch": 0, "network": decoder}, path)
+    fails(capsys, ["--ckpt", str(path), "--out", str(tmp_path)], f"{vertices} vertices and 22 joints",
+          f"{default_hand.vertex_num} vertices and 22 joints")

@@ -14,11 +14,12 @@ from common.nets.renderer import DepthRenderer
 from common.utils.hand_model import load_hand_model
 from common.utils.safe_pickle import load_depthmap
 from data.dataset import DeepHandMeshDataset, read_krt, read_pts
-from data.make_synthetic import BulgeCorrective, generate, joint_limits, scale_affine
+from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine
+from data.make_synthetic import BulgeCorrective, generate, joint_limits
 from tests.conftest import REPO
 
 CAMERAS, FRAMES, SEQUENCES = 4, 2, 2
-IMAGE_HW, DEPTH_HW = (128, 84), (128, 84)
+IMAGE_HW, DEPTH_HW = (256, 167), (128, 84)  # both other than the cameras' 512 x 334
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +101,7 @@ def test_stored_depth_equals_full_frame_render(synth, default_hand):
     campos = torch.tensor(np.stack([krt[c]["campos"] for c in names]))[None]
     focal = torch.tensor(np.stack([krt[c]["focal"] for c in names]))[None]
     princpt = torch.tensor(np.stack([krt[c]["princpt"] for c in names]))[None]
-    affine = torch.tensor(scale_affine(IMAGE_HW, DEPTH_HW)).expand(1, len(names), 2, 3)
+    affine = torch.tensor(resample_affine(ORIGINAL_IMG_SHAPE, DEPTH_HW)).expand(1, len(names), 2, 3)
     renderer = DepthRenderer(torch.as_tensor(default_hand.faces), DEPTH_HW)
     for frame, verts in zip(gt["frame"], gt["vertices"]):
         full = renderer(torch.from_numpy(verts)[None], camrot, campos, focal, princpt, affine)[0].numpy()

@@ -11,7 +11,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -55,13 +55,37 @@ def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def _counts(state: Dict[str, torch.Tensor]):
     """(vertex count, joint count) a state dict was trained for, when it says."""
     verts = state.get("skin_refine_net.fc_pose.2.weight")
-    dof = state.get("pose_net.DoF")
-    return (None if verts is None else verts.shape[0] // 3, None if dof is None else dof.shape[0])
+    if verts is None:
+        verts = state.get("skin_refine_net.fc_id.2.weight")
+    joints = state.get("pose_net.DoF")
+    if joints is None:
+        skeleton = state.get("skeleton_refine_net.fc_skeleton.2.weight")
+        joints = None if skeleton is None else skeleton.shape[0] // 3
+    else:
+        joints = joints.shape[0]
+    return (None if verts is None else verts.shape[0] // 3, joints)
+
+
+# What decoding reads: the identity code and the corrective networks (``pose_net.DoF`` is checked
+# when present). The encoder (``backbone_net.*``, ``pose_net.fc.*``) only turns images into angles.
+DECODER_PREFIXES = ("id_code", "skeleton_refine_net.", "skin_refine_net.")
+
+
+def _absent_parts(own_keys, present) -> List[str]:
+    """The modules of the model the snapshot holds nothing of, as a user names them: a top-level
+    module when all of it is absent (``backbone_net``), else its absent children (``pose_net.fc``)."""
+    absent = [k for k in own_keys if k not in present]
+    parts = set()
+    for key in absent:
+        top = key.split(".")[0]
+        whole = all(k not in present for k in own_keys if k.split(".")[0] == top)
+        parts.add(top if whole else ".".join(key.split(".")[:2]))
+    return sorted(parts)
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
                     ckpt: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Load a snapshot (original layout included) into ``model``.
+    """Load a snapshot (original layout included) into ``model``; every key of the model is needed.
 
     ``ckpt``: the snapshot already read from ``path`` by :func:`read_checkpoint` (a distributed run
     reads it on one process and sends it to the others); ``path`` then only names it in errors.
@@ -72,13 +96,39 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
     """
     if ckpt is None:
         ckpt = read_checkpoint(path)
+    state = _checked_state(model, path, ckpt, required=lambda key: True)
+    model.load_state_dict(state)
+    return ckpt
+
+
+def load_decoder_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Tuple[Dict[str, Any], List[str]]:
+    """Load what decoding needs from a snapshot: as the original's demo (``strict=False``), a file
+    holding every decoder key (:data:`DECODER_PREFIXES`) loads even without the encoder's weights,
+    for example a personalised hand shared without its backbone.
+
+    Returns:
+        ``(snapshot dict, absent)``: ``absent`` names the parts of the model the file does not hold
+        (e.g. ``['backbone_net', 'pose_net.fc']``); they keep their current weights.
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`, and when a decoder key is missing (named).
+    """
+    ckpt = read_checkpoint(path)
+    state = _checked_state(model, path, ckpt, required=lambda key: key.startswith(DECODER_PREFIXES))
+    absent = _absent_parts(list(model.state_dict()), state)
+    model.load_state_dict(state, strict=False)
+    return ckpt, absent
+
+
+def _checked_state(model: torch.nn.Module, path, ckpt: Dict[str, Any], required) -> Dict[str, torch.Tensor]:
+    """The snapshot's cleaned state dict after every check; ``required(key)`` tells which of the
+    model's keys it must hold."""
     state = clean_state_dict(ckpt["network"])
     ckpt_v, ckpt_j = _counts(state)
-    if (ckpt_v, ckpt_j) != (model.vertex_num, model.joint_num) and None not in (ckpt_v, ckpt_j):
+    if (ckpt_v not in (None, model.vertex_num)) or (ckpt_j not in (None, model.joint_num)):
         raise CheckpointError(
-            f"{path}: the checkpoint is for a hand model with {ckpt_v} vertices and {ckpt_j} joints, "
-            f"but the hand model ({model.hand_model.source}) has {model.vertex_num} vertices and "
-            f"{model.joint_num} joints"
+            f"{path}: the checkpoint is for a hand model with {ckpt_v if ckpt_v is not None else '?'} vertices "
+            f"and {ckpt_j if ckpt_j is not None else '?'} joints, but the hand model "
+            f"({model.hand_model.source}) has {model.vertex_num} vertices and {model.joint_num} joints"
         )
     dof = state.get("pose_net.DoF")
     if dof is not None and not torch.equal(dof.cpu().float(), model.pose_net.DoF.cpu()):
@@ -94,15 +144,14 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
             f"{path}: {k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)} "
             f"(another ResNet depth or feature size? check resnet_type / backbone_img_feat_dim)"
         )
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and required(k)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: keys do not match the model: missing {missing[:5]}{' …' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
         )
-    model.load_state_dict(state)
-    return ckpt
+    return state
 
 
 def save_checkpoint(state: Dict[str, Any], path: str | os.PathLike) -> None:
