@@ -41,6 +41,22 @@ def any_hand(request):
     return request.getfixturevalue("default_hand" if request.param == "default" else "makehuman")
 
 
+@pytest.fixture(scope="session")
+def default_hand_dir(tmp_path_factory, default_hand) -> Path:
+    """The default hand written out as a hand-model folder (the six files)."""
+    from common.utils.hand_model import save_hand_model
+
+    folder = tmp_path_factory.mktemp("default_hand_model")
+    save_hand_model(default_hand, folder)
+    return folder
+
+
+@pytest.fixture(params=["default", "makehuman"])
+def any_hand_dir(request) -> Path:
+    """A hand-model folder: the default hand's files, and MakeHuman's (skipped without ../shared)."""
+    return request.getfixturevalue("default_hand_dir" if request.param == "default" else "makehuman_dir")
+
+
 @pytest.fixture
 def small_cfg() -> Config:
     config = Config()

@@ -259,3 +259,15 @@ def grid_mesh(rows, cols, spacing=3.0, plane=(0.2, -0.1, 5.0)):
     a, b, c, d = ids[:-1, :-1].reshape(-1), ids[:-1, 1:].reshape(-1), ids[1:, :-1].reshape(-1), ids[1:, 1:].reshape(-1)
     faces = torch.cat([torch.stack([a, b, d], 1), torch.stack([a, d, c], 1)])
     return verts, faces
+
+
+def fewer_vertices(state, vertices):
+    """A state dict as for a hand of ``vertices`` vertices (the skin layers' outputs cut): a
+    snapshot "for another hand model" made from any hand."""
+    state = dict(state)
+    for layer in ("fc_pose", "fc_id"):
+        for kind in ("weight", "bias"):
+            key = f"skin_refine_net.{layer}.2.{kind}"
+            if key in state:
+                state[key] = state[key][:3 * vertices]
+    return state

@@ -18,12 +18,12 @@ def test_layout_matches_torchvision(depth):
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
 
-def test_initialises_from_local_torchvision_file(tmp_path, makehuman, small_cfg):
+def test_initialises_from_local_torchvision_file(tmp_path, any_hand, small_cfg):
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18-imagenet.pth"
     torch.save(reference.state_dict(), path)
     small_cfg.pretrained_backbone = str(path)
-    model = get_model("train", makehuman, small_cfg)
+    model = get_model("train", any_hand, small_cfg)
     resnet = model.backbone_net.resnet
     for key, value in reference.state_dict().items():
         if not key.startswith("fc."):
@@ -36,18 +36,18 @@ def test_initialises_from_local_torchvision_file(tmp_path, makehuman, small_cfg)
         assert torch.allclose(resnet(x), trunk(x), atol=1e-6)
 
 
-def test_without_file_logs_and_keeps_random_init(makehuman, small_cfg, caplog):
+def test_without_file_logs_and_keeps_random_init(any_hand, small_cfg, caplog):
     with caplog.at_level(logging.INFO):
-        get_model("train", makehuman, small_cfg)
+        get_model("train", any_hand, small_cfg)
     assert "no ImageNet weights file given" in caplog.text
 
 
-def test_wrong_or_missing_file_is_an_error(tmp_path, makehuman, small_cfg):
+def test_wrong_or_missing_file_is_an_error(tmp_path, any_hand, small_cfg):
     small_cfg.pretrained_backbone = str(tmp_path / "absent.pth")
     with pytest.raises(FileNotFoundError, match="absent.pth"):
-        get_model("train", makehuman, small_cfg)
+        get_model("train", any_hand, small_cfg)
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     small_cfg.pretrained_backbone = str(path)  # ResNet-50 weights for a ResNet-18 backbone
     with pytest.raises(ValueError, match="not a torchvision ResNet-18 state dict"):
-        get_model("train", makehuman, small_cfg)
+        get_model("train", any_hand, small_cfg)

@@ -7,6 +7,7 @@ from torch.nn.parallel import DataParallel
 
 from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from main.model import get_model
+from tests.reference import fewer_vertices
 
 
 def original_snapshot(model, path, epoch=12):
@@ -44,33 +45,38 @@ def test_original_layout_loads_and_decodes(any_hand, small_cfg, tmp_path):
     assert torch.equal(a["joint_out"], b["joint_out"])
 
 
-def test_save_checkpoint_atomic_and_plain(makehuman, small_cfg, tmp_path):
-    model = get_model("test", makehuman, small_cfg)
+def test_save_checkpoint_atomic_and_plain(any_hand, small_cfg, tmp_path):
+    model = get_model("test", any_hand, small_cfg)
     path = tmp_path / "sub" / "snapshot_1.pth.tar"
     save_checkpoint({"epoch": 1, "network": model.state_dict()}, path)
     assert path.is_file() and not (path.parent / (path.name + ".tmp")).exists()
-    other = get_model("test", makehuman, small_cfg)
+    other = get_model("test", any_hand, small_cfg)
     load_checkpoint(other, path)
     assert torch.equal(other.id_code, model.id_code)
 
 
-def test_vertex_count_mismatch_names_both_counts(default_hand, makehuman, small_cfg, tmp_path):
+@pytest.mark.parametrize("other", ["makehuman", "1000 vertices"])
+def test_vertex_count_mismatch_names_both_counts(other, default_hand, small_cfg, tmp_path, request):
     path = tmp_path / "snap.pth.tar"
-    save_checkpoint({"epoch": 0, "network": get_model("test", makehuman, small_cfg).state_dict()}, path)
+    if other == "makehuman":
+        state, vertices = get_model("test", request.getfixturevalue("makehuman"), small_cfg).state_dict(), 1622
+    else:
+        state, vertices = fewer_vertices(get_model("test", default_hand, small_cfg).state_dict(), 1000), 1000
+    save_checkpoint({"epoch": 0, "network": state}, path)
     target = get_model("test", default_hand, small_cfg)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(target, path)
     message = str(info.value)
-    assert "1622 vertices and 22 joints" in message
+    assert f"{vertices} vertices and 22 joints" in message
     assert f"{default_hand.vertex_num} vertices and 22 joints" in message
 
 
-def test_backbone_mismatch_is_explained(makehuman, small_cfg, tmp_path):
+def test_backbone_mismatch_is_explained(any_hand, small_cfg, tmp_path):
     path = tmp_path / "snap.pth.tar"
-    save_checkpoint({"epoch": 0, "network": get_model("test", makehuman, small_cfg).state_dict()}, path)
+    save_checkpoint({"epoch": 0, "network": get_model("test", any_hand, small_cfg).state_dict()}, path)
     small_cfg.resnet_type = 50
     with pytest.raises(CheckpointError, match="resnet_type"):
-        load_checkpoint(get_model("test", makehuman, small_cfg), path)
+        load_checkpoint(get_model("test", any_hand, small_cfg), path)
 
 
 class Evil:

@@ -16,6 +16,7 @@ from common.utils.pose_io import build_pose
 from demo import demo
 from main.model import get_model
 from tests.conftest import REPO
+from tests.reference import fewer_vertices
 
 
 def read_obj(path):
@@ -76,11 +77,11 @@ def test_cli_no_arguments_default_hand(tmp_path, default_hand):
         assert joints[tip, 1] - joints[knuckle, 1] > 30
 
 
-def test_cli_makehuman_with_preset_and_override(tmp_path, makehuman_dir, makehuman):
-    result = run_cli("--hand_model", str(makehuman_dir), "--pose", "fist", "--euler", "index1=0,0,10",
+def test_cli_hand_model_folder_with_preset_and_override(tmp_path, any_hand_dir):
+    result = run_cli("--hand_model", str(any_hand_dir), "--pose", "fist", "--euler", "index1=0,0,10",
                      "--euler", "b_r_thumb0=5,0,0", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    check_outputs(tmp_path, makehuman, "fist", ["index1=0,0,10", "b_r_thumb0=5,0,0"])
+    check_outputs(tmp_path, load_hand_model(any_hand_dir), "fist", ["index1=0,0,10", "b_r_thumb0=5,0,0"])
 
 
 @pytest.mark.parametrize("preset", ["original", "open", "fist", "point", "ok"])
@@ -168,21 +169,27 @@ def test_missing_and_malformed_hand_model(capsys, tmp_path, default_hand):
     fails(capsys, ["--hand_model", str(folder), "--out", str(tmp_path)], "skeleton.txt:4:", "expected 'name id parent_id'")
 
 
-def test_checkpoint_for_other_hand(capsys, tmp_path, makehuman, default_hand):
-    path = tmp_path / "mh.pth.tar"
-    save_checkpoint({"epoch": 0, "network": get_model("test", makehuman).state_dict()}, path)
-    fails(capsys, ["--ckpt", str(path), "--out", str(tmp_path)], "1622 vertices and 22 joints",
+@pytest.mark.parametrize("other", ["makehuman", "1000 vertices"])
+def test_checkpoint_for_other_hand(other, capsys, tmp_path, default_hand, request):
+    path = tmp_path / "other.pth.tar"
+    if other == "makehuman":
+        state = get_model("test", request.getfixturevalue("makehuman")).state_dict()
+    else:
+        state = fewer_vertices(get_model("test", default_hand).state_dict(), 1000)
+    save_checkpoint({"epoch": 0, "network": state}, path)
+    vertices = state["skin_refine_net.fc_id.2.bias"].shape[0] // 3
+    fails(capsys, ["--ckpt", str(path), "--out", str(tmp_path)], f"{vertices} vertices and 22 joints",
           f"{default_hand.vertex_num} vertices and 22 joints")
     fails(capsys, ["--ckpt", str(tmp_path / "none.pth.tar"), "--out", str(tmp_path)], "checkpoint not found")
 
 
-def test_data_hand_model_is_the_default_when_present(tmp_path, makehuman_dir, monkeypatch):
+def test_data_hand_model_is_the_default_when_present(tmp_path, any_hand_dir, monkeypatch):
     import common.utils.hand_model_source as source
 
-    monkeypatch.setattr(source, "DATA_HAND_MODEL", makehuman_dir)
-    assert source.resolve_hand_model().vertex_num == 1622
+    monkeypatch.setattr(source, "DATA_HAND_MODEL", any_hand_dir)
+    assert source.resolve_hand_model().source == str(any_hand_dir)
     monkeypatch.setattr(source, "DATA_HAND_MODEL", tmp_path / "absent")
-    assert source.resolve_hand_model().source != str(makehuman_dir)
+    assert source.resolve_hand_model().source == "<deephandmesh_default_right>"
 
 
 def test_gpu_flag_without_cuda_uses_cpu(tmp_path, capsys):
@@ -232,9 +239,7 @@ def test_decoder_only_snapshot_for_another_hand_is_refused(other, tmp_path, caps
     decoder = {k: v for k, v in model.state_dict().items()
                if k.startswith(("id_code", "skeleton_refine_net.", "skin_refine_net."))}
     if other != "makehuman":
-        for layer in ("fc_pose", "fc_id"):
-            decoder[f"skin_refine_net.{layer}.2.weight"] = decoder[f"skin_refine_net.{layer}.2.weight"][:3000]
-            decoder[f"skin_refine_net.{layer}.2.bias"] = decoder[f"skin_refine_net.{layer}.2.bias"][:3000]
+        decoder = fewer_vertices(decoder, 1000)
     vertices = decoder["skin_refine_net.fc_id.2.bias"].shape[0] // 3
     path = tmp_path / "other.pth.tar"
     save_checkpoint({"epoch": 0, "network": decoder}, path)

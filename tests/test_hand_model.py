@@ -23,8 +23,8 @@ def assert_same_model(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y), key
 
 
-def test_round_trip_makehuman_exact(makehuman_dir, tmp_path):
-    original = load_hand_model(makehuman_dir)
+def test_round_trip_of_real_files_exact(any_hand_dir, tmp_path):
+    original = load_hand_model(any_hand_dir)
     save_hand_model(original, tmp_path / "a")
     again = load_hand_model(tmp_path / "a")
     assert_same_model(original, again)
@@ -39,6 +39,21 @@ def test_round_trip_default_exact(default_hand, tmp_path):
     assert_same_model(default_hand, load_hand_model(tmp_path))
 
 
+def test_values_as_in_files(any_hand_dir):
+    """Counts and a spot check against the text of the files: cm -> mm, a weight line by name."""
+    hand = load_hand_model(any_hand_dir)
+    lines = (any_hand_dir / "hand.obj").read_text().splitlines()
+    v_lines = [l.split() for l in lines if l.startswith("v ")]
+    assert hand.vertex_num == len(v_lines) and len(hand.faces) == sum(l.startswith("f ") for l in lines)
+    assert len(hand.uvs) == sum(l.startswith("vt ") for l in lines)
+    assert np.allclose(hand.vertices[-1], [float(x) * 10 for x in v_lines[-1][1:4]])
+    weights = [l.split() for l in (any_hand_dir / "skinning_weight.txt").read_text().splitlines()
+               if l.strip() and not l.startswith("#")]
+    index, pairs = int(weights[-1][0]), weights[-1][1:]
+    for name, w in zip(pairs[::2], pairs[1::2]):
+        assert hand.skinning_weights[index, hand.joint_names.index(name)] == float(w)
+
+
 def test_makehuman_values_as_in_files(makehuman_dir, makehuman):
     # Spot-check against the text: first vertex line (cm → mm) and a weight line.
     first_v = next(l for l in (makehuman_dir / "hand.obj").read_text().splitlines() if l.startswith("v "))
@@ -47,27 +62,27 @@ def test_makehuman_values_as_in_files(makehuman_dir, makehuman):
     assert makehuman.vertex_num == 1622 and len(makehuman.faces) == 3218 and len(makehuman.uvs) == 1845
 
 
-def test_derived_data_makehuman(makehuman):
+def test_derived_data(any_hand):
     # The indices the original hard-codes for the released model, found here by name.
-    assert makehuman.root_index == 21
-    assert makehuman.align_joint_indices == [8, 12, 16, 20, 21]
-    assert makehuman.non_rigid_joint_indices == [3, 21]
-    assert makehuman.dof_num == 28
-    dof = makehuman.dof_mask
+    assert any_hand.root_index == 21
+    assert any_hand.align_joint_indices == [8, 12, 16, 20, 21]
+    assert any_hand.non_rigid_joint_indices == [3, 21]
+    assert any_hand.dof_num == 28
+    dof = any_hand.dof_mask
     assert dof.shape == (22, 3) and dof.dtype == np.float32
-    for j, name in enumerate(makehuman.joint_names):
+    for j, name in enumerate(any_hand.joint_names):
         expected = {"null": [0, 0, 0], "3": [0, 0, 1], "2": [0, 0, 1], "1": [1, 1, 1], "0": [1, 1, 1],
                     "t": [0, 0, 0]}[("null" if name.endswith("null") else name[-1])]
         assert dof[j].tolist() == expected, name
-    seg = makehuman.segmentation
-    assert seg.shape == (1622,)
-    assert np.array_equal(seg, np.array([np.argmax(r) for r in makehuman.skinning_weights]))
-    order = makehuman.tree_order
+    seg = any_hand.segmentation
+    assert seg.shape == (any_hand.vertex_num,)
+    assert np.array_equal(seg, np.array([np.argmax(r) for r in any_hand.skinning_weights]))
+    order = any_hand.tree_order
     assert order[0] == 21 and sorted(order) == list(range(22))
-    assert all(order.index(int(makehuman.parents[j])) < order.index(j) for j in order[1:])
-    assert makehuman.children[21] == [4, 8, 12, 16, 20]
+    assert all(order.index(int(any_hand.parents[j])) < order.index(j) for j in order[1:])
+    assert any_hand.children[21] == [4, 8, 12, 16, 20]
     # global_pose_inv is the inverse of the template global pose.
-    assert np.allclose(np.linalg.inv(makehuman.global_pose), makehuman.global_pose_inv, atol=1e-5)
+    assert np.allclose(np.linalg.inv(any_hand.global_pose), any_hand.global_pose_inv, atol=1e-5)
 
 
 # ------------------------------------------------------------------ bad files
@@ -230,6 +245,6 @@ def test_comments_and_blank_lines_ignored(hand_dir, default_hand):
     assert_same_model(default_hand, load_hand_model(hand_dir))
 
 
-def test_copy_of_makehuman_loads_from_other_place(makehuman_dir, tmp_path):
-    shutil.copytree(makehuman_dir, tmp_path / "m")
-    assert load_hand_model(tmp_path / "m").vertex_num == 1622
+def test_copy_of_a_hand_model_loads_from_other_place(any_hand_dir, tmp_path):
+    shutil.copytree(any_hand_dir, tmp_path / "m")
+    assert_same_model(load_hand_model(tmp_path / "m"), load_hand_model(any_hand_dir))

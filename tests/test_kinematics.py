@@ -50,9 +50,9 @@ def test_euler_z_is_flexion_towards_palm(any_hand):
     assert float((bent[0, tip] - rest[0, tip]) @ palm_normal) > 10.0
 
 
-def test_tree_levels_parents_before_children(makehuman):
-    levels = tree_levels(makehuman.parents)
-    seen = {makehuman.root_index}
+def test_tree_levels_parents_before_children(any_hand):
+    levels = tree_levels(any_hand.parents)
+    seen = {any_hand.root_index}
     for ids, parents in levels:
         assert all(p in seen for p in parents)
         seen.update(ids)
@@ -79,10 +79,9 @@ def test_euler_to_transform_is_homogeneous_euler_to_matrix():
 IRREGULAR_PARENTS = [3, 0, 0, -1, 3, 4, 1, 2, 7, 5, 3]
 
 
-@pytest.mark.parametrize("parents", [IRREGULAR_PARENTS, "makehuman"])
-def test_forward_kinematics_matches_recursive_reference(parents, makehuman):
-    if parents == "makehuman":
-        parents = list(makehuman.parents)
+@pytest.mark.parametrize("parents", ["irregular", "default_hand", "makehuman"])
+def test_forward_kinematics_matches_recursive_reference(parents, request):
+    parents = IRREGULAR_PARENTS if parents == "irregular" else list(request.getfixturevalue(parents).parents)
     J, B = len(parents), 3
     tree = KinematicTree.from_parents(parents)
     children = [[c for c in range(J) if parents[c] == j] for j in range(J)]
@@ -237,11 +236,11 @@ def test_decode_rest_pose_reproduces_template_in_wrist_frame(any_hand, small_cfg
     assert (out["joint_out"][1].double() - expected_j).abs().max() < 1e-3
 
 
-def test_decode_root_transform_training_mode(makehuman, small_cfg):
+def test_decode_root_transform_training_mode(any_hand, small_cfg):
     # With a root transform (training mode), joints follow [R|t] · G'_root.
-    model = get_model("test", makehuman, small_cfg).eval()
+    model = get_model("test", any_hand, small_cfg).eval()
     randomise_correctives(model, seed=7)
-    euler = random_euler(makehuman, 2, seed=5)
+    euler = random_euler(any_hand, 2, seed=5)
     root = torch.eye(4).repeat(2, 1, 1)
     root[:, :3, :3] = euler_to_matrix(torch.tensor([[0.3, -0.2, 1.0], [1.2, 0.1, -0.5]]))
     root[:, :3, 3] = torch.tensor([[10.0, -20.0, 500.0], [0.0, 5.0, 700.0]])
@@ -251,14 +250,14 @@ def test_decode_root_transform_training_mode(makehuman, small_cfg):
         skeleton_c = model.skeleton_refine_net(model.id_code)
         pose_c, id_c = model.skin_refine_net(euler, model.id_code[None])
         ref_root = (root @ G_root).double()
-    joints, verts = decode_reference(makehuman, euler.double(), skeleton_c, pose_c, id_c[0], root_transform=ref_root)
+    joints, verts = decode_reference(any_hand, euler.double(), skeleton_c, pose_c, id_c[0], root_transform=ref_root)
     assert (out["joint_out"].double() - joints).abs().max() < 1e-3
     assert (out["mesh_out_refined"].double() - verts).abs().max() < 1e-3
 
 
-def test_decode_gradients_flow(makehuman, small_cfg):
-    model = get_model("train", makehuman, small_cfg)
-    euler = random_euler(makehuman, 2, seed=2).requires_grad_(True)
+def test_decode_gradients_flow(any_hand, small_cfg):
+    model = get_model("train", any_hand, small_cfg)
+    euler = random_euler(any_hand, 2, seed=2).requires_grad_(True)
     out = model.decode(euler)
     (out["mesh_out_refined"].square().mean() + out["joint_out"].square().mean()).backward()
     assert torch.isfinite(euler.grad).all() and euler.grad.abs().sum() > 0
@@ -268,41 +267,41 @@ def test_decode_gradients_flow(makehuman, small_cfg):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_decode_rejects_wrong_shape(makehuman, small_cfg):
-    model = get_model("test", makehuman, small_cfg)
+def test_decode_rejects_wrong_shape(any_hand, small_cfg):
+    model = get_model("test", any_hand, small_cfg)
     with pytest.raises(ValueError, match=r"expected shape \[B, 22, 3\]"):
         model.decode(torch.zeros(1, 21, 3))
 
 
-def test_pose_net_fills_dof_slots_in_row_major_order(makehuman, small_cfg):
-    model = get_model("test", makehuman, small_cfg)
-    D = makehuman.dof_num
+def test_pose_net_fills_dof_slots_in_row_major_order(any_hand, small_cfg):
+    model = get_model("test", any_hand, small_cfg)
+    D = any_hand.dof_num
     raw = torch.linspace(-2, 2, D)[None]
     euler = model.pose_net.output_to_euler_angle(raw)
-    slots = np.argwhere(makehuman.dof_mask > 0)
+    slots = np.argwhere(any_hand.dof_mask > 0)
     assert euler.shape == (1, 22, 3)
     for k, (j, axis) in enumerate(slots):
         assert torch.isclose(euler[0, j, axis], torch.tanh(raw[0, k]) * math.pi)
-    mask = torch.from_numpy(makehuman.dof_mask) == 0
+    mask = torch.from_numpy(any_hand.dof_mask) == 0
     assert (euler[0][mask] == 0).all()
 
 
 @pytest.mark.parametrize("resnet_type,channels", [(18, 512), (34, 512), (50, 2048)])
-def test_model_forward_image_to_mesh(makehuman, small_cfg, resnet_type, channels):
+def test_model_forward_image_to_mesh(any_hand, small_cfg, resnet_type, channels):
     small_cfg.resnet_type = resnet_type
-    model = get_model("test", makehuman, small_cfg).eval()
+    model = get_model("test", any_hand, small_cfg).eval()
     assert model.backbone_net.resnet.out_channels == channels
     with torch.no_grad():
         out = model({"img": torch.rand(2, 3, 64, 64)})
-    assert out["mesh_out_refined"].shape == (2, 1622, 3) and out["joint_euler"].shape == (2, 22, 3)
+    assert out["mesh_out_refined"].shape == (2, any_hand.vertex_num, 3) and out["joint_euler"].shape == (2, 22, 3)
     assert (out["joint_euler"].abs() <= math.pi).all()
 
 
-def test_identity_cache_never_serves_stale_results(makehuman, small_cfg, tmp_path):
+def test_identity_cache_never_serves_stale_results(any_hand, small_cfg, tmp_path):
     from common.utils.checkpoint import load_checkpoint, save_checkpoint
 
-    model = get_model("test", makehuman, small_cfg).eval()
-    euler = random_euler(makehuman, 2, seed=11)
+    model = get_model("test", any_hand, small_cfg).eval()
+    euler = random_euler(any_hand, 2, seed=11)
 
     def fresh():
         model._identity_cache = None
@@ -320,7 +319,7 @@ def test_identity_cache_never_serves_stale_results(makehuman, small_cfg, tmp_pat
             assert not torch.allclose(before, after), "cache ignored an in-place change"
             assert torch.equal(after, fresh())
         path = tmp_path / "s.pth.tar"
-        save_checkpoint({"epoch": 0, "network": get_model("test", makehuman, small_cfg).state_dict()}, path)
+        save_checkpoint({"epoch": 0, "network": get_model("test", any_hand, small_cfg).state_dict()}, path)
         load_checkpoint(model, path)
         assert torch.equal(model.decode(euler)["mesh_out_refined"], fresh())
     # With gradients the identity terms are recomputed and carry the graph.
