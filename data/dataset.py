@@ -143,12 +143,13 @@ def _from_worker(message: str) -> str:
 
 
 def message_path(message: str) -> Optional[str]:
-    """The file a one-line sample error starts with (``'<path>: what'``): the shortest prefix
-    before a ``': '`` whose folder exists; None when there is none."""
+    """The file a one-line sample error starts with (``'<path>[:line]: what'``): the shortest
+    prefix before a ``': '`` whose folder exists, without its line number; None when there is none."""
     at = message.find(": ")
     while at > 0:
-        if Path(message[:at]).parent.is_dir():
-            return message[:at]
+        path = re.sub(r":\d+$", "", message[:at])
+        if Path(path).parent.is_dir():
+            return path
         at = message.find(": ", at + 1)
     return None
 

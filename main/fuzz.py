@@ -35,9 +35,9 @@ with the mutated file (kept under ``--keep``). After the depth-map cases the fuz
 numpy's float32 arithmetic and dtype objects are as before. Exit code 0 when there is no
 failure, 1 otherwise, 2 for bad arguments.
 
-The checkpoint kind's model is the one ``get_model`` builds for a 120-vertex piece of the hand
-with a one-layer stand-in for the ResNet backbone (same layout, keys and reader; a snapshot of
-3 MB instead of 80 MB, so that a case takes milliseconds).
+The checkpoint kind's model is the project's ``Model`` for a 40-vertex piece of the hand, with
+a one-layer stand-in for the ResNet backbone and 64 image features: the same layout, keys and
+reader as a real snapshot, 1.5 MB instead of 100 MB or more, so that a case takes milliseconds.
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ BINARY_KINDS = ("depthmap", "image", "checkpoint")
 # image of another size moves the keypoints' box: the keypoint file's error names the image).
 SAMPLE_KINDS = ("pts", "depthmap", "image")
 CONFIG_FILE = ROOT / "main" / "configs" / "cpu_small.yaml"
-CHECKPOINT_VERTICES = 120
+CHECKPOINT_VERTICES = 40
+CHECKPOINT_FEATURES = 64
 
 
 # ------------------------------------------------------------------------------------ mutations
@@ -258,10 +259,12 @@ def small_piece(hand: HandModel, vertices: int) -> HandModel:
                 used.append(int(v))
         faces.append((f, ft))
     remap = {v: i for i, v in enumerate(used)}
+    uv_used = sorted({int(t) for _, ft in faces for t in ft})
+    uv_remap = {t: i for i, t in enumerate(uv_used)}
     return HandModel(
-        list(hand.joint_names), hand.parents.copy(), hand.vertices_cm[used].copy(), hand.uvs.copy(),
+        list(hand.joint_names), hand.parents.copy(), hand.vertices_cm[used].copy(), hand.uvs[uv_used].copy(),
         np.array([[remap[int(v)] for v in f] for f, _ in faces], np.int64),
-        np.array([ft for _, ft in faces], np.int64), hand.skinning_weights[used].copy(),
+        np.array([[uv_remap[int(t)] for t in ft] for _, ft in faces], np.int64), hand.skinning_weights[used].copy(),
         hand.local_pose.copy(), hand.global_pose.copy(), hand.global_pose_inv.copy(),
         source=f"<piece of {hand.source}>").validate()
 
@@ -410,6 +413,7 @@ def build_kinds(work: Path, hand_dir: Optional[str], selected: Sequence[str],
 
     if "checkpoint" in selected:
         ck_config = Config()
+        ck_config.backbone_img_feat_dim = CHECKPOINT_FEATURES
         torch.manual_seed(0)
         model = checkpoint_model(hand, ck_config)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

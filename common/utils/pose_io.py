@@ -51,8 +51,11 @@ def _angles(value, source: str, joint: str) -> np.ndarray:
             raise PoseError(f"{source}: joint '{joint}': angle {axis} is not a number ({item!r})")
         try:
             number = float(item)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError):
             raise PoseError(f"{source}: joint '{joint}': angle {axis} is not a number "
+                            f"({shown(repr(item))})") from None
+        except OverflowError:  # an integer beyond float range
+            raise PoseError(f"{source}: joint '{joint}': angle {axis} is too large "
                             f"({shown(repr(item))})") from None
         if not math.isfinite(number):
             raise PoseError(f"{source}: joint '{joint}': angle {axis} is not finite ({shown(repr(item))})")

@@ -44,6 +44,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
@@ -54,6 +55,12 @@ __all__ = ["DepthmapError", "load_depthmap", "loads_numeric_array", "ALLOWED_TYP
 ALLOWED_TYPES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
 MAX_DEPTHMAP_BYTES = 256 * 2 ** 20  # a 512x334 float64 map is 1.4 MB
 MAX_DIMS = 32  # numpy's own limit
+# A numpy pickle has a few dozen opcodes and memo entries. The C unpickler sizes its memo table
+# by the largest index a PUT names: one corrupt LONG_BINPUT index asks for gigabytes of zeroed
+# memory, so the opcode stream is checked (without running it) before it is unpickled.
+MAX_OPCODES = 10_000
+MAX_MEMO_INDEX = 10_000
+_MEMO_OPS = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
 DEFAULT_DEPTH_MIN = 1.0  # mm, the original's cfg.depth_min (the renderer's near plane)
 
 
@@ -261,6 +268,21 @@ def _build(obj) -> np.ndarray:
     raise _Refused(f"expected a numeric 2-D array, found {_describe(obj)}")
 
 
+def _prescan(data: bytes) -> None:
+    """Walk the opcode stream (``pickletools.genops`` reads it, runs nothing): every length must fit
+    in the data and the stream must end with STOP; bounded opcode count and memo indices."""
+    memo = 0
+    for count, (opcode, arg, _pos) in enumerate(pickletools.genops(data), 1):
+        if count > MAX_OPCODES:
+            raise _Refused(f"refused a pickle of more than {MAX_OPCODES} opcodes (a depth map has a few dozen)")
+        if opcode.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= MAX_MEMO_INDEX):
+            raise _Refused(f"refused a pickle memo index {shown_value(arg)} (corrupt)")
+        if opcode.name == "MEMOIZE":
+            memo += 1
+            if memo > MAX_MEMO_INDEX:
+                raise _Refused("refused a pickle with too many memo entries (corrupt)")
+
+
 def loads_numeric_array(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Unpickle ``data`` that must hold one numeric numpy array (any shape, dtype kept).
 
@@ -271,6 +293,7 @@ def loads_numeric_array(data: bytes, source: str = "<bytes>") -> np.ndarray:
         DepthmapError: anything else, with ``source`` at the start of the message.
     """
     try:
+        _prescan(data)
         obj = _DescriptionUnpickler(io.BytesIO(data), encoding="latin1").load()
         return _build(obj)
     except _Refused as err:
