@@ -76,7 +76,7 @@ import torch
 import torch.utils.data
 
 from common.utils.io import atomic_write_text
-from common.utils.safe_pickle import DepthmapError, load_depthmap
+from common.utils.safe_pickle import load_depthmap
 from common.utils.textio import read_text, shown, text_lines
 
 logger = logging.getLogger(__name__)

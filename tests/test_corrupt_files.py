@@ -410,3 +410,50 @@ def test_fuzzer_run_finds_no_unclear_failure(tmp_path):
         assert tally["cases"] == 250 and tally["unclear"] == tally["accepted"] == 0, (name, tally)
         assert tally["refused"] > 20, (name, tally)  # the mutations do break files
     assert sum(t["loaded"] for t in report["kinds"].values()) > 100  # and some stay readable
+
+
+# ------------------------------------------------------------------------------ the scripts
+def one_error_line(stderr: str) -> str:
+    """The scripts' message: exactly one line with 'error: ' (after the log's time, if any)."""
+    lines = [line for line in stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0].split("error: ", 1)[1]
+
+
+def test_demo_turns_corrupt_files_into_one_line_and_exit_2(tmp_path, hand_dir):
+    from tests.test_demo import run_cli
+
+    pose = tmp_path / "pose.yaml"
+    pose.write_bytes(b"index1: [0, 0, 30]\nmid\xcadle1: [0, 0, 1]\n")
+    result = run_cli("--pose", str(pose), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr).startswith(f"{pose}:2: byte 0xca")
+    folder = tmp_path / "hand_model"
+    shutil.copytree(hand_dir, folder)
+    number = first_line_starting(folder / "hand.obj", "v ")
+    replace_line(folder / "hand.obj", number, b"v 1 2 -inf")
+    result = run_cli("--hand_model", str(folder), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr).startswith(f"{folder / 'hand.obj'}:{number}: a vertex coordinate is not finite")
+
+
+def test_train_script_turns_corrupt_files_into_one_line_and_exit_2(data_set, tmp_path, capsys):
+    from main import train as train_script
+    from tests.test_train import tiny_args
+
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"resnet_type: 18\nlr: .inf\n")
+    assert train_script.main(["--cfg", str(config), *tiny_args(data_set, tmp_path / "out")]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"{config}:2: option 'lr' expects a number")
+
+    root = tmp_path / "data"
+    shutil.copytree(data_set, root)
+    krt = root / "annotations" / "KRT_512"
+    replace_line(krt, 3, b"0 nan 0")
+    assert train_script.main(["--end_epoch", "1", *tiny_args(root, tmp_path / "out")]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"{krt}:3: camera ")
+    shutil.copyfile(data_set / "annotations" / "KRT_512", krt)
+    weights = root / "hand_model" / "skinning_weight.txt"
+    replace_line(weights, 5, b"3 b_r_wrist 1 b_r_wrist\xff 0")
+    assert train_script.main(["--end_epoch", "1", *tiny_args(root, tmp_path / "out")]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"{weights}:5: byte 0xff at column 24")
