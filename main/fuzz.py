@@ -17,7 +17,8 @@ bytes) and reads it through the reader the scripts use:
 =============  ===============================================================================
 kind           reader
 =============  ===============================================================================
-hand_model     ``load_hand_model`` and what the model and the data set build from it
+hand_model     ``load_hand_model``, then the kinematic tree, penetration-loss tables, joint
+               indices and keypoint mapping the model and the data set build from it
 krt            ``DeepHandMeshDataset.from_config`` (reads ``KRT_512``)
 pts            ``DeepHandMeshDataset.load_sample`` of a sample of that frame
 depthmap       ``DeepHandMeshDataset.load_sample`` (every camera a target view)
