@@ -457,3 +457,28 @@ def test_train_script_turns_corrupt_files_into_one_line_and_exit_2(data_set, tmp
     replace_line(weights, 5, b"3 b_r_wrist 1 b_r_wrist\xff 0")
     assert train_script.main(["--end_epoch", "1", *tiny_args(root, tmp_path / "out")]) == 2
     assert one_error_line(capsys.readouterr().err).startswith(f"{weights}:5: byte 0xff at column 24")
+
+
+def test_any_exception_of_a_reader_is_skipped_with_its_path(data_set, default_hand, monkeypatch):
+    import data.dataset as dataset_module
+
+    ds = DeepHandMeshDataset(data_set, joint_names=default_hand.joint_names, render_view_num=3, on_error="skip",
+                             seed=0)
+    broken = ds.depthmap_path(0, ds.cameras[2])
+    real = dataset_module.load_depthmap
+
+    def flaky(path, depth_min):
+        if Path(path) == broken:
+            raise ZeroDivisionError("a reader's own bug")
+        return real(path, depth_min)
+
+    monkeypatch.setattr(dataset_module, "load_depthmap", flaky)
+    first = ds[0]  # sample 0 is frame 0: replaced by sample 1 (frame 1)
+    assert first["index"] == 1 and first["frame"] == 1
+    report = SkipReport()
+    report.add(first)
+    assert report.files == {str(broken): (1, f"{broken}: ZeroDivisionError: a reader's own bug")}
+    stop = DeepHandMeshDataset(data_set, joint_names=default_hand.joint_names, render_view_num=3, seed=0)
+    with pytest.raises(SampleError, match="ZeroDivisionError") as err:
+        stop[0]
+    assert err.value.path == str(broken)
