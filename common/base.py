@@ -257,8 +257,7 @@ class Trainer:
         self.hand_model = training_hand_model(cfg)
         log.info("hand model: %s (%d vertices, %d faces, %d joints)", self.hand_model.source,
                  self.hand_model.vertex_num, len(self.hand_model.faces), self.hand_model.joint_num)
-        self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, on_error="skip",
-                                                       seed=self.seed)
+        self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, seed=self.seed)
         self.batch_size = cfg.train_batch_size * max(1, len(self.gpu_ids))  # per GPU, as the original
         workers = loader_workers(cfg)
         # One sampler for one process and for many: epoch e's permutation is drawn from
@@ -356,11 +355,15 @@ class Trainer:
         self.sampler.set_epoch(epoch)
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
-        """One pass over the data; returns the mean of every loss over the epoch."""
+        """One pass over the data; returns the mean of every loss over the epoch. The samples skipped
+        (``cfg.on_error='skip'``) are in :attr:`skip_report` and logged per file at the end."""
+        from data.dataset import SkipReport
+
         cfg = self.cfg
         self.prepare_epoch(epoch)
         self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
         sums: Dict[str, float] = {}
+        self.skip_report = SkipReport()
         cuda = self.device.type == "cuda"
         bar = tqdm(self.batch_generator, total=self.itr_per_epoch, desc=f"epoch {epoch}/{cfg.end_epoch}",
                    unit="itr", leave=False, dynamic_ncols=True, disable=not self.is_main)
@@ -369,6 +372,7 @@ class Trainer:
         for itr, batch in enumerate(bar):
             self.read_timer.toc()
             self.gpu_timer.tic()
+            self.skip_report.add(batch)
             inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=cuda)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.model(inputs, targets, meta_info, "train")
@@ -407,6 +411,8 @@ class Trainer:
             self.tot_timer.tic()
             self.read_timer.tic()
         bar.close()
+        if self.skip_report.count:
+            log.warning("epoch %d: %s (on_error='skip')", epoch, self.skip_report.summary())
         count = max(1, len(bar))
         return {k: v / count for k, v in sums.items()}
 
@@ -429,9 +435,10 @@ class Trainer:
             start = time.perf_counter()
             means = self.train_epoch(epoch)
             self.save_model(epoch)
-            log.info("epoch %d done in %.1fs (%.2fs/itr): %s; %d sample(s) skipped so far (on_error='skip')",
-                     epoch, time.perf_counter() - start, self.tot_timer.average,
-                     " ".join(f"loss_{k} {v:.4f}" for k, v in means.items()), self.dataset.skipped)
+            log.info("epoch %d done in %.1fs (%.2fs/itr): %s; %d sample(s) skipped in this epoch, %d so far "
+                     "(on_error=%r)", epoch, time.perf_counter() - start, self.tot_timer.average,
+                     " ".join(f"loss_{k} {v:.4f}" for k, v in means.items()), self.skip_report.count,
+                     self.dataset.skipped, cfg.on_error)
 
 
 # ------------------------------------------------------------------------------------ testing

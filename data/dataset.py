@@ -47,13 +47,17 @@ as pixel centres, so the patch is ``x1 - x0 + 1`` wide, centred on ``(x0 + x1 + 
   across depth edges by mixing foreground, background and the 0 of empty pixels. Outside the
   source: 0 (image black, depth "no depth").
 
-Errors. A missing or unreadable file for a sample (image, keypoints, depth map), including a
-depth-map pickle that is not a plain numeric array (see ``common.utils.safe_pickle``), becomes a
-:class:`SampleError` whose message starts with the file's path. ``on_error='stop'`` raises it.
+Errors. Any failure to read a sample's file (image, keypoints, depth map) — missing, not UTF-8,
+malformed, non-finite or out-of-range numbers, a depth-map pickle that is not a plain numeric
+array or holds impossible depths (see ``common.utils.safe_pickle``), or any other exception its
+reader raises — becomes a one-line :class:`SampleError` whose message starts with the file's
+path. ``on_error='stop'`` raises it (from ``DataLoader`` workers too, with the same message).
 ``on_error='skip'`` logs a warning the first time a file fails (per process), counts the skipped
 sample in :attr:`DeepHandMeshDataset.skipped` (shared by ``DataLoader`` workers, also logged with
-every warning) and returns the next sample in index order that loads (``i+1``, ``i+2``, ...,
-wrapping around): the replacement is deterministic. After 100 consecutive failures it raises.
+every warning), returns the next sample in index order that loads (``i+1``, ``i+2``, ...,
+wrapping around: the replacement is deterministic) and lists the errors of the samples it skipped
+in that sample's ``skipped`` entry, which :class:`SkipReport` gathers from the batches. After 100
+consecutive failures it raises.
 Problems of the data set as a whole (missing folders, a malformed ``KRT_512``, no sample, fewer
 colour cameras than ``render_view_num``) raise at construction whatever the policy.
 
@@ -77,7 +81,8 @@ import torch
 import torch.utils.data
 
 from common.utils.io import atomic_write_text
-from common.utils.safe_pickle import DepthmapError, load_depthmap
+from common.utils.safe_pickle import load_depthmap
+from common.utils.textio import read_text, shown, text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ __all__ = [
     "PTS_JOINT_NAMES", "HAND_PREFIX", "DataFormatError", "SampleError", "read_krt", "write_krt",
     "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "project", "keypoint_box",
     "clip_box", "patch_affine", "render_affine", "image_affine", "resample_affine", "raster_affine", "warp",
-    "DeepHandMeshDataset", "ORIGINAL_IMG_SHAPE",
+    "DeepHandMeshDataset", "ORIGINAL_IMG_SHAPE", "SkipReport", "message_path", "hand_model_pts_index",
 ]
 
 # Right-hand joints of a keypoint file, by their index 0..20 (21..41 are the left hand).
@@ -98,6 +103,12 @@ PTS_JOINT_NAMES = (
     "wrist",
 )
 HAND_PREFIX = "b_r_"
+PTS_JOINT_COUNT = 42  # 0-20 right hand, 21-41 left hand
+# Readers' limits: numbers of a camera or keypoint file at most this large in size (mm, pixels;
+# float32 arithmetic on them stays finite) and files at most this many bytes.
+MAX_ABS_VALUE = 1e9
+MAX_KRT_BYTES = 16 * 2 ** 20
+MAX_PTS_BYTES = 2 ** 20
 BOX_SCALE = 1.5
 # (H, W) of the pixel space the released KRT_512 cameras' K is expressed in, whatever the size
 # of the image and depth-map files (the original's ``original_img_shape``).
@@ -112,11 +123,71 @@ class DataFormatError(ValueError):
 
 
 class SampleError(RuntimeError):
-    """One sample could not be built; the message starts with the offending file's path."""
+    """One sample could not be built; the message starts with the offending file's path.
+
+    Raised in a ``DataLoader`` worker, torch re-raises it in the main process as
+    ``SampleError("Caught SampleError in DataLoader worker … Original Traceback …")``; the
+    message is then reduced to the original one line again (``on_error='stop'`` reports the
+    same message with and without workers)."""
 
     def __init__(self, message: str, path: Optional[str] = None):
+        message = str(message)
+        if path is None and message.startswith("Caught ") and "Original Traceback" in message:
+            message = _from_worker(message)
+            path = message_path(message)
         super().__init__(message)
         self.path = path
+
+
+def _from_worker(message: str) -> str:
+    """The one-line message of a SampleError re-raised from a DataLoader worker, whose message
+    torch builds from the worker's traceback."""
+    lines = [line for line in message.rstrip().split("\n") if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        name, sep, rest = lines[i].partition(": ")
+        if sep and name.split(".")[-1] == "SampleError":
+            return " ".join([rest] + [line.strip() for line in lines[i + 1:]])
+    return lines[-1] if lines else message
+
+
+def message_path(message: str) -> Optional[str]:
+    """The file a one-line sample error starts with (``'<path>[:line]: what'``): the shortest
+    prefix before a ``': '`` whose folder exists, without its line number; None when there is none."""
+    at = message.find(": ")
+    while at > 0:
+        path = re.sub(r":\d+$", "", message[:at])
+        if Path(path).parent.is_dir():
+            return path
+        at = message.find(": ", at + 1)
+    return None
+
+
+class SkipReport:
+    """The samples ``on_error='skip'`` skipped, per file, gathered from collated batches.
+
+    Every sample carries ``skipped``: the one-line errors of the samples tried before it (``''``
+    when none), so the record reaches the main process from ``DataLoader`` workers of any start
+    method. ``add(batch)`` takes a collated batch (or one sample)."""
+
+    def __init__(self):
+        self.count = 0
+        self.files: Dict[str, Tuple[int, str]] = {}  # path -> (skips, first message)
+
+    def add(self, batch: Mapping[str, object]) -> None:
+        texts = batch.get("skipped", ())
+        for text in ([texts] if isinstance(texts, str) else texts):
+            for message in filter(None, text.split("\n")):
+                path = message_path(message) or message
+                n, first = self.files.get(path, (0, message))
+                self.files[path] = (n + 1, first)
+                self.count += 1
+
+    def summary(self) -> str:
+        """``'3 sample(s) skipped: <path> (2x): <error>; …'``, or ``'no sample skipped'``."""
+        if not self.count:
+            return "no sample skipped"
+        parts = [f"{first} ({n}x)" for _path, (n, first) in sorted(self.files.items())]
+        return f"{self.count} sample(s) skipped, {len(self.files)} file(s): " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------- KRT files
@@ -133,11 +204,9 @@ def read_krt(path: os.PathLike | str) -> Dict[str, Dict[str, np.ndarray]]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text_lines(read_text(path, DataFormatError, "camera file", MAX_KRT_BYTES))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: camera file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path}: not a text file ({err})") from None
 
     cams: Dict[str, Dict[str, np.ndarray]] = {}
     i, n = 0, len(lines)
@@ -148,7 +217,7 @@ def read_krt(path: os.PathLike | str) -> Dict[str, Dict[str, np.ndarray]]:
             break
         name, name_line = lines[i].strip(), i + 1
         if name in cams:
-            raise DataFormatError(f"{path}:{name_line}: camera '{name}' appears twice")
+            raise DataFormatError(f"{path}:{name_line}: camera '{shown(name)}' appears twice")
         i += 1
 
         def row(count: Optional[int], what: str) -> List[float]:
@@ -160,13 +229,16 @@ def read_krt(path: os.PathLike | str) -> Dict[str, Dict[str, np.ndarray]]:
             try:
                 values = [float(t) for t in tokens]
             except ValueError:
-                raise DataFormatError(f"{path}:{i + 1}: camera '{name}': {what} must be numbers, "
-                                      f"found '{lines[i].strip()}'") from None
+                raise DataFormatError(f"{path}:{i + 1}: camera '{shown(name)}': {what} must be "
+                                      f"numbers, found '{shown(lines[i].strip())}'") from None
             if count is not None and len(values) != count:
-                raise DataFormatError(f"{path}:{i + 1}: camera '{name}': {what} needs {count} "
+                raise DataFormatError(f"{path}:{i + 1}: camera '{shown(name)}': {what} needs {count} "
                                       f"numbers, found {len(values)}")
             if not all(math.isfinite(v) for v in values):
-                raise DataFormatError(f"{path}:{i + 1}: camera '{name}': {what} is not finite")
+                raise DataFormatError(f"{path}:{i + 1}: camera '{shown(name)}': {what} is not finite")
+            if not all(abs(v) <= MAX_ABS_VALUE for v in values):
+                raise DataFormatError(f"{path}:{i + 1}: camera '{shown(name)}': {what} has a number "
+                                      f"larger than {MAX_ABS_VALUE:g} in size (not a plausible camera)")
             i += 1
             return values
 
@@ -218,13 +290,11 @@ def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, 
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, DataFormatError, "keypoint file", MAX_PTS_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: keypoint file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path}: not a text file ({err})") from None
     points: Dict[int, Tuple[np.ndarray, float, float]] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text_lines(text), 1):
         tokens = line.split()
         if not tokens or tokens[0].startswith("#"):
             continue
@@ -235,13 +305,18 @@ def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, 
             values = [float(t) for t in tokens]
         except ValueError:
             raise DataFormatError(f"{path}:{number}: fields must be numbers, found "
-                                  f"'{line.strip()}'") from None
+                                  f"'{shown(line.strip())}'") from None
+        if not all(math.isfinite(v) for v in values):
+            raise DataFormatError(f"{path}:{number}: '{shown(line.strip())}' has a non-finite "
+                                  "number (nan or inf)")
         idx = values[0]
-        if idx != int(idx) or idx < 0:
-            raise DataFormatError(f"{path}:{number}: joint index must be a non-negative integer, "
-                                  f"found {tokens[0]}")
-        if not all(math.isfinite(v) for v in values[1:4]):
-            raise DataFormatError(f"{path}:{number}: coordinates are not finite")
+        if idx != int(idx) or not 0 <= idx < PTS_JOINT_COUNT:
+            raise DataFormatError(f"{path}:{number}: joint index must be an integer 0..."
+                                  f"{PTS_JOINT_COUNT - 1} (0-20 right hand, 21-41 left), found "
+                                  f"{shown(tokens[0])}")
+        if not all(abs(v) <= MAX_ABS_VALUE for v in values[1:4]):
+            raise DataFormatError(f"{path}:{number}: a coordinate is larger than "
+                                  f"{MAX_ABS_VALUE:g} mm in size (not a plausible keypoint)")
         if int(idx) in points:
             raise DataFormatError(f"{path}:{number}: joint {int(idx)} appears twice")
         points[int(idx)] = (np.array(values[1:4]), values[4], values[5])
@@ -265,6 +340,20 @@ def pts_to_model_index(joint_names: Sequence[str]) -> np.ndarray:
                              f"its joints are: {', '.join(names)}")
         index[k] = hits[0]
     return index
+
+
+def hand_model_pts_index(hand_model) -> np.ndarray:
+    """:func:`pts_to_model_index` of a ``HandModel`` (or a list of joint names); a model without
+    the keypoints' joints raises a ``ValueError`` naming its ``skeleton.txt``."""
+    names = getattr(hand_model, "joint_names", hand_model)
+    try:
+        return pts_to_model_index(names)
+    except ValueError as err:
+        source = getattr(hand_model, "source", None)
+        if source is None:
+            raise
+        where = source if str(source).startswith("<") else Path(source) / "skeleton.txt"
+        raise ValueError(f"{where}: {err}") from None
 
 
 def read_pts(path: os.PathLike | str, joint_names: Sequence[str],
@@ -487,6 +576,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
     ``frame``         int                  frame number
     ``cam``           str                  input camera name
     ``seq``           str                  sequence name
+    ``skipped``       str                  errors of the samples skipped for this one, one a line
     ================  ==================  ==========================================================
 
     Args:
@@ -501,6 +591,8 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         original_img_shape: ``(H, W)`` of the pixel space of the cameras' ``K`` (the released
             ``KRT_512``: 512 x 334), whatever the size of the image and depth-map files.
         holdout_sequences: sequences kept for ``mode='test'`` and left out of ``'train'``.
+        depth_min: smallest valid depth (mm, ``cfg.depth_min``); a depth map with a non-zero
+            depth below it is refused as corrupt.
     """
 
     def __init__(self, data_dir: os.PathLike | str, subject: int = 4, mode: str = "train",
@@ -508,7 +600,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
                  rendered_img_shape: Tuple[int, int] = (256, 256), render_view_num: int = 6,
                  on_error: str = "stop", seed: Optional[int] = None,
                  original_img_shape: Tuple[int, int] = ORIGINAL_IMG_SHAPE,
-                 holdout_sequences: Sequence[str] = ()):
+                 holdout_sequences: Sequence[str] = (), depth_min: float = 1.0):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("stop", "skip"):
@@ -525,6 +617,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         self.on_error = on_error
         self.seed = None if seed is None else int(seed)
         self.original_img_shape = _shape(original_img_shape, "original_img_shape")
+        self.depth_min = float(depth_min)
         self.epoch = 0
         self._model_index = pts_to_model_index(self.joint_names)
 
@@ -543,8 +636,8 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.krt_path}: no colour camera (name starting with "
                              f"'{COLOUR_CAMERA_PREFIX}') among {len(krt)} camera(s)")
         if self.render_view_num > len(self.cameras):
-            raise ValueError(f"render_view_num={self.render_view_num} but {self.krt_path} has "
-                             f"only {len(self.cameras)} colour camera(s)")
+            raise ValueError(f"{self.krt_path}: only {len(self.cameras)} colour camera(s), fewer "
+                             f"than render_view_num={self.render_view_num}")
         self.camrot = np.stack([krt[c]["camrot"] for c in self.cameras]).astype(np.float32)
         self.campos = np.stack([krt[c]["campos"] for c in self.cameras]).astype(np.float32)
         self.focal = np.stack([krt[c]["focal"] for c in self.cameras]).astype(np.float32)
@@ -589,16 +682,18 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg, mode: str, hand_model, **overrides) -> "DeepHandMeshDataset":
         """Build from a ``Config`` and a ``HandModel`` (or a list of joint names).
 
-        ``overrides`` set the arguments the configuration does not hold (``on_error``, ``seed``)
-        or replace those it does.
+        ``overrides`` set the arguments the configuration does not hold (``seed``) or replace
+        those it does.
         """
         names = getattr(hand_model, "joint_names", hand_model)
+        hand_model_pts_index(hand_model)  # a model without the keypoints' joints: name its file
         kwargs = dict(data_dir=cfg.data_dir, subject=cfg.subject, mode=mode, joint_names=names,
                       input_img_shape=tuple(cfg.input_img_shape),
                       rendered_img_shape=tuple(cfg.rendered_img_shape),
                       render_view_num=cfg.render_view_num,
                       original_img_shape=tuple(cfg.original_img_shape),
-                      holdout_sequences=tuple(getattr(cfg, "holdout_sequences", ()) or ()))
+                      holdout_sequences=tuple(getattr(cfg, "holdout_sequences", ()) or ()),
+                      depth_min=cfg.depth_min, on_error=getattr(cfg, "on_error", "stop"))
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -636,14 +731,18 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample index {idx} out of range for {n} samples")
         idx %= n
         last: Optional[SampleError] = None
+        failures: List[str] = []
         for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
             j = (idx + attempt) % n
             try:
-                return self.load_sample(j)
+                sample = self.load_sample(j)
+                sample["skipped"] = "\n".join(failures)  # read by SkipReport
+                return sample
             except SampleError as err:
                 if self.on_error == "stop":
                     raise
                 self._record_skip(err, j)
+                failures.append(" ".join(str(err).split()))
                 last = err
         raise SampleError(f"{min(n, MAX_CONSECUTIVE_SKIPS)} consecutive samples from index {idx} "
                           f"could not be loaded; the last error: {last}",
@@ -686,7 +785,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         kp_path = self.keypoint_path(frame)
         try:
             joint_world, joint_valid = read_pts(kp_path, self.joint_names, self._model_index)
-        except (OSError, DataFormatError) as err:
+        except Exception as err:  # any failure to read one file costs one sample (on_error)
             raise _sample_error(kp_path, err) from err
         if not joint_valid.any():
             raise SampleError(f"{kp_path}: no right-hand keypoint (indices 0-20)", str(kp_path))
@@ -695,11 +794,13 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
             try:
                 return self.sample_box(joint_world, joint_valid, view)
             except ValueError as err:
-                raise SampleError(f"{kp_path}: camera {self.cameras[view]}: {err}",
-                                  str(kp_path)) from None
+                raise SampleError(f"{kp_path}: camera {self.cameras[view]}: {err}", str(kp_path)) from None
 
         img_path = self.image_path(idx)
-        img = _read_image(img_path)
+        try:
+            img = _read_image(img_path)
+        except Exception as err:
+            raise _sample_error(img_path, err) from err
         h, w = img.shape[:2]
         to_crop = image_affine(box_of(c), self.original_img_shape, (h, w), self.input_img_shape)
         # As the original: the 0-255 picture is warped, then divided by 255 (in float32).
@@ -714,13 +815,13 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
             affine = render_affine(box_of(int(v)), self.rendered_img_shape)
             path = self.depthmap_path(frame, self.cameras[v])
             try:
-                depth = load_depthmap(path)
-            except (OSError, DepthmapError) as err:
+                depth = load_depthmap(path, self.depth_min)
+                # The render affine itself, composed with depth-map pixels -> the cameras' pixels:
+                # target and rendering are registered at any depth-map resolution.
+                depthmaps.append(warp(depth, raster_affine(affine, self.original_img_shape, depth.shape),
+                                      self.rendered_img_shape, nearest=True))
+            except Exception as err:  # e.g. a map too large for cv2.warpAffine
                 raise _sample_error(path, err) from err
-            # The render affine itself, composed with depth-map pixels -> the cameras' pixels:
-            # target and rendering are registered at any depth-map resolution.
-            depthmaps.append(warp(depth, raster_affine(affine, self.original_img_shape, depth.shape),
-                                  self.rendered_img_shape, nearest=True))
             affines.append(affine)
 
         return {
@@ -754,7 +855,10 @@ def _shape(value, what: str) -> Tuple[int, int]:
 
 
 def _sample_error(path: Path, err: Exception) -> SampleError:
-    text = str(err)
+    """The SampleError of any exception reading ``path`` raised: one line starting with the path."""
+    if isinstance(err, SampleError):
+        return err
+    text = " ".join(str(err).split())
     if isinstance(err, FileNotFoundError):
         text = f"{path}: file not found"
     elif not text.startswith(str(path)):

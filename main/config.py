@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import ast
 import copy
+import math
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
 import yaml
 
+from common.utils.textio import key_lines_yaml, read_text, shown, where
+
 ROOT_DIR = Path(__file__).resolve().parents[1]
+MAX_CONFIG_BYTES = 2 ** 20
+CHOICES = {"on_error": ("skip", "stop")}
 
 
 class ConfigError(ValueError):
@@ -68,6 +73,9 @@ class Config:
     # Sequences left out of training and used alone for testing (empty: as the original, which
     # trains and tests on every sequence of the subject).
     holdout_sequences = []
+    # What training does when one sample's file cannot be read (corrupt, missing): 'skip' it
+    # (counted, and listed per file at the end of the epoch) or 'stop' with the file's error.
+    on_error = "skip"
 
     # ------------------------------------------------------------------
     @property
@@ -100,9 +108,13 @@ class Config:
         defaults = Config.options(Config())
         if name not in defaults:
             raise ConfigError(
-                f"{source}: unknown option '{name}'; options are: {', '.join(sorted(defaults))}"
+                f"{source}: unknown option '{shown(name)}'; options are: {', '.join(sorted(defaults))}"
             )
-        setattr(self, name, _coerce(name, value, defaults[name], source))
+        value = _coerce(name, value, defaults[name], source)
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"{source}: option '{name}' expects one of {', '.join(CHOICES[name])}, "
+                              f"got {shown(repr(value))}")
+        setattr(self, name, value)
 
     def update(self, values: Dict[str, Any], source: str = "code") -> "Config":
         for name, value in values.items():
@@ -114,12 +126,22 @@ class Config:
         if not path.is_file():
             raise ConfigError(f"{path}: configuration file not found")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            text = read_text(path, ConfigError, "configuration file", MAX_CONFIG_BYTES)
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the configuration file ({err.strerror or err})") from None
+        try:
+            values, lines = key_lines_yaml(text)
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. a date 2001-13-45, a 5000-digit int
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+        if values is None:
+            values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
-        return self.update(values, source=str(path))
+        for name, value in values.items():
+            self.set(str(name), value, source=where(path, lines, name))
+        return self
 
     def update_from_strings(self, assignments: Iterable[str]) -> "Config":
         for text in assignments:
@@ -128,7 +150,7 @@ class Config:
             name, raw = text.split("=", 1)
             try:
                 value = yaml.safe_load(raw)
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError, RecursionError):
                 value = raw
             self.set(name.strip(), value, source=f"--set {text}")
         return self
@@ -143,7 +165,13 @@ class Config:
 def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     """Convert ``value`` to the type of ``default``; tuples/lists keep their element types."""
     def fail(expected: str):
-        raise ConfigError(f"{source}: option '{name}' expects {expected}, got {value!r}")
+        raise ConfigError(f"{source}: option '{name}' expects {expected}, got {shown(repr(value))}")
+
+    def finite(number) -> bool:
+        try:
+            return math.isfinite(number)
+        except OverflowError:  # an int too large for a float
+            return False
 
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -152,18 +180,19 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         fail("true or false")
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value)
+                or int(value) != value):
             fail("an integer")
         return int(value)
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value):
+            fail("a number (finite)")
         return float(value)
     if isinstance(default, (tuple, list)):
         if isinstance(value, str):
             try:
                 value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
                 fail(f"a list like {list(default)!r}")
         if not isinstance(value, (tuple, list)):
             fail(f"a list like {list(default)!r}")

@@ -4,12 +4,19 @@ A snapshot is ``{'epoch', 'network': state_dict, 'optimizer': state_dict}``; the
 ``network`` comes from a ``DataParallel`` model, so its keys carry a ``module.`` prefix, and its
 loss modules may add buffers (``penet_loss.segmentation``, ``lap_loss.laplacian``). Both load here.
 Snapshots are read with ``weights_only=True``: a file cannot run code.
+
+Integrity. The zip format torch writes does not protect the tensors' bytes: a flipped byte in a
+weight loads as a changed weight. The snapshots this project writes therefore carry
+``'tensor_digest': 'sha256:…'``, a digest of everything else in the file (every tensor's dtype,
+shape and bytes, every number and name, in order); the original's loader reads only ``epoch``,
+``network`` and ``optimizer`` and ignores it. :func:`read_checkpoint` recomputes it and refuses a
+snapshot that does not match; a snapshot without one (the original's) loads as before.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,6 +24,8 @@ import torch
 
 # Buffers of the original's loss modules; they are derived from the hand model, so we skip them.
 TOLERATED_PREFIXES = ("penet_loss.", "lap_loss.", "depthmap_loss.", "joint_loss.")
+DIGEST_KEY = "tensor_digest"
+DIGEST_PREFIX = "sha256:"
 
 
 class CheckpointError(ValueError):
@@ -24,20 +33,68 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a snapshot safely (tensors and plain containers only)."""
+    """Read a snapshot safely (tensors and plain containers only) and check its digest when it has
+    one (module notes). The returned dict no longer holds the digest.
+
+    Raises:
+        CheckpointError: missing, unreadable, not a snapshot, or its digest does not match.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # a corrupt zip or pickle raises many different types
+        text = str(err).strip()
+        first = text.splitlines()[0][:300] if text else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch snapshot, or it holds more than tensors "
                               f"and plain containers ({first})") from None
     if not isinstance(ckpt, dict) or "network" not in ckpt:
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a snapshot dict with a 'network' state dict, found {keys}")
+    if DIGEST_KEY in ckpt:
+        digest = ckpt.pop(DIGEST_KEY)
+        if not isinstance(digest, str) or not digest.startswith(DIGEST_PREFIX):
+            raise CheckpointError(f"{path}: malformed '{DIGEST_KEY}' entry; the file is corrupted")
+        if snapshot_digest(ckpt) != digest:
+            raise CheckpointError(f"{path}: the snapshot's contents do not match the digest it was "
+                                  "written with; the file is corrupted (truncated, or bytes changed)")
+    network = ckpt["network"]
+    if not isinstance(network, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in network.items()):
+        raise CheckpointError(f"{path}: 'network' is not a state dict of named tensors")
     return ckpt
+
+
+def snapshot_digest(ckpt: Mapping) -> str:
+    """``'sha256:<hex>'`` of a snapshot's entries other than the digest itself, in order."""
+    digest = hashlib.sha256()
+    _feed(digest, "", {k: v for k, v in ckpt.items() if k != DIGEST_KEY})
+    return DIGEST_PREFIX + digest.hexdigest()
+
+
+def _feed(digest, key: str, value: Any) -> None:
+    """Add ``value`` (named ``key``) to ``digest``: tensors by dtype, shape and bytes, containers
+    item by item, other values by type and ``repr``."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        if tensor.layout != torch.strided:  # sparse: its indices and values
+            tensor = tensor.coalesce()
+            _feed(digest, key + "/indices", tensor.indices())
+            _feed(digest, key + "/values", tensor.values())
+            return
+        digest.update(f"T{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{key}|{len(value)}\n".encode())
+        for k, v in value.items():
+            _feed(digest, f"{key}/{type(k).__name__}:{k!r}", v)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{key}|{type(value).__name__}|{len(value)}\n".encode())
+        for i, v in enumerate(value):
+            _feed(digest, f"{key}/{i}", v)
+    else:
+        digest.update(f"V{key}|{type(value).__name__}|{value!r}\n".encode())
 
 
 def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -155,7 +212,10 @@ def _checked_state(model: torch.nn.Module, path, ckpt: Dict[str, Any], required)
 
 
 def save_checkpoint(state: Dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a snapshot atomically: a crash mid-write never leaves a broken file at ``path``."""
+    """Write a snapshot atomically (a crash mid-write never leaves a broken file at ``path``),
+    with its digest under :data:`DIGEST_KEY` (module notes)."""
+    state = {k: v for k, v in state.items() if k != DIGEST_KEY}
+    state[DIGEST_KEY] = snapshot_digest(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -25,6 +25,7 @@ from typing import List, Sequence
 import numpy as np
 
 from common.utils.io import atomic_write_text
+from common.utils.textio import read_text, shown, text_lines
 
 OBJ_FILE = "hand.obj"
 SKELETON_FILE = "skeleton.txt"
@@ -231,33 +232,51 @@ class HandModel:
 
 
 # ------------------------------------------------------------------ reading
+# Limits that keep every number the model computes from a hand model finite in float32: the
+# file's numbers are at most MAX_ABS_VALUE in size (cm for vertices, mm for poses: 10 km, 1 km),
+# indices fit an int32, and a hand-model file is at most MAX_FILE_BYTES.
+MAX_ABS_VALUE = 1e6
+MAX_INDEX = 2 ** 31 - 1
+MAX_FILE_BYTES = 256 * 2 ** 20
+
+
 def _lines(path: Path):
     """Yield ``(line_number, text)`` of the non-comment, non-empty lines of a text file."""
     if not path.is_file():
         raise HandModelError(f"{path}: missing hand-model file (a hand-model folder holds "
                              f"{', '.join(HAND_MODEL_FILES)})")
-    with open(path, "r", encoding="utf-8") as fp:
-        for number, line in enumerate(fp, start=1):
-            text = line.strip()
-            if text and not text.startswith("#"):
-                yield number, text
+    try:
+        text = read_text(path, HandModelError, "hand-model file", MAX_FILE_BYTES)
+    except OSError as err:
+        raise HandModelError(f"{path}: cannot read the hand-model file ({err.strerror or err})") from None
+    for number, line in enumerate(text_lines(text), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield number, line
 
 
 def _float(token: str, path: Path, number: int, what: str) -> float:
     try:
         value = float(token)
     except ValueError:
-        raise HandModelError(f"{path}:{number}: expected a number for {what}, got '{token}'") from None
+        raise HandModelError(f"{path}:{number}: expected a number for {what}, got '{shown(token)}'") from None
     if not math.isfinite(value):
-        raise HandModelError(f"{path}:{number}: {what} is not finite ('{token}')")
+        raise HandModelError(f"{path}:{number}: {what} is not finite ('{shown(token)}')")
+    if abs(value) > MAX_ABS_VALUE:
+        raise HandModelError(f"{path}:{number}: {what} {shown(token)} is larger than {MAX_ABS_VALUE:g} "
+                             "in size, not a plausible hand-model value")
     return value
 
 
-def _int(token: str, path: Path, number: int, what: str) -> int:
+def _int(token: str, path: Path, number: int, what: str, low: int = -MAX_INDEX) -> int:
     try:
-        return int(token)
+        value = int(token)
     except ValueError:
-        raise HandModelError(f"{path}:{number}: expected an integer for {what}, got '{token}'") from None
+        raise HandModelError(f"{path}:{number}: expected an integer for {what}, got '{shown(token)}'") from None
+    if not low <= value <= MAX_INDEX:
+        raise HandModelError(f"{path}:{number}: {what} {shown(token)} is out of range "
+                             f"({low}..{MAX_INDEX})")
+    return value
 
 
 def read_obj(path: Path):
@@ -273,11 +292,11 @@ def read_obj(path: Path):
         tag = words[0]
         if tag == "v":
             if len(words) < 4:
-                raise HandModelError(f"{path}:{number}: expected 'v x y z', got '{text}'")
+                raise HandModelError(f"{path}:{number}: expected 'v x y z', got '{shown(text)}'")
             verts.append([_float(w, path, number, "a vertex coordinate") for w in words[1:4]])
         elif tag == "vt":
             if len(words) < 3:
-                raise HandModelError(f"{path}:{number}: expected 'vt u v', got '{text}'")
+                raise HandModelError(f"{path}:{number}: expected 'vt u v', got '{shown(text)}'")
             uvs.append([_float(w, path, number, "a uv coordinate") for w in words[1:3]])
         elif tag == "f":
             if len(words) != 4:
@@ -289,10 +308,10 @@ def read_obj(path: Path):
                 parts = corner.split("/")
                 if len(parts) < 2 or not parts[1]:
                     raise HandModelError(
-                        f"{path}:{number}: expected 'vertex/uv' indices in a face corner, got '{corner}'"
+                        f"{path}:{number}: expected 'vertex/uv' indices in a face corner, got '{shown(corner)}'"
                     )
-                vi.append(_int(parts[0], path, number, "a face vertex index") - 1)
-                ti.append(_int(parts[1], path, number, "a face uv index") - 1)
+                vi.append(_int(parts[0], path, number, "a face vertex index", 1) - 1)
+                ti.append(_int(parts[1], path, number, "a face uv index", 1) - 1)
             faces.append(vi)
             face_uvs.append(ti)
     return (
@@ -309,10 +328,10 @@ def read_skeleton(path: Path):
     for number, text in _lines(path):
         words = text.split()
         if len(words) != 3:
-            raise HandModelError(f"{path}:{number}: expected 'name id parent_id', got '{text}'")
+            raise HandModelError(f"{path}:{number}: expected 'name id parent_id', got '{shown(text)}'")
         name = words[0]
-        jid = _int(words[1], path, number, "the joint id")
-        parent = _int(words[2], path, number, "the parent id")
+        jid = _int(words[1], path, number, "the joint id", 0)
+        parent = _int(words[2], path, number, "the parent id", -1)
         if jid in entries:
             raise HandModelError(f"{path}:{number}: joint id {jid} is given twice")
         if name in [e[0] for e in entries.values()]:
@@ -320,7 +339,9 @@ def read_skeleton(path: Path):
         entries[jid] = (name, parent, number)
     J = len(entries)
     if sorted(entries) != list(range(J)):
-        raise HandModelError(f"{path}: joint ids must be 0..{J - 1}, found {sorted(entries)}")
+        stray = sorted(set(entries) - set(range(J)))
+        raise HandModelError(f"{path}:{entries[stray[0]][2]}: joint id {stray[0]} out of range: the "
+                             f"{J} joints must have the ids 0..{J - 1}")
     names = [entries[j][0] for j in range(J)]
     parents = np.array([entries[j][1] for j in range(J)], np.int64)
     for j in range(J):
@@ -336,7 +357,7 @@ def _joint_lookup(names: Sequence[str], name: str, path: Path, number: int) -> i
         return list(names).index(name)
     except ValueError:
         raise HandModelError(
-            f"{path}:{number}: unknown joint '{name}'; the skeleton's joints are: {', '.join(names)}"
+            f"{path}:{number}: unknown joint '{shown(name)}'; the skeleton's joints are: {', '.join(names)}"
         ) from None
 
 
@@ -347,9 +368,9 @@ def read_skinning_weights(path: Path, joint_names: Sequence[str], vertex_num: in
         words = text.split()
         if len(words) < 3 or len(words) % 2 == 0:
             raise HandModelError(
-                f"{path}:{number}: expected 'vertex_idx joint_name weight [joint_name weight ...]', got '{text}'"
+                f"{path}:{number}: expected 'vertex_idx joint_name weight [joint_name weight ...]', got '{shown(text)}'"
             )
-        v = _int(words[0], path, number, "the vertex index")
+        v = _int(words[0], path, number, "the vertex index", 0)
         if not 0 <= v < vertex_num:
             raise HandModelError(
                 f"{path}:{number}: vertex index {v} out of range; hand.obj has {vertex_num} vertices (0-based)"

@@ -12,8 +12,12 @@ import torch
 import yaml
 
 from common.utils.hand_model import AXES, HandModel, dof_description
+from common.utils.textio import key_lines_json, key_lines_yaml, read_text, shown, where
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "demo" / "poses"
+MAX_POSE_BYTES = 2 ** 20
+# Larger angles turn into inf in float32 radians; no pose needs more than a few turns.
+MAX_ABS_DEGREES = 1e6
 
 
 class PoseError(ValueError):
@@ -31,12 +35,13 @@ def resolve_joint(model: HandModel, name: str, source: str) -> int:
     hits = [i for i, n in enumerate(model.joint_names) if n.endswith("_" + name)]
     if len(hits) == 1:
         return hits[0]
-    raise PoseError(f"{source}: unknown joint '{name}'; valid joints: {', '.join(model.joint_names)}")
+    raise PoseError(f"{source}: unknown joint '{shown(name)}'; valid joints: {', '.join(model.joint_names)}")
 
 
 def _angles(value, source: str, joint: str) -> np.ndarray:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise PoseError(f"{source}: joint '{joint}': expected three angles [x, y, z] in degrees, got {value!r}")
+        raise PoseError(f"{source}: joint '{joint}': expected three angles [x, y, z] in degrees, "
+                        f"got {shown(repr(value))}")
     items = list(value)
     if len(items) != 3:
         raise PoseError(f"{source}: joint '{joint}': expected three angles [x, y, z] in degrees, got {len(items)}")
@@ -47,9 +52,16 @@ def _angles(value, source: str, joint: str) -> np.ndarray:
         try:
             number = float(item)
         except (TypeError, ValueError):
-            raise PoseError(f"{source}: joint '{joint}': angle {axis} is not a number ({item!r})") from None
+            raise PoseError(f"{source}: joint '{joint}': angle {axis} is not a number "
+                            f"({shown(repr(item))})") from None
+        except OverflowError:  # an integer beyond float range
+            raise PoseError(f"{source}: joint '{joint}': angle {axis} is too large "
+                            f"({shown(repr(item))})") from None
         if not math.isfinite(number):
-            raise PoseError(f"{source}: joint '{joint}': angle {axis} is not finite ({item!r})")
+            raise PoseError(f"{source}: joint '{joint}': angle {axis} is not finite ({shown(repr(item))})")
+        if abs(number) > MAX_ABS_DEGREES:
+            raise PoseError(f"{source}: joint '{joint}': angle {axis} of {number:g}° is larger than "
+                            f"{MAX_ABS_DEGREES:g}° in size")
         out.append(number)
     return np.array(out)
 
@@ -59,7 +71,7 @@ def apply_angles(model: HandModel, euler_deg: np.ndarray, values: Mapping, sourc
     dof = model.dof_mask
     for name, value in values.items():
         j = resolve_joint(model, str(name), source)
-        angles = _angles(value, source, str(name))
+        angles = _angles(value, source, shown(str(name)))
         for k, axis in enumerate(AXES):
             if angles[k] != 0 and not dof[j, k]:
                 raise PoseError(
@@ -71,19 +83,32 @@ def apply_angles(model: HandModel, euler_deg: np.ndarray, values: Mapping, sourc
 
 def read_pose_file(path: Path) -> Dict:
     """Read ``{joint_name: [x, y, z]}`` (degrees) from a YAML or JSON file."""
+    data, _lines = read_pose_file_lines(path)
+    return data
+
+
+def read_pose_file_lines(path: Path):
+    """:func:`read_pose_file` and the line of each joint's entry: ``(data, {name: line})``."""
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, PoseError, f"pose file ({kind})", MAX_POSE_BYTES)
     except OSError as err:
-        raise PoseError(f"{path}: cannot read pose file ({err.strerror})") from None
+        raise PoseError(f"{path}: cannot read pose file ({err.strerror or err})") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise PoseError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {err}") from None
+        if kind == "JSON":
+            data = json.loads(text)
+            lines = key_lines_json(text, data)
+        else:
+            data, lines = key_lines_yaml(text)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: JSON errors, a date 2001-13-45, a 5000-digit int
+        raise PoseError(f"{path}: not valid {kind}: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise PoseError(f"{path}: not valid {kind}: nested too deeply") from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise PoseError(f"{path}: expected a mapping joint_name: [x, y, z] (degrees), got {type(data).__name__}")
-    return data
+    return data, lines
 
 
 def parse_euler_override(text: str) -> tuple:
@@ -116,7 +141,9 @@ def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()
                     f"--pose {pose}: no such file, and not a preset name; presets: {', '.join(preset_names())}"
                 )
             path = preset
-        apply_angles(model, euler_deg, read_pose_file(path), str(path))
+        data, lines = read_pose_file_lines(path)
+        for name, value in data.items():
+            apply_angles(model, euler_deg, {name: value}, where(path, lines, name))
     for text in overrides:
         name, values = parse_euler_override(text)
         apply_angles(model, euler_deg, {name: values}, f"--euler {text}")
