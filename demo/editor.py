@@ -133,7 +133,7 @@ class Editor:
         distance = 1.15 * radius / np.tan(fov / 2)
         view = np.array([0.25, -1.0, 0.3]) / np.linalg.norm([0.25, -1.0, 0.3])
         self.ground = float(lo[2]) - 0.01
-        self.centre = centre
+        self.centre, self.view_dir = centre, view
         camera = self.server.initial_camera
         camera.fov = float(fov)
         camera.look_at = tuple(centre)
@@ -162,6 +162,7 @@ class Session:
         self.verts = self.joints = None
         self._build_scene()
         self._build_gui()
+        self._on_lighting()
         self.refresh()
         if self.lifted:
             self.say(f"The start pose goes beyond the joint limits "
@@ -223,6 +224,11 @@ class Session:
         self.labels = [scene.add_label(f"/labels/{name}", name.split("_", 2)[-1], visible=False,
                                        font_screen_scale=0.8, depth_test=False)
                        for name in hand.joint_names]
+        # Lights for the plain drawing (no shadows, no environment map), which a browser without a GPU
+        # draws several times faster; off while the default lights and reflections are used.
+        self.plain_lights = [scene.add_light_ambient("/lights/ambient", intensity=0.9, visible=False),
+                             scene.add_light_directional("/lights/front", intensity=1.8, visible=False,
+                                                         position=tuple(editor.centre + editor.view_dir))]
         centre = editor.centre
         self.grid = scene.add_grid("/grid", width=0.4, height=0.4, plane="xy", cell_size=0.01, section_size=0.05,
                                    position=(float(centre[0]), float(centre[1]), editor.ground), visible=True)
@@ -285,6 +291,11 @@ class Session:
             self.gui_wire.on_update(lambda _: setattr(self.mesh, "wireframe", self.gui_wire.value))
             self.gui_grid = gui.add_checkbox("Ground grid", initial_value=True)
             self.gui_grid.on_update(lambda _: setattr(self.grid, "visible", self.gui_grid.value))
+            # Off at first: a browser on a machine without a GPU (as this project's) draws the plain
+            # scene about twice as fast, which keeps a slider's round trip short.
+            self.gui_fancy = gui.add_checkbox("Shadows and reflections", initial_value=False,
+                                              hint="nicer, and slower to draw in a browser without a GPU")
+            self.gui_fancy.on_update(lambda _: self._on_lighting())
 
         with gui.add_folder("Save and load"):
             gui.add_button("Save the pose (YAML)", hint="the file demo.py --pose reads").on_click(
@@ -370,6 +381,19 @@ class Session:
             for label in self.labels:
                 label.visible = self.gui_names.value
             self.refresh()
+
+    def _on_lighting(self) -> None:
+        fancy = bool(self.gui_fancy.value)
+        scene = self.client.scene
+        with self.client.atomic():
+            if fancy:
+                scene.configure_environment_map()
+            else:
+                scene.configure_environment_map(hdri=None)
+            scene.configure_default_lights(enabled=fancy, cast_shadow=fancy)
+            self.mesh.cast_shadow = self.mesh.receive_shadow = fancy
+            for light in self.plain_lights:
+                light.visible = not fancy
 
     # ---------------------------------------------------------------- files
     def pose_text(self) -> str:

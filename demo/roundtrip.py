@@ -1,7 +1,8 @@
-"""The editor's slider round trip measured in a real browser: key press on a slider → the server
+"""The editor's slider round trip measured in a real browser: a click on a slider → the server
 re-decodes → the new mesh reaches the GPU → the next frame. Headless Chromium, driven by Playwright.
 
-    python demo/roundtrip.py                      # 40 presses on index1 flexion; prints the median
+    python demo/roundtrip.py                      # 40 clicks on index1 flexion; prints the medians
+    python demo/roundtrip.py --fancy              # with shadows and reflections
     python demo/roundtrip.py --repeats 100 --hand_model data/hand_model
 
 Needs the ``playwright`` Python package and a Chromium (Debian's ``chromium`` package, at
@@ -26,15 +27,16 @@ if str(ROOT) not in sys.path:
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-# Installed before the page's scripts: records every WebGL buffer upload (time, bytes), and once a
-# key press was marked, the time of the first animation frame after an upload of ``__meshBytes``
-# bytes (the new vertex positions) — the frame that shows the new mesh has been drawn by then.
+# Installed before the page's scripts: records every WebGL buffer upload (time, bytes), and after a
+# pointer press, the times from the press to the upload of ``__meshBytes`` bytes (the new vertex
+# positions reach the GPU, drawn in that frame) and to the next animation frame (by which that frame
+# is on screen).
 UPLOAD_HOOK = """
 window.__uploads = [];
 window.__roundTrips = [];
 window.__mark = null;
 window.__meshBytes = 0;
-document.addEventListener('keydown', () => { window.__mark = performance.now(); }, true);
+document.addEventListener('pointerdown', () => { window.__mark = performance.now(); }, true);
 for (const C of [WebGLRenderingContext, WebGL2RenderingContext]) {
   for (const name of ['bufferData', 'bufferSubData']) {
     const original = C.prototype[name];
@@ -47,7 +49,7 @@ for (const C of [WebGLRenderingContext, WebGL2RenderingContext]) {
       if (window.__mark !== null && bytes === window.__meshBytes) {
         const mark = window.__mark;
         window.__mark = null;
-        requestAnimationFrame(() => window.__roundTrips.push(performance.now() - mark));
+        requestAnimationFrame(() => window.__roundTrips.push([now - mark, performance.now() - mark]));
       }
       return original.apply(this, args);
     };
@@ -91,14 +93,22 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def measure_round_trips(page, thumb, vertex_num: int, repeats: int, key: str = "ArrowRight") -> list:
-    """Milliseconds from each key press on ``thumb`` to the first frame after the new mesh's upload."""
+def slider_track(page, slider):
+    """The bounding box of a viser slider's track on the page."""
+    return page.locator(f"[id='{slider._impl.uuid}'] .mantine-Slider-track").bounding_box()
+
+
+def measure_round_trips(page, slider, vertex_num: int, repeats: int) -> list:
+    """Click ``slider``'s track ``repeats`` times, alternately at 40 % and 60 % of its length (as a
+    person would; the arrow keys would also turn viser's camera). For each click:
+    ``[ms from the press to the new mesh's upload to WebGL, ms to the next frame]``."""
     page.evaluate(f"window.__meshBytes = {vertex_num * 3 * 4}; window.__roundTrips = [];")
-    thumb.focus()
+    track = slider_track(page, slider)
     for i in range(repeats):
-        page.keyboard.press(key)
+        x = track["x"] + (0.4 if i % 2 == 0 else 0.6) * track["width"]
+        page.mouse.click(x, track["y"] + track["height"] / 2)
         page.wait_for_function(f"window.__roundTrips.length >= {i + 1}", timeout=10_000)
-        time.sleep(0.05)  # one press at a time, as a person's
+        time.sleep(0.1)  # one change at a time, as a person's
     return page.evaluate("window.__roundTrips")
 
 
@@ -110,31 +120,41 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--hand_model")
+    parser.add_argument("--fancy", action="store_true",
+                        help="tick 'Shadows and reflections' first (off by default: slower without a GPU)")
+    parser.add_argument("--width", type=int, default=1280, help="browser window size in pixels")
+    parser.add_argument("--height", type=int, default=800)
     args = parser.parse_args(argv)
     editor = Editor(editor_args(["--port", "0", "--pose", "open"] +
                                 (["--hand_model", args.hand_model] if args.hand_model else [])))
     try:
         with tempfile.TemporaryDirectory(prefix="chromium_") as profile, sync_playwright() as pw:
-            context = launch(pw, profile)
+            context = launch(pw, profile, args.width, args.height)
             page = context.new_page()
             page.add_init_script(UPLOAD_HOOK)
             page.goto(editor.url)
             session = wait_for(lambda: next(iter(editor.sessions.values()), None), what="the page to connect")
-            index1 = editor.hand.joint_index("index1")
-            thumb = slider_thumb(page, session.sliders[(index1, 2)])
-            thumb.wait_for(timeout=30_000)
+            slider = session.sliders[(editor.hand.joint_index("index1"), 2)]
+            slider_thumb(page, slider).wait_for(timeout=30_000)
+            if args.fancy:
+                session.gui_fancy.value = True
             wait_for(lambda: page.evaluate(f"window.__uploads.some(u => u[1] === {editor.hand.vertex_num * 12})"),
                      what="the mesh to reach the GPU")
-            times = measure_round_trips(page, thumb, editor.hand.vertex_num, args.repeats)
+            times = measure_round_trips(page, slider, editor.hand.vertex_num, args.repeats)
             context.close()
     finally:
         editor.stop()
-    times = sorted(times)
-    print(f"hand model: {editor.hand.source} ({editor.hand.vertex_num} vertices); {len(times)} key presses on "
-          f"index1 flexion, headless Chromium (software WebGL)")
-    print(f"round trip key press -> new mesh on screen: median {statistics.median(times):.1f} ms, "
-          f"90th percentile {times[int(0.9 * (len(times) - 1))]:.1f} ms, max {times[-1]:.1f} ms; "
-          f"server side (decode + send) median {statistics.median(session.update_ms):.2f} ms")
+    upload = sorted(t[0] for t in times)
+    frame = sorted(t[1] for t in times)
+    q90 = lambda values: values[int(0.9 * (len(values) - 1))]  # noqa: E731
+    print(f"hand model: {editor.hand.source} ({editor.hand.vertex_num} vertices); {len(times)} clicks on the "
+          f"index1 flexion slider; headless Chromium, software WebGL ({args.width}x{args.height}), "
+          f"{'shadows and reflections' if args.fancy else 'plain drawing (the default)'}")
+    print(f"server side (decode + send): median {statistics.median(session.update_ms):.2f} ms")
+    print(f"click -> new vertices uploaded to WebGL: median {statistics.median(upload):.0f} ms, "
+          f"90th percentile {q90(upload):.0f} ms")
+    print(f"click -> next frame (new mesh on screen): median {statistics.median(frame):.0f} ms, "
+          f"90th percentile {q90(frame):.0f} ms")
     return 0
 
 
