@@ -376,11 +376,11 @@ class Session:
 
     def _on_display(self) -> None:
         with self.lock:
+            self.refresh()  # positions first, so that nothing shows where it was the last time
             for handle in (self.bones, self.joint_dots):
                 handle.visible = self.gui_skeleton.value
             for label in self.labels:
                 label.visible = self.gui_names.value
-            self.refresh()
 
     def _on_lighting(self) -> None:
         fancy = bool(self.gui_fancy.value)

@@ -112,6 +112,16 @@ def measure_round_trips(page, slider, vertex_num: int, repeats: int) -> list:
     return page.evaluate("window.__roundTrips")
 
 
+def save_screenshot(page, path: str) -> None:
+    """A PNG of the page without viser's note on software rendering, the scene drawn to the end."""
+    note = page.get_by_text("Software WebGL rendering detected")
+    if note.count():
+        note.locator("xpath=ancestor::div[contains(@class, 'mantine-Notification-root')]").locator(
+            "button").first.click()
+    time.sleep(2)
+    page.screenshot(path=path)
+
+
 def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
@@ -120,12 +130,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--hand_model")
+    parser.add_argument("--pose", default="open", help="start pose (a preset or a pose file)")
+    parser.add_argument("--screenshot", help="afterwards, save a PNG of the page here (the README's figure)")
     parser.add_argument("--fancy", action="store_true",
                         help="tick 'Shadows and reflections' first (off by default: slower without a GPU)")
     parser.add_argument("--width", type=int, default=1280, help="browser window size in pixels")
     parser.add_argument("--height", type=int, default=800)
     args = parser.parse_args(argv)
-    editor = Editor(editor_args(["--port", "0", "--pose", "open"] +
+    editor = Editor(editor_args(["--port", "0", "--pose", args.pose] +
                                 (["--hand_model", args.hand_model] if args.hand_model else [])))
     try:
         with tempfile.TemporaryDirectory(prefix="chromium_") as profile, sync_playwright() as pw:
@@ -141,6 +153,8 @@ def main(argv=None) -> int:
             wait_for(lambda: page.evaluate(f"window.__uploads.some(u => u[1] === {editor.hand.vertex_num * 12})"),
                      what="the mesh to reach the GPU")
             times = measure_round_trips(page, slider, editor.hand.vertex_num, args.repeats)
+            if args.screenshot:
+                save_screenshot(page, args.screenshot)
             context.close()
     finally:
         editor.stop()

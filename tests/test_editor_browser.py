@@ -208,3 +208,48 @@ def test_round_trip(browser, editor):
     print(f"click -> frame median {np.median([t[1] for t in times]):.0f} ms (software WebGL), "
           f"server side {np.median(session.update_ms):.2f} ms")
     page.close()
+
+
+def test_display_toggles_limits_copy_and_render(browser, editor, tmp_path):
+    import cv2
+
+    from demo.joint_limits import FREE_RANGE_DEG
+
+    page, session, _ = open_page(browser, editor)
+    hand = editor.hand
+    page.get_by_text("Skeleton (bones and joints)").click()
+    wait_for(lambda: session.bones.visible and session.joint_dots.visible, what="the skeleton")
+    world = editor.to_world(session.joints).astype(np.float32)
+    assert np.array_equal(session.joint_dots.points, world)
+    assert np.array_equal(session.bones.points, world[session.bone_pairs])
+    page.get_by_text("Joint names").click()
+    wait_for(lambda: all(label.visible for label in session.labels), what="the joint names")
+    assert np.allclose([label.position for label in session.labels], editor.to_world(session.joints))
+    page.get_by_text("Wireframe").click()
+    wait_for(lambda: session.mesh.wireframe, what="the wireframe")
+    page.get_by_text("Ground grid").click()
+    wait_for(lambda: not session.grid.visible, what="the grid to go")
+
+    # lifting the limits widens every slider; putting them back clamps the pose
+    index1, index2 = hand.joint_index("index1"), hand.joint_index("index2")
+    page.get_by_text("Lift the joint limits").click()
+    wait_for(lambda: session.sliders[(index1, 2)].max == FREE_RANGE_DEG, what="the wider ranges")
+    assert all(s.min == -FREE_RANGE_DEG for s in session.sliders.values())
+    session.sliders[(index2, 2)].value = 150.0  # as if typed into the slider's box
+    wait_for(lambda: session.deg[index2, 2] == 150.0, what="150°")
+    page.get_by_text("Lift the joint limits").click()
+    wait_for(lambda: session.deg[index2, 2] == 100.0, what="the clamp to 100°")
+    page.get_by_text("brought back within them: b_r_index2 flexion 150° > 100°").first.wait_for()
+
+    # copy the index's angles to the other fingers
+    page.get_by_role("button", name="Copy the index's angles to the other fingers").click()
+    middle2 = hand.joint_index("middle2")
+    wait_for(lambda: session.deg[middle2, 2] == 100.0, what="the copy")
+
+    # render.png as demo.py draws it
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Save render.png").click()
+    download.value.save_as(tmp_path / "render.png")
+    expected = demo.render_pose(hand, session.verts, session.joints)
+    assert np.array_equal(cv2.imread(str(tmp_path / "render.png")), expected)
+    page.close()
