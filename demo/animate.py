@@ -26,14 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.utils.checkpoint import CheckpointError  # noqa: E402
-from common.utils.hand_model import HandModel, HandModelError  # noqa: E402
+from common.utils.hand_model import HandModel  # noqa: E402
 from common.utils.io import atomic_write_bytes  # noqa: E402
-from common.utils.pose_io import PoseError, preset_names  # noqa: E402
+from common.utils.pose_io import preset_names  # noqa: E402
 from common.utils.vis import VIEWS, fit_views  # noqa: E402
-from demo.demo import add_model_args, check_model_args, decode_pose, load_model, render_pose  # noqa: E402
+from demo.demo import add_model_args, check_model_args, decode_pose, load_model, render_pose, run_cli  # noqa: E402
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
-from main.config import ConfigError  # noqa: E402
 
 FORMATS = (".gif", ".mp4")
 DEFAULT_VIEWS = ("palm", "side", "back")
@@ -55,9 +53,10 @@ def euler_to_quaternion(euler: np.ndarray) -> np.ndarray:
 def quaternion_to_matrix(q: np.ndarray) -> np.ndarray:
     """``[..., 4]`` unit quaternions (w, x, y, z) → ``[..., 3, 3]`` rotation matrices."""
     w, x, y, z = np.moveaxis(q, -1, 0)
-    return np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(*q.shape[:-1], 3, 3)
+    entries = [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+               2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+               2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]
+    return np.stack(entries, -1).reshape(*q.shape[:-1], 3, 3)
 
 
 def slerp(q0: np.ndarray, q1: np.ndarray, t: float) -> np.ndarray:
@@ -216,13 +215,7 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -137,15 +137,23 @@ def run(args) -> Path:
     return out_dir
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+# Errors of the user's input (files, options): one line, exit code 2, no traceback.
+USER_ERRORS = (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError)
+
+
+def run_cli(run_fn, args) -> int:
+    """``run_fn(args)``; a :data:`USER_ERRORS` error becomes ``error: …`` on stderr and exit code 2."""
     try:
-        run(args)
-    except (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError) as err:
+        run_fn(args)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -32,16 +32,14 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from common.utils.checkpoint import CheckpointError  # noqa: E402
-from common.utils.hand_model import HandModelError, save_obj  # noqa: E402
+from common.utils.hand_model import save_obj  # noqa: E402
 from common.utils.pose_io import PoseError, preset_names  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from demo import animate  # noqa: E402
-from demo.demo import add_model_args, check_model_args, decode_pose, load_model, render_pose  # noqa: E402
+from demo.demo import USER_ERRORS, add_model_args, check_model_args, decode_pose, load_model, render_pose  # noqa: E402
 from demo.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, pose_degrees,  # noqa: E402
                             pose_yaml, random_pose, read_uploaded_pose, tidy)
-from main.config import ConfigError  # noqa: E402
 
 DEFAULT_POSE = "open"
 PRESET_ORDER = ("original", "open", "fist", "point", "ok")
@@ -497,7 +495,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         editor = Editor(args)
-    except (HandModelError, CheckpointError, PoseError, ConfigError, EditorError, ValueError, OSError) as err:
+    except USER_ERRORS + (EditorError,) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"hand model: {editor.hand.source} ({editor.hand.vertex_num} vertices, {editor.hand.joint_num} joints)")
