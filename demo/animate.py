@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -120,7 +121,7 @@ def interpolate_poses(keyframes: np.ndarray, dof_mask: np.ndarray, frames_per_po
 # ------------------------------------------------------------ frames and files
 def render_frames(hand_model: HandModel, model, device, keyframes_deg: np.ndarray, frames_per_pose: int,
                   views: Sequence[str] = DEFAULT_VIEWS, image_size: int = 256, progress: bool = True,
-                  on_frame: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+                  on_frame: Optional[Callable[[int, int], None]] = None, lock=None) -> np.ndarray:
     """The animation's frames: interpolate, decode in one batched call, render each frame.
 
     Args:
@@ -128,12 +129,14 @@ def render_frames(hand_model: HandModel, model, device, keyframes_deg: np.ndarra
         views: panels of each frame (:data:`common.utils.vis.VIEWS`), side by side.
         image_size: side of a panel in pixels.
         on_frame: called with ``(frames done, frames in all)`` after each frame (the editor's progress bar).
+        lock: held while decoding (the editor shares one model between its browser tabs).
     Returns:
         ``uint8 [N, image_size, image_size · len(views), 3]`` RGB frames.
     """
     keyframes = euler_tensor(keyframes_deg).double().numpy()  # the demo's radians, float32 values
     euler = interpolate_poses(keyframes, hand_model.dof_mask, frames_per_pose)
-    joints, verts = decode_pose(model, torch.from_numpy(euler).float(), device)
+    with lock or nullcontext():
+        joints, verts = decode_pose(model, torch.from_numpy(euler).float(), device)
     # One framing for all frames, so that the hand does not jump as its extent changes.
     fit = fit_views(verts, views, image_size)
     frames = []

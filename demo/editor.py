@@ -102,6 +102,8 @@ class Editor:
             self.server.stop()
             raise EditorError(f"--port {args.port}: {args.host}:{args.port} is taken; give another port")
         self.port = self.server.get_port()
+        # viser's share button would open a tunnel through a server on the internet: not offered.
+        self.server.gui.configure_theme(show_share_button=False)
         self._frame_camera()
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(lambda client: self.sessions.pop(client.client_id, None))
@@ -457,9 +459,9 @@ class Session:
         animate.check_format(Path("animation" + suffix), size, len(views))
         fps = float(self.gui_fps.value)
         fpp = animate.frames_per_pose(float(self.gui_seconds.value), fps)
-        with self.editor.model_lock:
-            frames = animate.render_frames(self.hand, self.editor.model, self.editor.device, np.stack(poses), fpp,
-                                           views=views, image_size=size, progress=False, on_frame=on_frame)
+        frames = animate.render_frames(self.hand, self.editor.model, self.editor.device, np.stack(poses), fpp,
+                                       views=views, image_size=size, progress=False, on_frame=on_frame,
+                                       lock=self.editor.model_lock)
         return "animation" + suffix, animate.encode_animation(frames, fps, suffix)
 
     def download_animation(self) -> None:

@@ -240,6 +240,9 @@ def test_display_toggles_limits_copy_and_render(browser, editor, tmp_path):
     page.get_by_text("Lift the joint limits").click()
     wait_for(lambda: session.deg[index2, 2] == 100.0, what="the clamp to 100°")
     page.get_by_text("brought back within them: b_r_index2 flexion 150° > 100°").first.wait_for()
+    session.sliders[(index1, 2)].value = 120.0  # typed beyond the range: the limit is used, and shown
+    wait_for(lambda: session.deg[index1, 2] == 90.0 and session.sliders[(index1, 2)].value == 90.0,
+             what="the clamp to 90°")
 
     # copy the index's angles to the other fingers
     page.get_by_role("button", name="Copy the index's angles to the other fingers").click()
