@@ -176,7 +176,7 @@ class Session:
     def set_pose(self, euler_deg: np.ndarray, what: str) -> None:
         """Show a whole new pose (preset, file, random…); lifts the limits when it lies beyond them."""
         with self.lock:
-            euler_deg = tidy(euler_deg, self.hand)
+            euler_deg = tidy(euler_deg, self.hand, decimals=None)  # a file's angles to the last digit
             beyond = limit_violations(self.hand, euler_deg, joint_limits_deg(self.hand))
             if beyond and not self.lifted:
                 self.lifted = True

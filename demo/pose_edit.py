@@ -52,9 +52,12 @@ def euler_tensor(euler_deg: np.ndarray) -> torch.Tensor:
     return euler[None] if euler.dim() == 2 else euler
 
 
-def tidy(euler_deg: np.ndarray, model: HandModel) -> np.ndarray:
-    """Round to :data:`DECIMALS`, zero the axes without a degree of freedom, no ``-0.0``."""
-    return np.round(np.asarray(euler_deg, np.float64), DECIMALS) * model.dof_mask + 0.0
+def tidy(euler_deg: np.ndarray, model: HandModel, decimals: int | None = DECIMALS) -> np.ndarray:
+    """Round to ``decimals`` (None: keep every digit), zero the axes without a degree of freedom, no ``-0.0``."""
+    euler_deg = np.asarray(euler_deg, np.float64)
+    if decimals is not None:
+        euler_deg = np.round(euler_deg, decimals)
+    return euler_deg * model.dof_mask + 0.0
 
 
 def pose_yaml(model: HandModel, euler_deg: np.ndarray, comment: str = "") -> str:

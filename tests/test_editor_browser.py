@@ -156,6 +156,7 @@ def test_bad_upload_keeps_the_pose_and_shows_the_demos_message(browser, editor, 
     assert np.array_equal(session.deg, deg)
 
     fist = pose_degrees(editor.hand, "fist")
+    fist[editor.hand.joint_index("index1"), 2] = 80.123456789  # kept to the last digit
     upload.set_input_files(files=[{"name": "fist.yaml", "mimeType": "application/x-yaml",
                                    "buffer": pose_yaml(editor.hand, fist).encode()}])
     wait_for(lambda: np.array_equal(session.deg, fist), what="the uploaded pose")
