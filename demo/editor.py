@@ -219,7 +219,7 @@ class Session:
         self.bones = scene.add_line_segments("/skeleton/bones", np.zeros((len(self.bone_pairs), 2, 3), np.float32),
                                              (60, 160, 40), thickness=3.0, thickness_units="screen", visible=False)
         self.joint_dots = scene.add_point_cloud("/skeleton/joints", np.zeros((hand.joint_num, 3), np.float32),
-                                                (200, 30, 30), point_size=0.005, point_shape="circle",
+                                                (200, 30, 30), point_size=0.0035, point_shape="circle",
                                                 precision="float32", visible=False)
         self.labels = [scene.add_label(f"/labels/{name}", name.split("_", 2)[-1], visible=False,
                                        font_screen_scale=0.8, depth_test=False)
@@ -379,6 +379,8 @@ class Session:
             self.refresh()  # positions first, so that nothing shows where it was the last time
             for handle in (self.bones, self.joint_dots):
                 handle.visible = self.gui_skeleton.value
+            # the skeleton lies inside the skin: see through it while the skeleton is shown
+            self.mesh.opacity = 0.45 if self.gui_skeleton.value else None
             for label in self.labels:
                 label.visible = self.gui_names.value
 
