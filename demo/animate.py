@@ -101,7 +101,10 @@ def interpolate_poses(keyframes: np.ndarray, dof_mask: np.ndarray, frames_per_po
         frames_per_pose: frames from one key pose to the next (≥ 1).
     Returns:
         ``[(K - 1) · frames_per_pose + 1, J, 3]`` radians; frame ``i · frames_per_pose`` is key pose
-        ``i`` exactly, the frames between follow the slerp of each joint's rotation.
+        ``i`` exactly, the frames between follow the slerp of each joint's rotation, as the Euler
+        angles nearest the previous frame's. (A key pose whose angles lie a full turn away from where
+        the slerp arrives, e.g. −170° reached from 170° through 180°, is still taken as written:
+        the same rotation, while the pose corrective sees the angles as given.)
     """
     keyframes = np.asarray(keyframes, np.float64)
     if keyframes.ndim != 3 or keyframes.shape[0] < 1 or keyframes.shape[2] != 3:

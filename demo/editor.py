@@ -157,7 +157,10 @@ class Session:
         self.lifted = bool(limit_violations(self.hand, self.deg, joint_limits_deg(self.hand)))
         self.keyframes = Keyframes()
         self.rng = np.random.default_rng()
-        self.muted = False  # while the sliders are set from the pose, their callbacks do nothing
+        # While this session sets its own sliders from the pose, the callbacks that viser runs for
+        # those assignments (in the assigning thread) do nothing. Per thread: a change the user makes
+        # meanwhile arrives on one of viser's pool threads, waits for the lock and is applied.
+        self._own = threading.local()
         self.update_ms: deque = deque(maxlen=1000)  # server side of each update: decode + send
         self.verts = self.joints = None
         self._build_scene()
@@ -343,16 +346,19 @@ class Session:
         except (PoseError, ValueError, OSError) as err:
             self.say(f"error: {err}", error=True)
 
+    def muted(self) -> bool:
+        return getattr(self._own, "muted", False)
+
     def _slider_callback(self, joint: int, axis: int):
         def callback(event) -> None:
-            if not self.muted:
+            if not self.muted():
                 self.set_angle(joint, axis, float(event.target.value))
         return callback
 
     def _sync_sliders(self) -> None:
         """Put the pose and the ranges into the sliders without re-decoding for each one."""
         limits = self.limits()
-        self.muted = True
+        self._own.muted = True
         try:
             with self.client.atomic():
                 for (j, k), slider in self.sliders.items():
@@ -360,10 +366,10 @@ class Session:
                     slider.value = float(self.deg[j, k])
                 self.gui_lift.value = self.lifted
         finally:
-            self.muted = False
+            self._own.muted = False
 
     def _on_lift(self) -> None:
-        if self.muted:
+        if self.muted():
             return
         with self.lock:
             self.lifted = bool(self.gui_lift.value)
