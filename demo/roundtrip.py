@@ -103,6 +103,7 @@ def measure_round_trips(page, slider, vertex_num: int, repeats: int) -> list:
     person would; the arrow keys would also turn viser's camera). For each click:
     ``[ms from the press to the new mesh's upload to WebGL, ms to the next frame]``."""
     page.evaluate(f"window.__meshBytes = {vertex_num * 3 * 4}; window.__roundTrips = [];")
+    slider_thumb(page, slider).scroll_into_view_if_needed()  # a small window scrolls the panel
     track = slider_track(page, slider)
     for i in range(repeats):
         x = track["x"] + (0.4 if i % 2 == 0 else 0.6) * track["width"]
