@@ -35,27 +35,36 @@ from main.model import get_model  # noqa: E402
 DEFAULT_POSE = "original"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the hand model, the checkpoint and the device (demo, editor, animate)."""
     parser.add_argument("--hand_model", help="hand-model folder (default: data/hand_model if it holds a "
                         "model, else the project's default hand)")
     parser.add_argument("--ckpt", help="snapshot to load (original layout included)")
     parser.add_argument("--subject", type=int, help="with --test_epoch: demo/subject_N/snapshot_E.pth.tar")
     parser.add_argument("--test_epoch", type=int, help="with --subject: the snapshot's epoch")
+    parser.add_argument("--gpu", dest="gpu_ids", help="GPU id; the CPU when absent or no GPU exists")
+    parser.add_argument("--resnet_type", type=int, default=cfg.resnet_type,
+                        help="backbone depth of the checkpoint (only its decoder is used here)")
+
+
+def check_model_args(parser: argparse.ArgumentParser, args) -> None:
+    if (args.subject is None) != (args.test_epoch is None):
+        parser.error("--subject and --test_epoch go together")
+    if args.ckpt and args.subject is not None:
+        parser.error("give either --ckpt or --subject/--test_epoch, not both")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
     parser.add_argument("--pose", default=DEFAULT_POSE,
                         help=f"YAML/JSON file {{joint: [x, y, z]}} in degrees, or a preset: "
                              f"{', '.join(preset_names())} (default: {DEFAULT_POSE})")
     parser.add_argument("--euler", action="append", default=[], metavar="NAME=X,Y,Z",
                         help="set one joint's angles in degrees (repeatable; replaces the pose's value)")
     parser.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder")
-    parser.add_argument("--gpu", dest="gpu_ids", help="GPU id; the CPU when absent or no GPU exists")
-    parser.add_argument("--resnet_type", type=int, default=cfg.resnet_type,
-                        help="backbone depth of the checkpoint (only its decoder is used here)")
     args = parser.parse_args(argv)
-    if (args.subject is None) != (args.test_epoch is None):
-        parser.error("--subject and --test_epoch go together")
-    if args.ckpt and args.subject is not None:
-        parser.error("give either --ckpt or --subject/--test_epoch, not both")
+    check_model_args(parser, args)
     return args
 
 
@@ -67,52 +76,86 @@ def checkpoint_path(args) -> Path | None:
     return None
 
 
-def run(args) -> Path:
-    hand_model = resolve_hand_model(args.hand_model)
-    print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
-    euler = build_pose(hand_model, args.pose, args.euler)
-    device = select_device(args.gpu_ids)
+def load_model(args):
+    """The hand model, the decoder (checkpoint loaded or correctives zeroed) and the device.
 
+    Returns:
+        ``(hand_model, model, device, checkpoint_text)``; ``checkpoint_text`` says which snapshot
+        was loaded, or that the correctives are zero.
+    """
+    hand_model = resolve_hand_model(args.hand_model)
+    device = select_device(args.gpu_ids)
     config = cfg.copy()
     config.resnet_type = args.resnet_type
     model = get_model("test", hand_model, config)
     ckpt = checkpoint_path(args)
     if ckpt is None:
         model.zero_correctives()
-        print("no checkpoint given: skeleton and skin correctives are zero (the template as it is)")
+        text = "no checkpoint given: skeleton and skin correctives are zero (the template as it is)"
     else:
         info, absent = load_decoder_checkpoint(model, ckpt)
-        print(f"checkpoint: {ckpt} (epoch {info.get('epoch', '?')})")
+        text = f"checkpoint: {ckpt} (epoch {info.get('epoch', '?')})"
         if absent:
-            print(f"the checkpoint holds no {', '.join(absent)}: not used for decoding")
+            text += f"\nthe checkpoint holds no {', '.join(absent)}: not used for decoding"
     model.to(device).eval()
+    return hand_model, model, device, text
 
+
+def decode_pose(model, euler: torch.Tensor, device) -> tuple:
+    """``euler [B, J, 3]`` radians → ``(joints [B, J, 3], vertices [B, V, 3])`` float64 mm, wrist frame."""
     with torch.no_grad():
         out = model.decode(euler.to(device))
-    joints = out["joint_out"][0].cpu().numpy().astype(np.float64)
-    verts = out["mesh_out_refined"][0].cpu().numpy().astype(np.float64)
+    return (out["joint_out"].cpu().numpy().astype(np.float64),
+            out["mesh_out_refined"].cpu().numpy().astype(np.float64))
 
-    out_dir = Path(args.out)
+
+def render_pose(hand_model, verts, joints, **kwargs) -> np.ndarray:
+    """The demo's picture of one posed mesh (``render.png``): palm, side and back, joints overlaid.
+    ``kwargs`` go to :func:`common.utils.vis.render_mesh` (``image_size``, ``views``, ``fit``)."""
+    # decode() puts the root at identity, so the output is in the wrist's own frame.
+    return render_mesh(verts, hand_model.faces, joints_mm=joints, parents=hand_model.parents, frame=np.eye(3),
+                       **kwargs)
+
+
+def write_outputs(out_dir: Path, hand_model, verts: np.ndarray, joints: np.ndarray) -> None:
+    """``mesh.obj``, ``joints.txt`` and ``render.png`` of one posed mesh (``[V, 3]``, ``[J, 3]`` mm)."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_obj(out_dir / "mesh.obj", verts, hand_model)
     lines = [f"{name} {x!r} {y!r} {z!r}" for name, (x, y, z) in zip(hand_model.joint_names, joints.tolist())]
     atomic_write_text(out_dir / "joints.txt", "\n".join(lines) + "\n")
-    # decode() puts the root at identity, so the output is in the wrist's own frame.
-    image = render_mesh(verts, hand_model.faces, joints_mm=joints, parents=hand_model.parents, frame=np.eye(3))
-    save_image(out_dir / "render.png", image)
+    save_image(out_dir / "render.png", render_pose(hand_model, verts, joints))
+
+
+def run(args) -> Path:
+    hand_model, model, device, ckpt_text = load_model(args)
+    print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
+    euler = build_pose(hand_model, args.pose, args.euler)
+    print(ckpt_text)
+    joints, verts = decode_pose(model, euler, device)
+    out_dir = Path(args.out)
+    write_outputs(out_dir, hand_model, verts[0], joints[0])
     print(f"wrote {out_dir / 'mesh.obj'}, {out_dir / 'joints.txt'}, {out_dir / 'render.png'}")
     return out_dir
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+# Errors of the user's input (files, options): one line, exit code 2, no traceback.
+USER_ERRORS = (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError)
+
+
+def run_cli(run_fn, args) -> int:
+    """``run_fn(args)``; a :data:`USER_ERRORS` error becomes ``error: …`` on stderr and exit code 2."""
     try:
-        run(args)
-    except (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError) as err:
+        run_fn(args)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,14 @@ def parse_euler_override(text: str) -> tuple:
     return name.strip(), parts
 
 
+def apply_pose_file(model: HandModel, euler_deg: np.ndarray, path: Path) -> None:
+    """Set the angles (degrees, ``euler_deg [J, 3]``) a pose file gives, each entry checked and its
+    errors naming the file and the entry's line."""
+    data, lines = read_pose_file_lines(path)
+    for name, value in data.items():
+        apply_angles(model, euler_deg, {name: value}, where(path, lines, name))
+
+
 def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()) -> torch.Tensor:
     """Euler angles for the demo.
 
@@ -141,9 +149,7 @@ def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()
                     f"--pose {pose}: no such file, and not a preset name; presets: {', '.join(preset_names())}"
                 )
             path = preset
-        data, lines = read_pose_file_lines(path)
-        for name, value in data.items():
-            apply_angles(model, euler_deg, {name: value}, where(path, lines, name))
+        apply_pose_file(model, euler_deg, path)
     for text in overrides:
         name, values = parse_euler_override(text)
         apply_angles(model, euler_deg, {name: values}, f"--euler {text}")

@@ -53,7 +53,7 @@ def _view_matrix(view) -> np.ndarray:
 
 def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("palm", "side", "back"),
                 frame=None, joints_mm=None, parents=None, cull_back: bool = True,
-                color_bgr=SKIN_BGR, face_colors=None) -> np.ndarray:
+                color_bgr=SKIN_BGR, face_colors=None, fit=None) -> np.ndarray:
     """Orthographic, flat-shaded pictures of a triangle mesh, one square panel per view, side by side.
 
     Args:
@@ -67,6 +67,8 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
         cull_back: skip faces turned away from the viewer (right for closed meshes); otherwise they
             are drawn darker, as seen through holes in an open mesh.
         color_bgr: base colour; face_colors: optional ``[F, 3]`` BGR base colour per face (e.g. to mark faces).
+        fit: ``(centre [3] mm in the hand frame, scale px/mm)`` from :func:`fit_views`, to frame
+            several meshes alike (an animation); fitted to this mesh when ``None``.
     Returns:
         ``uint8 [image_size, image_size * len(views), 3]`` BGR image.
     """
@@ -78,11 +80,9 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
         raise ValueError(f"render_mesh: expected faces [F, 3] indexing {len(verts)} vertices, got {faces.shape}")
     frame = np.eye(3) if frame is None else np.asarray(frame, np.float64)
     local = verts @ frame  # coordinates in the hand frame
-    centre = 0.5 * (local.min(0) + local.max(0))
     cams = [_view_matrix(v) for v in views]
-    # one scale for all panels: the widest projected extent fits 90 % of a panel
-    extent = max(np.ptp((local - centre) @ m[:2].T, axis=0).max() for m in cams)
-    scale = 0.9 * image_size / max(extent, 1e-9)
+    centre, scale = fit_views([verts], views, image_size, frame) if fit is None else fit
+    centre = np.asarray(centre, np.float64)
     colors = np.broadcast_to(np.asarray(color_bgr if face_colors is None else face_colors, np.float64),
                              (len(faces), 3))
     panels = []
@@ -94,6 +94,23 @@ def render_mesh(vertices_mm, faces, image_size: int = 512, views: Sequence = ("p
             cv2.putText(panel, view, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (90, 90, 90), 1, cv2.LINE_AA)
         panels.append(panel)
     return np.concatenate(panels, axis=1)
+
+
+def fit_views(vertex_sets, views: Sequence = ("palm", "side", "back"), image_size: int = 512,
+              frame=None) -> tuple:
+    """The framing :func:`render_mesh` uses: one centre and one scale for all panels, such that
+    the widest projected extent of all the meshes fits 90 % of a panel.
+
+    Args:
+        vertex_sets: ``[V, 3]`` arrays (mm), or one ``[N, V, 3]`` array (e.g. an animation's frames).
+    Returns:
+        ``(centre [3] mm in the hand frame, scale px/mm)``.
+    """
+    frame = np.eye(3) if frame is None else np.asarray(frame, np.float64)
+    local = np.concatenate([np.asarray(v, np.float64).reshape(-1, 3) for v in vertex_sets]) @ frame
+    centre = 0.5 * (local.min(0) + local.max(0))
+    extent = max(np.ptp((local - centre) @ _view_matrix(v)[:2].T, axis=0).max() for v in views)
+    return centre, 0.9 * image_size / max(extent, 1e-9)
 
 
 def paint_mesh(img: np.ndarray, pixels: np.ndarray, view: np.ndarray, faces: np.ndarray, color,
