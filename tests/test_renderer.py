@@ -26,8 +26,9 @@ def _need_pytorch3d():
 @pytest.fixture(params=["native", "pytorch3d"])
 def backend(request):
     """Each test using it runs with both rasterisers (PyTorch3D's skipped where it is absent)."""
-    if request.param == "pytorch3d":
-        _need_pytorch3d()
+    if request.param == "pytorch3d" and not HAVE_PYTORCH3D:
+        pytest.skip("PyTorch3D is not installed here: this test's pytorch3d-backend run is skipped "
+                    "(its native-backend run runs)")
     return request.param
 
 
@@ -271,10 +272,12 @@ def _check_against_brute_force(verts, faces, backend, size=48, views=((20.0, 10.
         cov, cov_ref = depth > 0, ref > 0
         iou = (cov & cov_ref).sum() / (cov | cov_ref).sum()
         assert cov_ref.sum() > 0.2 * size * size, "the hand should fill a good part of the crop"
-        assert iou >= 0.99, f"view az={az} el={el}: coverage IoU {iou:.4f}"
+        # The README's claims: coverage IoU 1.0 (every pixel, edge pixels included) and depth
+        # within 0.001 mm of the ray caster's.
+        assert iou == 1.0, f"view az={az} el={el}: coverage IoU {iou:.6f}, {int((cov != cov_ref).sum())} pixels differ"
         both = cov & cov_ref
         err = np.abs(depth - ref)[both]
-        assert err.max() < 0.01, f"view az={az} el={el}: max depth error {err.max():.4g} mm"
+        assert err.max() < 1e-3, f"view az={az} el={el}: max depth error {err.max():.4g} mm"
         assert 500 < ref[cov_ref].min() < ref[cov_ref].max() < 800
 
 
@@ -599,7 +602,7 @@ def test_tiled_rasterisation_equals_untiled(hand_name):
         _assert_same_fragments(ref, out, f"{hand_name}, tile_size={tile_size}")
     # And through the public entry point, with the default tile size.
     depth0 = torch.where(face0 >= 0, zbuf0, torch.zeros_like(zbuf0))[..., 0]
-    depth1 = DepthRenderer(faces, (H, W))(*inputs, backend="pytorch3d")
+    depth1 = DepthRenderer(faces, (H, W), backend="pytorch3d")(*inputs)
     assert torch.equal(depth0 > 0, depth1 > 0)
     assert torch.allclose(depth1, depth0, rtol=DEPTH_ULPS * torch.finfo(torch.float32).eps, atol=0)
 
@@ -805,36 +808,8 @@ def test_vectorised_rasteriser_is_taken_and_falls_back(monkeypatch):
         DepthRenderer(faces, cpu_rasteriser="numpy")
 
 
-def test_vectorised_rasteriser_corner_cases(monkeypatch):
-    """Ties (the lower face index wins), zero-area faces, faces entirely behind the near plane
-    (culled), faces beyond the image, non-finite input, chunking: as PyTorch3D."""
-    import common.nets.rasterizer as rasterizer_module
-    g = torch.Generator().manual_seed(4)
-    H, W = 30, 34
-    tris = torch.rand(40, 3, 3, generator=g)
-    tris[..., :2] = tris[..., :2] * 2.4 - 1.2          # some reach beyond the image
-    tris[..., 2] = 200 + 100 * tris[..., 2]
-    tris[5] = tris[3]                                   # a duplicate: equal depth, the tie goes to 3
-    tris[7, 2] = tris[7, 0]                             # zero area
-    tris[9, :, 2] = 0.5                                 # entirely behind near = 1
-    verts = tris.reshape(1, -1, 3).repeat(2, 1, 1)
-    verts[1, :, :2] *= -0.7                             # a second view
-    faces = torch.arange(120).reshape(40, 3)
-    reference = _p3d_reference(faces, (H, W), verts)
-    ours = rasterize_depth(verts, faces, (H, W), 1.0)
-    _assert_same_fragments(reference, ours, "triangles")
-    assert torch.equal(ours[0], reference[0])
-    assert (ours[0] == 3).any() and not (ours[0] == 5).any()
-    assert not (ours[0] == 7).any() and not (ours[0] == 9).any()
-    # Chunks of a few pairs give the same result.
-    monkeypatch.setattr(rasterizer_module, "_CHUNK_PAIRS", 50)
-    chunked = rasterize_depth(verts, faces, (H, W), 1.0)
-    assert torch.equal(chunked[0], ours[0]) and torch.equal(chunked[1], ours[1])
-    # Nothing on screen, and non-finite coordinates (left to PyTorch3D).
-    empty = rasterize_depth(verts + torch.tensor([9.0, 0.0, 0.0]), faces, (H, W), 1.0)
-    assert (empty[0] == -1).all() and (empty[1] == -1).all()
-    verts[0, 4, 0] = float("nan")
-    assert rasterize_depth(verts, faces, (H, W), 1.0) is None
+# The kernel's rules on hand-made triangles (ties, zero area, culling, clipping, chunks, non-finite
+# input) are checked in tests/test_rasterizer_native.py, against PyTorch3D where it is present.
 
 
 def test_pixel_ndc_is_pytorch3d_sampling():

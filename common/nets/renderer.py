@@ -12,6 +12,13 @@ Pixel centres sit at **integer** coordinates: the pixel in row ``r``, column
 ``(u', v') = (c, r)``.  This is what ``cv2.projectPoints`` and ``cv2.warpAffine``
 assume, so the crop affine built for the images applies unchanged to the mesh.
 
+Two backends (``backend=`` / config ``renderer_backend``: ``auto``, ``pytorch3d``,
+``native``; :func:`resolve_backend`).  ``pytorch3d`` is PyTorch3D's rasteriser (imported on
+first use, never at import time); ``native`` is the project's own
+(:mod:`common.nets.rasterizer`), which applies PyTorch3D's rules to the same screen vertices
+and gives the same maps bit for bit in the tests, clipping included, on the CPU and on CUDA,
+with no dependency beyond torch.  ``auto`` takes PyTorch3D where it imports.
+
 How it is done with PyTorch3D (0.7.9).  Rather than building a PyTorch3D camera,
 each view's vertices are handed to :func:`pytorch3d.renderer.mesh.rasterize_meshes`
 already in its screen space, ``(x_ndc, y_ndc, z_c)``:
@@ -76,15 +83,18 @@ they would not cut the kernel's work, or would exceed ``_MAX_TILE_COPIES`` per f
 the batch (which bounds the memory, e.g. for a mesh mostly across the near plane), the
 views are rendered whole.  On CUDA PyTorch3D bins by itself and views are rendered whole.
 
-The vectorised CPU rasteriser.  PyTorch3D's kernel, even tiled, spends most of a CPU training
-iteration on per-face bookkeeping.  :mod:`common.nets.rasterizer` takes the same decisions
-(sample points, box test, zero-area and depth skips, coverage by perspective-corrected
-barycentrics > 0, depth, nearest face with the lowest index on a tie) for all (face, pixel)
-pairs at once, with the kernel's float32 formulas in its order of operations: on this project's
-machines its face and depth maps equal PyTorch3D's bit for bit, and it is 6–19× faster
-(BENCHMARKS.md).  It leaves to PyTorch3D what it does not reproduce: faces cut by the near
-plane (PyTorch3D splits them), ``faces_per_pixel > 1``, non-finite coordinates, CUDA, and
-:meth:`DepthRenderer.rasterize` with a gradient (PyTorch3D's backward).
+The native (vectorised) rasteriser.  PyTorch3D's kernel, even tiled, spends most of a CPU
+training iteration on per-face bookkeeping.  :mod:`common.nets.rasterizer` takes the same
+decisions (near-plane clipping into one or two triangles, sample points, box test, zero-area
+and depth skips, coverage by perspective-corrected barycentrics > 0, depth, nearest face with
+the lowest index on a tie, ``faces_per_pixel`` nearest) for all (face, pixel) pairs at once,
+with the kernel's float32 formulas in its order of operations, its memory bounded by chunk
+sizes: on this project's machines its face and depth maps equal PyTorch3D's bit for bit, and
+it is several times faster on the CPU (BENCHMARKS.md).  The ``pytorch3d`` backend uses it too
+on the CPU where no face is cut by the near plane and ``faces_per_pixel`` is 1 (the case the
+vectorised rasteriser handled before it clipped), and PyTorch3D for the rest, for CUDA and for
+:meth:`DepthRenderer.rasterize` with a gradient (PyTorch3D's backward).  Non-finite inputs are
+refused with an error naming them, with either backend.
 
 Gradients.  :meth:`DepthRenderer.forward` takes its values from the rasteriser and its gradient
 from :func:`plane_depth`: the depth of a covered pixel written as a function of its face's
@@ -97,8 +107,11 @@ CPU backward spends tensor bookkeeping on every pixel (about 30 µs each: 44 % o
 also exact for faces cut by the near plane (the cut leaves the plane unchanged), where
 PyTorch3D 0.7.9's clipper (``clip.py``, ``_find_verts_intersecting_clipping_plane``) detaches
 the interpolation weight of one of the two cut points.  Pixels without a face get no gradient;
-there is no silhouette gradient.  When a camera tensor requires a gradient, or through
-:meth:`DepthRenderer.rasterize`, the gradient is PyTorch3D's.
+there is no silhouette gradient.  With the ``native`` backend this is the gradient everywhere,
+also with respect to the cameras (``plane_depth`` is a function of them too) and through
+:meth:`DepthRenderer.rasterize`; with ``pytorch3d``, when a camera tensor requires a gradient,
+or through :meth:`DepthRenderer.rasterize`, the gradient is PyTorch3D's (equal to float32
+rounding where nothing is clipped; tests/test_renderer.py).
 """
 from __future__ import annotations
 
