@@ -334,11 +334,17 @@ def test_decode_and_a_training_step_on_cuda_equal_cpu(default_hand, small_cfg, t
         assert torch.allclose(cpu[key], gpu[key].cpu(), rtol=1e-4, atol=1e-3), key
     steps = [_one_training_step(device, default_hand, tiny_set) for device in ("cpu", "cuda")]
     for name, value in steps[0].items():
-        assert torch.allclose(value, steps[1][name].cpu(), rtol=1e-3, atol=1e-5 * float(value.abs().max())), name
+        other = steps[1][name].cpu()
+        if name.startswith("loss_"):
+            assert torch.allclose(value, other, rtol=1e-4, atol=1e-6), (name, value, other)
+        else:  # gradients, to float32 accumulation differences
+            assert (value - other).abs().max() <= 1e-3 * value.abs().max() + 1e-8, name
 
 
 def _one_training_step(device, hand, data_dir):
-    """The losses and the weights after one Adam step on a fixed batch of the tiny set, on ``device``."""
+    """The losses of one training forward on a fixed batch of the tiny set, on ``device``, and the
+    parameters' gradients (compared before any optimizer step: Adam's first step is about
+    lr · sign(gradient), which float rounding may flip where a gradient is near 0)."""
     from common.base import split_batch
     from data.dataset import DeepHandMeshDataset
     from main.model import get_model
@@ -349,10 +355,8 @@ def _one_training_step(device, hand, data_dir):
     inputs, targets, meta_info = split_batch(batch, torch.device(device))
     torch.manual_seed(0)
     model = get_model("train", hand, config).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss = model(inputs, targets, meta_info, "train")
     sum(v.mean() for v in loss.values()).backward()
-    optimizer.step()
     out = {f"loss_{k}": v.detach().mean() for k, v in loss.items()}
-    out.update({name: p.detach() for name, p in model.named_parameters()})
+    out.update({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     return out

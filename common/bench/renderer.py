@@ -168,42 +168,74 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         torch.set_num_threads(old_threads)
 
 
+def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device) -> Dict[str, float]:
+    """Median ms of each of ``calls`` (label → function), timed in turn, A B C A B C …, so that
+    every variant sees the same load of the machine (after one untimed call of each)."""
+    import statistics
+    import time
+
+    from common.bench.timing import synchronize
+
+    for fn in calls.values():
+        fn()
+    times = {label: [] for label in calls}
+    for _ in range(max(1, repeats)):
+        for label, fn in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[label].append(1000.0 * (time.perf_counter() - start))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
                       variants: Sequence[Tuple[str, Dict]] = (variant("native"), variant("pytorch3d")),
                       num_threads: Optional[int] = None, device: Optional[str] = None, print_fn=print) -> List[Dict]:
     """Time forward and forward + backward for each ``(label, options)`` variant (see
-    :func:`variant`) and print one row per (hand, size, variant), with the speed of the first
-    variant against each other one (``x``: how many times faster the first is).
+    :func:`variant`), the variants' calls interleaved, and print one row per (hand, size,
+    variant), with how many times faster the first variant is than each other one.
 
     ``hands``: ``(name, hand_model)`` pairs.  Returns the rows as dicts (``hand``, ``size``,
-    ``variant``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``).
+    ``variant``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``, ``coverage``).
     """
-    device = str(device or "cpu")
-    print_fn(f"depth renderer on {device}, {num_threads or torch.get_num_threads()} threads; B=1 sample x "
-             f"{views} views in one call; median of {repeats} runs; p3d/tN = PyTorch3D's kernel, N-pixel tiles "
-             f"(0: untiled)")
+    device = torch.device(device or "cpu")
+    old_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    print_fn(f"depth renderer on {device}, {torch.get_num_threads()} threads; B=1 sample x {views} views in one "
+             f"call; median of {repeats} runs, the variants' calls interleaved; p3d/tN = PyTorch3D's kernel, "
+             f"N-pixel tiles (0: untiled)")
     first = variants[0][0]
     print_fn(f"{'hand':<12} {'faces':>6} {'size':>9} {'variant':>8} | {'ms/view':>8} {'ms/call':>8} | "
              f"{'+backward ms/view':>17} | {first + ' faster: fwd':>18} {'+bwd':>6}")
     out = []
-    for name, hand in hands:
-        rows = {}
-        for label, options in variants:
-            kw = dict(sizes=sizes, views=views, repeats=repeats, num_threads=num_threads, device=device,
-                      options=options)
-            rows[label] = list(zip(time_renderer(hand, **kw), time_renderer(hand, backward=True, **kw)))
-        for i in range(len(sizes)):
-            base = rows[first][i]
-            for label, _ in variants:
-                f, b = rows[label][i]
-                gain = ""
-                if label != first:
-                    gain = (f"{f['ms_per_view'] / base[0]['ms_per_view']:>17.1f}x "
-                            f"{b['ms_per_view'] / base[1]['ms_per_view']:>5.1f}x")
-                print_fn(f"{name:<12} {f['faces']:>6} {f['size']:>4}x{f['size']:<4} {label:>8} | "
-                         f"{f['ms_per_view']:>8.1f} {f['ms_per_call']:>8.1f} | {b['ms_per_view']:>17.1f} | {gain}")
-                out.append({"hand": name, "size": f["size"], "variant": label, "faces": f["faces"],
-                            "ms_per_view": f["ms_per_view"], "ms_per_view_backward": b["ms_per_view"]})
+    try:
+        for name, hand in hands:
+            verts = torch.tensor(np.asarray(hand.vertices), dtype=torch.float32, device=device)[None]
+            faces = torch.as_tensor(np.asarray(hand.faces), dtype=torch.int64)
+            for size in sizes:
+                cams = [t.to(device) for t in ring_cameras(hand.vertices, views, int(size))]
+                renderers = {label: DepthRenderer(faces, image_size=(int(size), int(size)), **options).to(device)
+                             for label, options in variants}
+                ms = {}
+                for backward in (False, True):
+                    v = verts.clone().requires_grad_(backward)
+                    calls = {label: (lambda r=r: _call(r, v, cams, backward)) for label, r in renderers.items()}
+                    ms[backward] = _interleaved_ms(calls, repeats, device)
+                coverage = float((_call(renderers[first], verts, cams, False) > 0).float().mean())
+                for label, _ in variants:
+                    fwd, bwd = ms[False][label] / views, ms[True][label] / views
+                    gain = ""
+                    if label != first:
+                        gain = (f"{fwd / (ms[False][first] / views):>17.1f}x "
+                                f"{bwd / (ms[True][first] / views):>5.1f}x")
+                    print_fn(f"{name:<12} {faces.shape[0]:>6} {size:>4}x{size:<4} {label:>8} | {fwd:>8.1f} "
+                             f"{ms[False][label]:>8.1f} | {bwd:>17.1f} | {gain}")
+                    out.append({"hand": name, "size": int(size), "variant": label, "faces": int(faces.shape[0]),
+                                "ms_per_view": fwd, "ms_per_view_backward": bwd, "coverage": coverage})
+    finally:
+        torch.set_num_threads(old_threads)
     return out
 
 

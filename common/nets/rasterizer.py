@@ -118,6 +118,8 @@ def clip_near(fv: torch.Tensor, owner: torch.Tensor, near: float) -> Tuple[torch
         gone.
     """
     behind = fv[2] < near                                               # [3, T]
+    if not bool(behind.any()):                                          # the common case: nothing to do
+        return fv, owner
     count = behind.sum(0)
     front = count == 0
     pieces, owners = [fv[:, :, front]], [owner[front]]
