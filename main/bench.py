@@ -4,6 +4,7 @@
     python main/bench.py losses [--batch 8] [--hands default makehuman]
     python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--backends native pytorch3d]
                                   [--tile-sizes 0 16] [--device cuda] [--no-memory]
+                                  [--threads 1 --clock thread]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
@@ -98,7 +99,7 @@ def bench_renderer(args) -> None:
         variants += [variant(name, tile) for tile in args.tile_sizes] if name == "pytorch3d" else [variant(name)]
     if variants:
         compare_renderers(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, variants=variants,
-                          device=args.device)
+                          device=args.device, clock=args.clock)
     if args.memory:
         memory_growth(hands, sizes=args.sizes, views=args.views, device=args.device)
 
@@ -238,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--tile-sizes", dest="tile_sizes", type=int, nargs="+", default=[DEFAULT_TILE_SIZE],
                    help=f"tile sizes of the PyTorch3D rows (0: untiled; default {DEFAULT_TILE_SIZE})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time, or (with --threads 1 on the CPU) the thread's CPU time, which other jobs on "
+                        "the machine hardly change")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the native backend's peak-memory table")
     p.add_argument("--repeats", type=int, default=5)

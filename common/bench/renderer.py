@@ -168,13 +168,18 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         torch.set_num_threads(old_threads)
 
 
-def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device) -> Dict[str, float]:
+def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device,
+                    clock: str = "wall") -> Dict[str, float]:
     """Median ms of each of ``calls`` (label → function), timed in turn, A B C A B C …, so that
-    every variant sees the same load of the machine (after one untimed call of each)."""
+    every variant sees the same load of the machine (after one untimed call of each).
+    ``clock='thread'``: the CPU time of the calling thread instead of wall time (with one torch
+    thread on the CPU all the work is on it), which other jobs on the machine hardly change."""
     import statistics
     import time
 
     from common.bench.timing import synchronize
+
+    timer = time.thread_time if clock == "thread" else time.perf_counter
 
     for fn in calls.values():
         fn()
@@ -182,18 +187,19 @@ def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device
     for _ in range(max(1, repeats)):
         for label, fn in calls.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = timer()
             fn()
             synchronize(device)
-            times[label].append(1000.0 * (time.perf_counter() - start))
+            times[label].append(1000.0 * (timer() - start))
     return {label: statistics.median(t) for label, t in times.items()}
 
 
 def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
                       variants: Sequence[Tuple[str, Dict]] = (variant("native"), variant("pytorch3d")),
-                      num_threads: Optional[int] = None, device: Optional[str] = None, print_fn=print) -> List[Dict]:
+                      num_threads: Optional[int] = None, device: Optional[str] = None, clock: str = "wall",
+                      print_fn=print) -> List[Dict]:
     """Time forward and forward + backward for each ``(label, options)`` variant (see
-    :func:`variant`), the variants' calls interleaved, and print one row per (hand, size,
+    :func:`variant`), the variants' calls interleaved (``clock``: see :func:`_interleaved_ms`), and print one row per (hand, size,
     variant), with how many times faster the first variant is than each other one.
 
     ``hands``: ``(name, hand_model)`` pairs.  Returns the rows as dicts (``hand``, ``size``,
@@ -203,8 +209,11 @@ def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), vi
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
+    if clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("clock 'thread' measures the CPU time of one thread: use it on the CPU with --threads 1")
     print_fn(f"depth renderer on {device}, {torch.get_num_threads()} threads; B=1 sample x {views} views in one "
-             f"call; median of {repeats} runs, the variants' calls interleaved; p3d/tN = PyTorch3D's kernel, "
+             f"call; median of {repeats} runs ({'CPU time of the thread' if clock == 'thread' else 'wall time'}), "
+             f"the variants' calls interleaved; p3d/tN = PyTorch3D's kernel, "
              f"N-pixel tiles (0: untiled)")
     first = variants[0][0]
     print_fn(f"{'hand':<12} {'faces':>6} {'size':>9} {'variant':>8} | {'ms/view':>8} {'ms/call':>8} | "
@@ -222,7 +231,7 @@ def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), vi
                 for backward in (False, True):
                     v = verts.clone().requires_grad_(backward)
                     calls = {label: (lambda r=r: _call(r, v, cams, backward)) for label, r in renderers.items()}
-                    ms[backward] = _interleaved_ms(calls, repeats, device)
+                    ms[backward] = _interleaved_ms(calls, repeats, device, clock)
                 coverage = float((_call(renderers[first], verts, cams, False) > 0).float().mean())
                 for label, _ in variants:
                     fwd, bwd = ms[False][label] / views, ms[True][label] / views
