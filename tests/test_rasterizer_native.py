@@ -22,7 +22,7 @@ from tests.test_renderer import (NO_PYTORCH3D, SCENES, _hand_batch, _p3d_referen
                                  backend)  # noqa: F401  (the fixture: both backends)
 
 CUDA = torch.cuda.is_available()
-NO_CUDA = "no CUDA device here: the CUDA-against-CPU comparison needs one"
+NO_CUDA = "no CUDA device here: this test runs on CUDA (against the CPU)"
 
 
 def _scene(hand, scene, B=2, N=3, H=40, W=36):
@@ -360,3 +360,26 @@ def _one_training_step(device, hand, data_dir):
     out = {f"loss_{k}": v.detach().mean() for k, v in loss.items()}
     out.update({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     return out
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_large_render_on_cuda_fits_in_a_few_gb(default_hand):
+    """256 × 256, batch 8 × 6 views of the 9,860-face default hand, forward and backward, native
+    backend on CUDA (its larger chunks): at most 3 GB allocated at the peak, and the same coverage
+    as the CPU's for one of the samples."""
+    from common.bench.renderer import ring_cameras
+    cams = [c.expand(8, *c.shape[1:]).contiguous().cuda() for c in ring_cameras(default_hand.vertices, 6, 256)]
+    verts = torch.tensor(default_hand.vertices, dtype=torch.float32)[None].repeat(8, 1, 1).cuda().requires_grad_(True)
+    renderer = DepthRenderer(torch.as_tensor(default_hand.faces), (256, 256), backend="native").cuda()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    depth = renderer(verts, *cams)
+    depth.sum().backward()
+    torch.cuda.synchronize()
+    peak_gb = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
+    assert peak_gb < 3, f"{peak_gb:.2f} GB"
+    cpu = DepthRenderer(torch.as_tensor(default_hand.faces), (256, 256), backend="native")(
+        verts[:1].detach().cpu(), *(c[:1].cpu() for c in cams))
+    differ = int(((cpu > 0) != (depth[:1].detach().cpu() > 0)).sum())
+    assert (cpu > 0).sum() > 10000 and differ <= int((cpu > 0).sum()) // 1000
