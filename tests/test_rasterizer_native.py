@@ -219,7 +219,7 @@ def test_non_finite_inputs_are_refused(backend, name, index):
 # ------------------------------------------------------------------------------------ memory
 def test_memory_of_a_large_render_is_bounded():
     """256 × 256, batch 8 × 6 views of the 9,860-face default hand, forward and backward, on the
-    CPU: the process's peak grows by well under 2 GB (measured ~0.6 GB; the rasteriser's part is
+    CPU: the process's peak grows by well under 2 GB (measured ~0.5 GB; the rasteriser's part is
     bounded by its chunk sizes, the rest is the output and the gradient's covered pixels)."""
     code = textwrap.dedent("""
         import torch
