@@ -2,8 +2,9 @@
 
     python main/bench.py decode [--batch 1 64 1024] [--hands default makehuman]
     python main/bench.py losses [--batch 8] [--hands default makehuman]
-    python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--rasterisers vectorised pytorch3d]
-                                  [--tile-sizes 0 16]
+    python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--backends native pytorch3d]
+                                  [--tile-sizes 0 16] [--device cuda] [--no-memory]
+                                  [--threads 1 --clock thread]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
@@ -11,8 +12,8 @@
 Each prints the median of repeated runs with the sizes it used and the machine. ``decode``
 compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
 in Python, LBS summed over joints); ``losses`` the penetration and Laplacian losses with the
-original's loops and dense matrix; ``renderer`` times the depth renderer per view against image
-size and face count; ``data`` the data loader; ``train`` takes a training iteration apart (one
+original's loops and dense matrix; ``renderer`` times the depth renderer's backends per view
+against image size and face count, and the native one's peak memory; ``data`` the data loader; ``train`` takes a training iteration apart (one
 process, or each process of a ``torchrun`` launch); ``scaling`` runs ``train`` under ``torchrun``
 with 1, 2, … processes and compares samples/s. The references are in ``tests/reference.py``.
 """
@@ -80,8 +81,8 @@ def bench_losses(args) -> None:
 
 
 def bench_renderer(args) -> None:
-    from common.bench.renderer import compare_renderers, subdivide
-    from common.nets.renderer import DEFAULT_TILE_SIZE
+    from common.bench.renderer import compare_renderers, memory_growth, subdivide, variant
+    from common.nets.renderer import pytorch3d_available
 
     hands = []
     for name, hand in load_hands(args.hands):
@@ -89,9 +90,18 @@ def bench_renderer(args) -> None:
             label = name if times == 0 else f"{name}/{4 ** times}"
             hands.append((label, hand if times == 0 else subdivide(hand.vertices, hand.faces, times)))
     print(f"renderer: {machine_description()}  ('/4': each face split in four, same surface)")
-    variants = [(name, DEFAULT_TILE_SIZE) for name in args.rasterisers if name == "vectorised"]
-    variants += [("pytorch3d", tile) for tile in args.tile_sizes if "pytorch3d" in args.rasterisers]
-    compare_renderers(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, variants=variants)
+    backends = list(args.backends)
+    if "pytorch3d" in backends and not pytorch3d_available():
+        print("PyTorch3D does not import here: its rows are left out")
+        backends.remove("pytorch3d")
+    variants = []
+    for name in backends:
+        variants += [variant(name, tile) for tile in args.tile_sizes] if name == "pytorch3d" else [variant(name)]
+    if variants:
+        compare_renderers(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, variants=variants,
+                          device=args.device, clock=args.clock)
+    if args.memory:
+        memory_growth(hands, sizes=args.sizes, views=args.views, device=args.device)
 
 
 def bench_data(args) -> None:
@@ -223,10 +233,17 @@ def main(argv=None) -> int:
     p.add_argument("--hands", nargs="+", default=["default"], help=hands_help)
     p.add_argument("--subdivide", type=int, nargs="+", default=[0],
                    help="also each hand with every face split in four this many times (0: as is)")
-    p.add_argument("--rasterisers", nargs="+", choices=["vectorised", "pytorch3d"], default=["vectorised", "pytorch3d"],
-                   help="CPU rasterisers to compare (DepthRenderer's cpu_rasteriser)")
+    p.add_argument("--backends", nargs="+", choices=["native", "pytorch3d", "auto"], default=["native", "pytorch3d"],
+                   help="renderer backends to compare (pytorch3d: PyTorch3D's kernel, skipped where it does not "
+                        "import; auto: what renderer_backend auto runs)")
     p.add_argument("--tile-sizes", dest="tile_sizes", type=int, nargs="+", default=[DEFAULT_TILE_SIZE],
                    help=f"tile sizes of the PyTorch3D rows (0: untiled; default {DEFAULT_TILE_SIZE})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time, or (with --threads 1 on the CPU) the thread's CPU time, which other jobs on "
+                        "the machine hardly change")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the native backend's peak-memory table")
     p.add_argument("--repeats", type=int, default=5)
 
     p = sub.add_parser("data", help="data-loader samples per second")

@@ -39,6 +39,9 @@ class Config:
     backbone_img_feat_dim = 512
     id_code_dim = 32
     bone_step_size = 0.1
+    # Rasteriser of the depth renderer: auto (PyTorch3D where it imports, else the project's
+    # own), pytorch3d or native (common/nets/renderer.py, resolve_backend).
+    renderer_backend = "auto"
 
     ## model
     resnet_type = 50  # 18, 34, 50, 101, 152

@@ -130,7 +130,8 @@ class Model(nn.Module):
         # state dict keeps exactly the original's keys (DESIGN §8).
         self.loss_lap_weight = float(config.loss_lap_weight)
         self.renderer = DepthRenderer(self.faces, tuple(config.rendered_img_shape),
-                                      near=float(config.depth_min), far=float(config.depth_max))
+                                      near=float(config.depth_min), far=float(config.depth_max),
+                                      backend=config.renderer_backend)
         self.joint_loss = JointLoss()
         self.depthmap_loss = DepthmapLoss()
         self.penet_loss = PenetLoss.from_hand_model(

@@ -5,6 +5,7 @@ ResNet-18, 64x64 crops and 16x16 depth maps, so that the whole file stays well u
 """
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -49,9 +50,12 @@ def tiny_batch(tiny_set, default_hand):
     return config, split_batch(batch, torch.device("cpu"))
 
 
-def run_script(script, *args):
+def run_script(script, *args, cpu_only=False):
+    """``main/<script> args`` in a subprocess; ``cpu_only``: with every GPU hidden
+    (``CUDA_VISIBLE_DEVICES=''``), so that ``--gpu`` falls back to the CPU on any machine."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if cpu_only else None
     return subprocess.run([sys.executable, str(REPO / "main" / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def random_rigid(seed):
@@ -206,15 +210,15 @@ def test_lr_steps_as_the_original():
 
 
 @pytest.mark.parametrize("text", ["0-1", "0,1"])
-def test_gpu_ids_and_cpu_fallback(text, caplog):
+def test_gpu_ids_and_cpu_fallback(text, caplog, monkeypatch):
     args = train_script.parse_args(["--gpu", text])
     config = config_from_args(args)
     assert config.gpu_ids == text
     from common.utils.device import parse_gpu_ids
 
     assert parse_gpu_ids(config.gpu_ids) == [0, 1]
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here: the CPU fallback is not exercised")
+    # A machine without CUDA, also where there is one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level("INFO"):
         device, gpu_ids = pick_device(config)
     assert device.type == "cpu" and gpu_ids == []
@@ -223,9 +227,11 @@ def test_gpu_ids_and_cpu_fallback(text, caplog):
 
 @pytest.fixture(scope="module")
 def trained(tiny_set, tmp_path_factory):
-    """``train.py`` run for two epochs without interruption, as a subprocess, with ``--gpu 0-1``."""
+    """``train.py`` run for two epochs without interruption, as a subprocess, with ``--gpu 0-1`` and
+    the GPUs hidden: the CPU fallback on any machine, and a CPU run that the resume test repeats
+    in this process (on the CPU: no ``--gpu``)."""
     out = tmp_path_factory.mktemp("run")
-    result = run_script("train.py", "--gpu", "0-1", "--end_epoch", "2", *tiny_args(tiny_set, out))
+    result = run_script("train.py", "--gpu", "0-1", "--end_epoch", "2", *tiny_args(tiny_set, out), cpu_only=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result
 

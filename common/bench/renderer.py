@@ -2,13 +2,18 @@
 
 Renders a hand template seen by ``views`` cameras placed around it (as the training loop does:
 B = 1 sample, N views, one rasteriser call), each view cropped to its bounding box and warped to
-``size × size``, and reports the median time of ``repeats`` calls, with the renderer's vectorised
-CPU rasteriser or PyTorch3D's (tiled, or untiled with ``tile_size`` 0). Face count is varied with
-:func:`subdivide`. Run through ``python main/bench.py renderer``.
+``size × size``, and reports the median time of ``repeats`` calls, with the renderer's backends:
+the project's own rasteriser (``native``) or PyTorch3D's kernel (tiled, or untiled with
+``tile_size`` 0). Face count is varied with :func:`subdivide`; :func:`memory_growth` measures the
+native backend's peak memory. Run through ``python main/bench.py renderer``.
 """
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -99,11 +104,25 @@ def _call(renderer: DepthRenderer, vertices: torch.Tensor, cams, backward: bool)
     return depth.detach()
 
 
+# The variants a benchmark compares: label → DepthRenderer options.
+def variant(name: str, tile_size: Optional[int] = DEFAULT_TILE_SIZE) -> Tuple[str, Dict]:
+    """``('native', …)``: the project's rasteriser; ``('pytorch3d', …)``: PyTorch3D's kernel
+    (``tile_size`` 0: each view whole); ``('auto', …)``: what ``renderer_backend: auto`` runs
+    (with PyTorch3D on the CPU: the vectorised rasteriser where it equals PyTorch3D)."""
+    if name == "native":
+        return "native", {"backend": "native"}
+    if name == "pytorch3d":
+        return f"p3d/t{int(tile_size or 0)}", {"backend": "pytorch3d", "cpu_rasteriser": "pytorch3d",
+                                                "tile_size": tile_size}
+    if name == "auto":
+        return "auto", {"backend": "auto"}
+    raise ValueError(f"variant: expected native, pytorch3d or auto, got {name!r}")
+
+
 def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
-                  device: Optional[torch.device | str] = None,
-                  num_threads: Optional[int] = None, backward: bool = False,
-                  tile_size: Optional[int] = DEFAULT_TILE_SIZE, cpu_rasteriser: str = "vectorised") -> List[Dict]:
-    """Median forward time of :class:`DepthRenderer` on ``hand_model``'s template.
+                  device: Optional[torch.device | str] = None, num_threads: Optional[int] = None,
+                  backward: bool = False, options: Optional[Dict] = None) -> List[Dict]:
+    """Median time of :class:`DepthRenderer` on ``hand_model``'s template.
 
     Args:
         hand_model: anything with ``.vertices [V, 3]`` (mm) and ``.faces [F, 3]``, e.g. a
@@ -115,16 +134,15 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         num_threads: if given, ``torch.set_num_threads`` for the measurement (restored after).
         backward: time forward + backward of ``depth.sum()`` wrt the vertices instead of
             the forward alone.
-        tile_size: the renderer's ``tile_size`` (None or 0: each view whole), for PyTorch3D.
-        cpu_rasteriser: the renderer's ``cpu_rasteriser``, ``'vectorised'`` or ``'pytorch3d'``.
+        options: :class:`DepthRenderer` keyword arguments (``backend``, ``tile_size``, …).
 
     Returns:
         One dict per size: ``size``, ``views``, ``faces``, ``vertices``, ``device``,
-        ``threads``, ``backward``, ``tile_size`` (0 for none), ``rasteriser``, ``ms_per_call`` (median),
-        ``ms_per_view`` (= ms_per_call / views), ``coverage`` (mean fraction of pixels with
-        depth, a sanity check).
+        ``threads``, ``backward``, ``options``, ``ms_per_call`` (median), ``ms_per_view``
+        (= ms_per_call / views), ``coverage`` (mean fraction of pixels with depth, a sanity check).
     """
     device = torch.device(device or "cpu")
+    options = dict(options or {})
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
@@ -134,8 +152,7 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         results = []
         for size in sizes:
             cams = [t.to(device) for t in ring_cameras(hand_model.vertices, views, int(size))]
-            renderer = DepthRenderer(faces, image_size=(int(size), int(size)), tile_size=tile_size,
-                                     cpu_rasteriser=cpu_rasteriser).to(device)
+            renderer = DepthRenderer(faces, image_size=(int(size), int(size)), **options).to(device)
             v = verts.clone().requires_grad_(backward)
             depth = _call(renderer, v, cams, backward)                          # warm-up
             ms = 1000.0 * median_seconds(lambda: _call(renderer, v, cams, backward), repeats, warmup=0,
@@ -143,8 +160,7 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
             results.append({
                 "size": int(size), "views": int(views), "faces": int(faces.shape[0]),
                 "vertices": int(verts.shape[1]), "device": str(device), "threads": torch.get_num_threads(),
-                "backward": bool(backward), "tile_size": int(tile_size or 0), "rasteriser": cpu_rasteriser,
-                "ms_per_call": ms, "ms_per_view": ms / views,
+                "backward": bool(backward), "options": options, "ms_per_call": ms, "ms_per_view": ms / views,
                 "coverage": float((depth > 0).float().mean()),
             })
         return results
@@ -152,41 +168,162 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
         torch.set_num_threads(old_threads)
 
 
+def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device,
+                    clock: str = "wall") -> Dict[str, float]:
+    """Median ms of each of ``calls`` (label → function), timed in turn, A B C A B C …, so that
+    every variant sees the same load of the machine (after one untimed call of each).
+    ``clock='thread'``: the CPU time of the calling thread instead of wall time (with one torch
+    thread on the CPU all the work is on it), which other jobs on the machine hardly change."""
+    import statistics
+    import time
+
+    from common.bench.timing import synchronize
+
+    timer = time.thread_time if clock == "thread" else time.perf_counter
+
+    for fn in calls.values():
+        fn()
+    times = {label: [] for label in calls}
+    for _ in range(max(1, repeats)):
+        for label, fn in calls.items():
+            synchronize(device)
+            start = timer()
+            fn()
+            synchronize(device)
+            times[label].append(1000.0 * (timer() - start))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
-                      variants: Sequence[Tuple[str, int]] = (("vectorised", DEFAULT_TILE_SIZE),
-                                                             ("pytorch3d", DEFAULT_TILE_SIZE)),
-                      num_threads: Optional[int] = None, print_fn=print) -> List[Dict]:
-    """Time forward and forward + backward for each ``(cpu_rasteriser, tile_size)`` variant
-    (tile 0: PyTorch3D untiled; the tile size does not matter to the vectorised rasteriser) and
-    print one row per (hand, size, variant), with the speed-up over the first PyTorch3D variant.
+                      variants: Sequence[Tuple[str, Dict]] = (variant("native"), variant("pytorch3d")),
+                      num_threads: Optional[int] = None, device: Optional[str] = None, clock: str = "wall",
+                      print_fn=print) -> List[Dict]:
+    """Time forward and forward + backward for each ``(label, options)`` variant (see
+    :func:`variant`), the variants' calls interleaved (``clock``: see :func:`_interleaved_ms`), and print one row per (hand, size,
+    variant), with how many times faster the first variant is than each other one.
 
     ``hands``: ``(name, hand_model)`` pairs.  Returns the rows as dicts (``hand``, ``size``,
-    ``rasteriser``, ``tile_size``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``).
+    ``variant``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``, ``coverage``).
     """
-    print_fn(f"depth renderer on the CPU, {num_threads or torch.get_num_threads()} threads; B=1 sample x "
-             f"{views} views in one call; median of {repeats} runs; tile 0 = PyTorch3D untiled")
-    print_fn(f"{'hand':<12} {'faces':>6} {'size':>9} {'rasteriser':>10} {'tile':>4} | {'ms/view':>8} {'ms/call':>8} | "
-             f"{'+backward ms/view':>17} | {'speed-up fwd':>12} {'+bwd':>6}")
-    reference = next((v for v in variants if v[0] == "pytorch3d"), None)
+    device = torch.device(device or "cpu")
+    old_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    if clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("clock 'thread' measures the CPU time of one thread: use it on the CPU with --threads 1")
+    print_fn(f"depth renderer on {device}, {torch.get_num_threads()} threads; B=1 sample x {views} views in one "
+             f"call; median of {repeats} runs ({'CPU time of the thread' if clock == 'thread' else 'wall time'}), "
+             f"the variants' calls interleaved; p3d/tN = PyTorch3D's kernel, "
+             f"N-pixel tiles (0: untiled)")
+    first = variants[0][0]
+    print_fn(f"{'hand':<12} {'faces':>6} {'size':>9} {'variant':>8} | {'ms/view':>8} {'ms/call':>8} | "
+             f"{'+backward ms/view':>17} | {first + ' faster: fwd':>18} {'+bwd':>6}")
+    out = []
+    try:
+        for name, hand in hands:
+            verts = torch.tensor(np.asarray(hand.vertices), dtype=torch.float32, device=device)[None]
+            faces = torch.as_tensor(np.asarray(hand.faces), dtype=torch.int64)
+            for size in sizes:
+                cams = [t.to(device) for t in ring_cameras(hand.vertices, views, int(size))]
+                renderers = {label: DepthRenderer(faces, image_size=(int(size), int(size)), **options).to(device)
+                             for label, options in variants}
+                ms = {}
+                for backward in (False, True):
+                    v = verts.clone().requires_grad_(backward)
+                    calls = {label: (lambda r=r: _call(r, v, cams, backward)) for label, r in renderers.items()}
+                    ms[backward] = _interleaved_ms(calls, repeats, device, clock)
+                coverage = float((_call(renderers[first], verts, cams, False) > 0).float().mean())
+                for label, _ in variants:
+                    fwd, bwd = ms[False][label] / views, ms[True][label] / views
+                    gain = ""
+                    if label != first:
+                        gain = (f"{fwd / (ms[False][first] / views):>17.1f}x "
+                                f"{bwd / (ms[True][first] / views):>5.1f}x")
+                    print_fn(f"{name:<12} {faces.shape[0]:>6} {size:>4}x{size:<4} {label:>8} | {fwd:>8.1f} "
+                             f"{ms[False][label]:>8.1f} | {bwd:>17.1f} | {gain}")
+                    out.append({"hand": name, "size": int(size), "variant": label, "faces": int(faces.shape[0]),
+                                "ms_per_view": fwd, "ms_per_view_backward": bwd, "coverage": coverage})
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_growth_mb(fn) -> float:
+    """How far ``fn()`` raises this process's resident memory above what it holds before (MB):
+    freed heap memory is first given back to the system (``malloc_trim``) and the kernel's peak
+    counter reset (``/proc/self/clear_refs``), then the peak (``VmHWM``) read after the call.
+    Linux only; elsewhere the growth of ``ru_maxrss``, a lower bound."""
+    import ctypes
+    import gc
+    import resource
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        return (_status_kb("VmHWM") - before) / 1024.0
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+
+
+def _memory_probe(mesh_path: str, size: int, views: int, backend: str) -> None:
+    """Run in a fresh process (see :func:`memory_growth`): print the peak memory growth (MB) of one
+    forward + backward render, after a first small render has loaded the code."""
+    mesh = np.load(mesh_path)
+    hand = SimpleNamespace(vertices=mesh["vertices"], faces=mesh["faces"])
+    cams = ring_cameras(hand.vertices, views, size)
+    renderer = DepthRenderer(torch.as_tensor(hand.faces), (size, size), backend=backend)
+    small = DepthRenderer(torch.as_tensor(hand.faces), (8, 8), backend=backend)
+    verts = torch.tensor(hand.vertices, dtype=torch.float32)[None]
+    _call(small, verts.clone().requires_grad_(True), ring_cameras(hand.vertices, 1, 8), True)
+    print(peak_memory_growth_mb(lambda: _call(renderer, verts.clone().requires_grad_(True), cams, True)))
+
+
+def memory_growth(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, backend: str = "native",
+                  device: Optional[str] = None, print_fn=print) -> List[Dict]:
+    """Peak memory of one forward + backward render (B = 1 × ``views``) against image size and face
+    count: on the CPU the growth of the peak resident memory of a fresh process (MB), on CUDA
+    ``torch.cuda.max_memory_allocated`` above what was allocated before (MB)."""
+    device = str(device or "cpu")
+    print_fn(f"peak memory of one forward + backward, {backend} backend on {device}, B=1 x {views} views (MB)")
+    print_fn(f"{'hand':<12} {'faces':>6} " + " ".join(f"{s:>4}x{s:<4}" for s in sizes))
     out = []
     for name, hand in hands:
-        rows = {}
-        for rasteriser, tile in variants:
-            kw = dict(sizes=sizes, views=views, repeats=repeats, num_threads=num_threads, tile_size=tile,
-                      cpu_rasteriser=rasteriser)
-            rows[rasteriser, tile] = list(zip(time_renderer(hand, **kw), time_renderer(hand, backward=True, **kw)))
-        for i in range(len(sizes)):
-            base = rows[reference][i] if reference is not None else None
-            for rasteriser, tile in variants:
-                f, b = rows[rasteriser, tile][i]
-                gain = ""
-                if base is not None and (rasteriser, tile) != reference:
-                    gain = (f"{base[0]['ms_per_view'] / f['ms_per_view']:>11.1f}x "
-                            f"{base[1]['ms_per_view'] / b['ms_per_view']:>5.1f}x")
-                shown_tile = "-" if rasteriser == "vectorised" else str(tile)
-                print_fn(f"{name:<12} {f['faces']:>6} {f['size']:>4}x{f['size']:<4} {rasteriser:>10} {shown_tile:>4} | "
-                         f"{f['ms_per_view']:>8.1f} {f['ms_per_call']:>8.1f} | {b['ms_per_view']:>17.1f} | {gain}")
-                out.append({"hand": name, "size": f["size"], "rasteriser": rasteriser, "tile_size": tile,
-                            "faces": f["faces"], "ms_per_view": f["ms_per_view"],
-                            "ms_per_view_backward": b["ms_per_view"]})
+        row = []
+        for size in sizes:
+            if device.startswith("cuda"):
+                cams = [t.to(device) for t in ring_cameras(hand.vertices, views, int(size))]
+                renderer = DepthRenderer(torch.as_tensor(np.asarray(hand.faces)), (size, size), backend=backend).to(device)
+                verts = torch.tensor(np.asarray(hand.vertices), dtype=torch.float32, device=device)[None]
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                _call(renderer, verts.clone().requires_grad_(True), cams, True)
+                mb = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = str(Path(tmp) / "mesh.npz")
+                    np.savez(path, vertices=np.asarray(hand.vertices, np.float64), faces=np.asarray(hand.faces))
+                    code = (f"from common.bench.renderer import _memory_probe; "
+                            f"_memory_probe({path!r}, {int(size)}, {int(views)}, {backend!r})")
+                    root = Path(__file__).resolve().parents[2]
+                    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                                          check=True)
+                    mb = float(done.stdout.split()[-1])
+            row.append(mb)
+            out.append({"hand": name, "faces": int(len(hand.faces)), "size": int(size), "mb": mb})
+        print_fn(f"{name:<12} {len(hand.faces):>6} " + " ".join(f"{mb:>9.0f}" for mb in row))
     return out

@@ -12,6 +12,13 @@ Pixel centres sit at **integer** coordinates: the pixel in row ``r``, column
 ``(u', v') = (c, r)``.  This is what ``cv2.projectPoints`` and ``cv2.warpAffine``
 assume, so the crop affine built for the images applies unchanged to the mesh.
 
+Two backends (``backend=`` / config ``renderer_backend``: ``auto``, ``pytorch3d``,
+``native``; :func:`resolve_backend`).  ``pytorch3d`` is PyTorch3D's rasteriser (imported on
+first use, never at import time); ``native`` is the project's own
+(:mod:`common.nets.rasterizer`), which applies PyTorch3D's rules to the same screen vertices
+and gives the same maps bit for bit in the tests, clipping included, on the CPU and on CUDA,
+with no dependency beyond torch.  ``auto`` takes PyTorch3D where it imports.
+
 How it is done with PyTorch3D (0.7.9).  Rather than building a PyTorch3D camera,
 each view's vertices are handed to :func:`pytorch3d.renderer.mesh.rasterize_meshes`
 already in its screen space, ``(x_ndc, y_ndc, z_c)``:
@@ -76,15 +83,18 @@ they would not cut the kernel's work, or would exceed ``_MAX_TILE_COPIES`` per f
 the batch (which bounds the memory, e.g. for a mesh mostly across the near plane), the
 views are rendered whole.  On CUDA PyTorch3D bins by itself and views are rendered whole.
 
-The vectorised CPU rasteriser.  PyTorch3D's kernel, even tiled, spends most of a CPU training
-iteration on per-face bookkeeping.  :mod:`common.nets.rasterizer` takes the same decisions
-(sample points, box test, zero-area and depth skips, coverage by perspective-corrected
-barycentrics > 0, depth, nearest face with the lowest index on a tie) for all (face, pixel)
-pairs at once, with the kernel's float32 formulas in its order of operations: on this project's
-machines its face and depth maps equal PyTorch3D's bit for bit, and it is 6–19× faster
-(BENCHMARKS.md).  It leaves to PyTorch3D what it does not reproduce: faces cut by the near
-plane (PyTorch3D splits them), ``faces_per_pixel > 1``, non-finite coordinates, CUDA, and
-:meth:`DepthRenderer.rasterize` with a gradient (PyTorch3D's backward).
+The native (vectorised) rasteriser.  PyTorch3D's kernel, even tiled, spends most of a CPU
+training iteration on per-face bookkeeping.  :mod:`common.nets.rasterizer` takes the same
+decisions (near-plane clipping into one or two triangles, sample points, box test, zero-area
+and depth skips, coverage by perspective-corrected barycentrics > 0, depth, nearest face with
+the lowest index on a tie, ``faces_per_pixel`` nearest) for all (face, pixel) pairs at once,
+with the kernel's float32 formulas in its order of operations, its memory bounded by chunk
+sizes: on this project's machines its face and depth maps equal PyTorch3D's bit for bit, and
+it is several times faster on the CPU (BENCHMARKS.md).  The ``pytorch3d`` backend uses it too
+on the CPU where no face is cut by the near plane and ``faces_per_pixel`` is 1 (the case the
+vectorised rasteriser handled before it clipped), and PyTorch3D for the rest, for CUDA and for
+:meth:`DepthRenderer.rasterize` with a gradient (PyTorch3D's backward).  Non-finite inputs are
+refused with an error naming them, with either backend.
 
 Gradients.  :meth:`DepthRenderer.forward` takes its values from the rasteriser and its gradient
 from :func:`plane_depth`: the depth of a covered pixel written as a function of its face's
@@ -97,24 +107,92 @@ CPU backward spends tensor bookkeeping on every pixel (about 30 µs each: 44 % o
 also exact for faces cut by the near plane (the cut leaves the plane unchanged), where
 PyTorch3D 0.7.9's clipper (``clip.py``, ``_find_verts_intersecting_clipping_plane``) detaches
 the interpolation weight of one of the two cut points.  Pixels without a face get no gradient;
-there is no silhouette gradient.  When a camera tensor requires a gradient, or through
-:meth:`DepthRenderer.rasterize`, the gradient is PyTorch3D's.
+there is no silhouette gradient.  With the ``native`` backend this is the gradient everywhere,
+also with respect to the cameras (``plane_depth`` is a function of them too) and through
+:meth:`DepthRenderer.rasterize`; with ``pytorch3d``, when a camera tensor requires a gradient,
+or through :meth:`DepthRenderer.rasterize`, the gradient is PyTorch3D's (equal to float32
+rounding where nothing is clipped; tests/test_renderer.py).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from pytorch3d.renderer.mesh import rasterize_meshes
-from pytorch3d.structures import Meshes
-
 # PyTorch3D's kEpsilon (the CPU kernel skips faces whose screen area, in its NDC units, is within
 # it of zero) and its edge function, shared with the vectorised rasteriser.
-from common.nets.rasterizer import _P3D_EPS, _edge, rasterize_depth
+from common.nets.rasterizer import _P3D_EPS, _edge, cuts_near_plane, rasterize_depth
 
-__all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE"]
+__all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE", "BACKENDS", "resolve_backend",
+           "pytorch3d_available", "RendererBackendError"]
+
+log = logging.getLogger(__name__)
+
+# The renderer_backend option's values (DepthRenderer's ``backend``).
+BACKENDS = ("auto", "pytorch3d", "native")
+
+# What to tell a user who asked for PyTorch3D where it does not import.
+PYTORCH3D_INSTALL_HINT = ("install the tested stack with `pip install -r requirements.txt` (torch==2.12.1 with "
+                          "easypytorch3d==0.7.9.post1, PyTorch3D's binary for that torch), or set "
+                          "renderer_backend: native (the project's own rasteriser, any torch)")
+
+
+class RendererBackendError(ValueError):
+    """A renderer backend that cannot run here (unknown name, or PyTorch3D asked for but missing)."""
+
+
+_PYTORCH3D = {}       # the imported API, or the reason it does not import (filled on first use)
+_ANNOUNCED = set()    # backends already named in the log
+
+
+def _pytorch3d_api():
+    """``(rasterize_meshes, Meshes)`` from PyTorch3D, imported on first use (never at import
+    time: the project runs without it); raises :class:`RendererBackendError` when missing."""
+    if not _PYTORCH3D:
+        try:
+            from pytorch3d.renderer.mesh import rasterize_meshes
+            from pytorch3d.structures import Meshes
+            _PYTORCH3D["api"] = (rasterize_meshes, Meshes)
+        except Exception as err:  # ImportError, or a binary built for another torch (OSError, ...)
+            _PYTORCH3D["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+    if "api" not in _PYTORCH3D:
+        raise RendererBackendError(f"renderer_backend 'pytorch3d': PyTorch3D does not import here "
+                                   f"({_PYTORCH3D['error']}); {PYTORCH3D_INSTALL_HINT}")
+    return _PYTORCH3D["api"]
+
+
+def pytorch3d_available() -> bool:
+    """Whether PyTorch3D's rasteriser imports in this environment."""
+    try:
+        _pytorch3d_api()
+        return True
+    except RendererBackendError:
+        return False
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """``'auto'`` → ``'pytorch3d'`` where PyTorch3D imports, else ``'native'``; ``'pytorch3d'``
+    and ``'native'`` as asked (the former raises :class:`RendererBackendError`, one line saying
+    how to install it, where it does not import). The first time a backend is chosen the log
+    says which."""
+    if name not in BACKENDS:
+        raise RendererBackendError(f"renderer_backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "pytorch3d":
+        _pytorch3d_api()
+        chosen, why = "pytorch3d", "asked for"
+    elif name == "native":
+        chosen, why = "native", "asked for"
+    elif pytorch3d_available():
+        chosen, why = "pytorch3d", "auto: PyTorch3D imports"
+    else:
+        chosen, why = "native", f"auto: PyTorch3D does not import ({_PYTORCH3D['error']})"
+    if chosen not in _ANNOUNCED:
+        _ANNOUNCED.add(chosen)
+        log.info("renderer backend: %s (%s)", "PyTorch3D's rasteriser" if chosen == "pytorch3d"
+                 else "the project's own rasteriser (common/nets/rasterizer.py)", why)
+    return chosen
 
 # Camera depth (mm) used instead of z when |z| is below it, only to keep the
 # division finite for vertices on the camera plane. Such vertices are always
@@ -156,6 +234,17 @@ def _check_tensor(name: str, t, expected: str) -> None:
         raise ValueError(f"{name}: expected a torch.Tensor of shape {expected}, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor of shape {expected}, got dtype {t.dtype}")
+
+
+def _check_finite(name: str, t: Optional[torch.Tensor]) -> None:
+    """A clear error naming ``name`` and the first index of a NaN or infinity in ``t``."""
+    if t is None:
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"{name}: non-finite value {float(t[index])} at index {index} of {_shape(t)} "
+                         f"({int(bad.sum())} such values); expected finite numbers")
 
 
 def _validate_cameras(points: torch.Tensor, camrot, campos, focal, princpt, affine,
@@ -248,11 +337,13 @@ def _parse_image_size(image_size) -> Tuple[int, int]:
 class DepthRenderer(nn.Module):
     """Render depth maps of a batch of meshes seen from several cameras each.
 
-    All ``B·N`` (sample, view) pairs are rasterised in one call: on the CPU by
-    :func:`common.nets.rasterizer.rasterize_depth` (PyTorch3D's CPU kernel's rules,
-    vectorised) when it applies, else by PyTorch3D, on CUDA as a batch of ``B·N``
-    meshes sharing ``faces`` (or with ``tile_size`` off), on the CPU as a batch of
-    the non-empty tiles of all views (see the module docstring).  Runs on the
+    All ``B·N`` (sample, view) pairs are rasterised in one call.  With the ``native``
+    backend by :func:`common.nets.rasterizer.rasterize_depth` (PyTorch3D's kernel's
+    rules, vectorised, clipping included) on the CPU and on CUDA; with ``pytorch3d``, on
+    the CPU by the same function where it equals PyTorch3D bit for bit (no face cut by
+    the near plane, one face per pixel) and else by PyTorch3D, on CUDA as a batch of
+    ``B·N`` meshes sharing ``faces`` (or with ``tile_size`` off), on the CPU as a batch
+    of the non-empty tiles of all views (see the module docstring).  Runs on the
     device of its inputs (move the module with ``.to(device)`` so ``faces`` follows).
 
     Args:
@@ -263,7 +354,7 @@ class DepthRenderer(nn.Module):
         far: a pixel whose nearest surface is farther than this (mm) reads 0.
         faces_per_pixel: faces kept per pixel by the rasteriser; only the nearest
             is used, so 1 (the default) is all a depth map needs.
-        bin_size, max_faces_per_bin: coarse-to-fine binning, used on CUDA only (the
+        bin_size, max_faces_per_bin: PyTorch3D's coarse-to-fine binning, used on CUDA only (the
             CPU rasteriser is the naive per-pixel loop, ``bin_size=0``).
             ``bin_size=None`` lets PyTorch3D pick from the image size.
             ``max_faces_per_bin=None`` uses the largest count a bin can ever need:
@@ -276,16 +367,22 @@ class DepthRenderer(nn.Module):
             image smaller than that are cut to the image); ``None`` or 0 renders
             each view whole, as on CUDA.  The result is the same either way, up to
             float32 rounding; tiles only make it faster.
-        cpu_rasteriser: ``'vectorised'`` (default): on the CPU, depth without a
-            gradient through the rasteriser (what :meth:`forward` needs) comes from
-            the vectorised rasteriser, except when a face is cut by the near plane
-            or ``faces_per_pixel > 1``; ``'pytorch3d'``: always PyTorch3D.
+        cpu_rasteriser: for the ``pytorch3d`` backend: ``'vectorised'`` (default): on the
+            CPU, depth without a gradient through the rasteriser (what :meth:`forward`
+            needs) comes from the vectorised rasteriser, except when a face is cut by the
+            near plane or ``faces_per_pixel > 1``; ``'pytorch3d'``: always PyTorch3D.
+        backend: ``'auto'`` (default: PyTorch3D where it imports, else the project's own
+            rasteriser), ``'pytorch3d'`` or ``'native'`` (config option ``renderer_backend``;
+            see :func:`resolve_backend`).  ``tile_size``, ``bin_size``,
+            ``max_faces_per_bin`` and ``cpu_rasteriser`` are PyTorch3D's; the native
+            rasteriser bounds its memory by its own chunk sizes.
     """
 
     def __init__(self, faces: torch.Tensor, image_size: Union[int, Sequence[int]] = (256, 256),
                  near: float = 1.0, far: float = 99999.0, faces_per_pixel: int = 1,
                  bin_size: Optional[int] = None, max_faces_per_bin: Optional[int] = None,
-                 tile_size: Optional[int] = DEFAULT_TILE_SIZE, cpu_rasteriser: str = "vectorised"):
+                 tile_size: Optional[int] = DEFAULT_TILE_SIZE, cpu_rasteriser: str = "vectorised",
+                 backend: str = "auto"):
         super().__init__()
         if not isinstance(faces, torch.Tensor):
             faces = torch.as_tensor(faces)
@@ -318,13 +415,14 @@ class DepthRenderer(nn.Module):
         if cpu_rasteriser not in ("vectorised", "pytorch3d"):
             raise ValueError(f"cpu_rasteriser: expected 'vectorised' or 'pytorch3d', got {cpu_rasteriser!r}")
         self.cpu_rasteriser = cpu_rasteriser
+        self.backend = resolve_backend(backend)
         self.register_buffer("faces", faces.detach().to(torch.int64).clone(), persistent=False)
         self._min_vertex_num = int(faces.max()) + 1
 
     def extra_repr(self) -> str:
         return (f"faces={self.faces.shape[0]}, image_size={self.image_size}, near={self.near}, "
                 f"far={self.far}, faces_per_pixel={self.faces_per_pixel}, tile_size={self.tile_size}, "
-                f"cpu_rasteriser={self.cpu_rasteriser!r}")
+                f"cpu_rasteriser={self.cpu_rasteriser!r}, backend={self.backend!r}")
 
     def screen_vertices(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
                         focal: torch.Tensor, princpt: torch.Tensor,
@@ -364,8 +462,11 @@ class DepthRenderer(nn.Module):
             itself works in float32).
         """
         cameras = (camrot, campos, focal, princpt, affine)
-        own_gradient = (torch.is_grad_enabled() and vertices.requires_grad
-                        and not any(t is not None and t.requires_grad for t in cameras))
+        camera_grad = any(t is not None and t.requires_grad for t in cameras)
+        # The native backend always differentiates plane_depth (cameras included); PyTorch3D's
+        # backward is used for a camera gradient with the pytorch3d backend.
+        own_gradient = (torch.is_grad_enabled() and (vertices.requires_grad or camera_grad)
+                        and (self.backend == "native" or not camera_grad))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not own_gradient):
             face, zbuf = self.rasterize(vertices, *cameras)
         face, depth = face[..., 0], zbuf[..., 0]
@@ -386,9 +487,17 @@ class DepthRenderer(nn.Module):
         Same arguments as :meth:`forward`.  Returns ``(face, zbuf)``, both
         ``[B, N, H, W, faces_per_pixel]``: ``face`` (int64) the index into ``faces``
         of the k-th nearest face at each pixel centre, −1 for none; ``zbuf``
-        (float32, differentiable) its camera depth in mm, −1 for none.
+        (float32, differentiable) its camera depth in mm, −1 for none.  The gradient is
+        PyTorch3D's backward with the ``pytorch3d`` backend, :func:`plane_depth`'s with
+        ``native``.
+
+        Raises:
+            ValueError: wrong shapes or devices, or a non-finite input (naming it).
         """
         B, N, V = _validate_cameras(vertices, camrot, campos, focal, princpt, affine, "vertices")
+        for name, t in (("vertices", vertices), ("camrot", camrot), ("campos", campos), ("focal", focal),
+                        ("princpt", princpt), ("affine", affine)):
+            _check_finite(name, t)
         if V < self._min_vertex_num:
             raise ValueError(f"vertices: faces index vertex {self._min_vertex_num - 1}, "
                              f"but vertices has only V={V} ([B, V, 3] = {_shape(vertices)})")
@@ -405,10 +514,20 @@ class DepthRenderer(nn.Module):
         verts = self.screen_vertices(vertices, camrot, campos, focal, princpt, affine)
         # The PyTorch3D kernels are float32 only.
         verts = verts.reshape(M, V, 3).to(torch.float32)
+        if self.backend == "native":
+            face, zbuf = rasterize_depth(verts.detach(), self.faces, self.image_size, self.near, K)
+            face, zbuf = face.reshape(B, N, H, W, K), zbuf.reshape(B, N, H, W, K)
+            if torch.is_grad_enabled() and verts.requires_grad:
+                covered = torch.nonzero(face >= 0, as_tuple=True)
+                plane = plane_depth(vertices, self.faces, covered[:4], face[covered], camrot, campos, focal,
+                                    princpt, affine)
+                zbuf = zbuf.index_put(covered, (plane - plane.detach()).to(zbuf.dtype), accumulate=True)
+            return face, zbuf
         out = None
         if not vertices.is_cuda:
             if (self.cpu_rasteriser == "vectorised" and K == 1
-                    and not (torch.is_grad_enabled() and verts.requires_grad)):
+                    and not (torch.is_grad_enabled() and verts.requires_grad)
+                    and not cuts_near_plane(verts, self.faces, self.near)):
                 out = rasterize_depth(verts, self.faces, self.image_size, self.near)
             if out is None and self.tile_size:
                 out = self._rasterize_tiled(verts)
@@ -425,6 +544,7 @@ class DepthRenderer(nn.Module):
     def _rasterize_whole(self, verts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Every view as one mesh of one ``rasterize_meshes`` call: ``[M, V, 3]`` screen
         vertices → ``face``, ``zbuf`` ``[M, H, W, K]``."""
+        rasterize_meshes, Meshes = _pytorch3d_api()
         M, F = int(verts.shape[0]), int(self.faces.shape[0])
         meshes = Meshes(verts=verts, faces=self.faces[None].expand(M, F, 3))
         if verts.is_cuda:
@@ -571,6 +691,7 @@ class DepthRenderer(nn.Module):
         del xy, vidx, shift
 
         first = torch.cumsum(per_tile, 0) - per_tile
+        rasterize_meshes, _ = _pytorch3d_api()
         pix_to_face, zbuf, _, _ = rasterize_meshes(
             _TileBatch(fv, first, per_tile), image_size=(h, w), bin_size=0, max_faces_per_bin=1,
             **self._raster_settings())
