@@ -293,8 +293,8 @@ def test_default_hand_matches_brute_force(backend):
 
 
 # ------------------------------------------------------ 3. pixel convention
-def test_project_points_matches_cv2():
-    hand = makehuman()
+def test_project_points_matches_cv2(any_hand):
+    hand = any_hand
     joints = np.asarray(hand.global_pose, float)[:, :3, 3]
     verts = np.asarray(hand.vertices, float)
     camrot, campos = hand_view(verts, 35.0, 20.0)
@@ -325,8 +325,8 @@ def bicone(centre, camrot, radius, sides=32):
     return v, f
 
 
-def test_rendered_blob_lands_where_cv2_projects(backend):
-    hand = makehuman()
+def test_rendered_blob_lands_where_cv2_projects(backend, any_hand):
+    hand = any_hand
     verts = np.asarray(hand.vertices, float)
     camrot, campos = hand_view(verts, -30.0, 15.0)
     H, W = 48, 64
@@ -361,8 +361,8 @@ def test_rendered_blob_lands_where_cv2_projects(backend):
 
 
 # ----------------------------------------------------------------- 4. batch
-def test_batched_views_equal_separate_renders(backend):
-    hand = makehuman()
+def test_batched_views_equal_separate_renders(backend, any_hand):
+    hand = any_hand
     verts0 = np.asarray(hand.vertices, float)
     faces = torch.as_tensor(hand.faces)
     size = 24
@@ -399,8 +399,8 @@ def test_batched_views_equal_separate_renders(backend):
 
 
 # ------------------------------------------------------------- 5. gradients
-def test_depth_loss_gradient_descends(backend):
-    hand = makehuman()
+def test_depth_loss_gradient_descends(backend, any_hand):
+    hand = any_hand
     verts0 = np.asarray(hand.vertices, float)
     size = 32
     camrot, campos = hand_view(verts0, 10.0, 5.0)
