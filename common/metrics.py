@@ -162,10 +162,10 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
     out = []
     for start in range(0, points.shape[0], chunk):
         p = points[start:start + chunk]
-        bound = torch.cdist(p, vertices, compute_mode="donot_use_mm_for_euclid_dist").amin(1)  # [n]
-        lower = torch.cdist(p, centre, compute_mode="donot_use_mm_for_euclid_dist") - radius  # [n, F]
-        # A relative margin keeps the triangle holding the nearest vertex against rounding.
-        pi, fi = torch.nonzero(lower <= bound[:, None] * (1 + 1e-9) + 1e-9, as_tuple=True)
+        bound = torch.cdist(p, vertices).amin(1)  # [n]
+        lower = torch.cdist(p, centre) - radius  # [n, F]
+        # The margin covers the rounding of cdist's matrix-product form (float64: ~1e-10 mm here).
+        pi, fi = torch.nonzero(lower <= bound[:, None] * (1 + 1e-9) + 1e-6, as_tuple=True)
         d2 = point_triangle_sq(p[pi], tri[fi, 0], tri[fi, 1], tri[fi, 2])
         best = torch.full((p.shape[0],), math.inf, dtype=torch.float64, device=p.device)
         best = best.scatter_reduce(0, pi, d2, reduce="amin")
