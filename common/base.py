@@ -4,6 +4,7 @@ Layout of the outputs (``cfg.output_dir``, default ``output/``), as the original
 
     model_dump/subject_<N>/snapshot_<epoch>.pth.tar   {'epoch', 'network' ('module.' keys), 'optimizer'}
     log/train_logs.txt, log/test_logs.txt
+    tensorboard/train/, tensorboard/test/              TensorBoard event files (common.summary)
     result/subject_<N>/                                test crops (.png), meshes (.obj), metrics.json
 
 Reproducibility and resuming. The model is initialised under ``torch.manual_seed(seed)``; the
@@ -556,13 +557,22 @@ class Tester:
       both depths exist, pooled over views and samples (``depth_pixels`` of them);
     * ``mesh_error_mm`` (only where a synthetic set's ``gt/frames.npz`` exists): mean per-vertex
       Euclidean distance to the ground-truth mesh of the sample's frame;
+    * ``surface_*`` (likewise): exact point-to-surface distances both ways between the output and
+      the ground-truth mesh (:func:`common.metrics.surface_distances`), pooled over the samples:
+      mean and 90th percentile of each direction, and ``surface_error_mm``, the mean of the two means;
     * ``identity`` (only where ``gt/identity.npz`` exists): Pearson correlation of the learned
       identity corrective (``fc_id(id_code)``, ``[V, 3]``) and skeleton corrective (``[J, 3]``, root
       left out: its local pose is never used) with the ground truth, and their RMS in mm; and of the
       whole corrective at the zero pose (``fc_id(id_code) + fc_pose(0)``) with the ground truth's
       (its identity corrective: the synthetic pose corrective vanishes there). With one subject the
       split of a constant offset between the identity branch and the pose branch's bias is not
-      determined by the data, so the zero-pose figure is the one the data can pin down.
+      determined by the data, so the zero-pose figure is the one the data can pin down. Also the
+      surface figures (``rest_surface_*``) of that zero-pose rest surface (template + corrective,
+      before skinning) against the true one (template + true identity corrective).
+
+    The metric functions are :mod:`common.metrics`; with ``pose_source='gt'`` the test mode decodes
+    the ground-truth angles (decoder-only). The metrics also go to TensorBoard
+    (``output_dir/tensorboard/test``).
 
     Samples with fewer than three valid alignment keypoints cannot be placed and are left out of
     the metrics (``unplaced_samples``); a sample the reader skipped (``on_error='skip'`` returns the
