@@ -20,7 +20,8 @@ Usage (the runs land in ``<out>/<mode>_<variant>/``; a rerun resumes or reuses f
     python main/ablation.py --data_dir data/synthetic --holdout 0001_RT_synthetic --out output/ablation \\
         --modes decoder --end_epoch 20 --cfg main/configs/cpu_small.yaml
 
-``--cfg`` and ``--set`` apply to every run (e.g. ``--set lr=0.001``); ``pose_source``,
+Decoder-only plain LBS has no parameter that learns; it runs one epoch (the weights of any epoch
+are the same). ``--cfg`` and ``--set`` apply to every run (e.g. ``--set lr=0.001``); ``pose_source``,
 ``correctives``, ``holdout_sequences`` and ``output_dir`` are set by the study.
 """
 from __future__ import annotations
@@ -227,6 +228,8 @@ def main(argv=None) -> int:
                 setup_logging(config.log_dir, "train_logs.txt")
                 log.info("=== %s (%s) %s: correctives learning: %s", mode, key, name, ", ".join(correctives) or "none")
                 end = args.encoder_end_epoch if mode == "encoder" and args.encoder_end_epoch else args.end_epoch
+                if mode == "decoder" and not correctives:
+                    end = 1  # decoder-only plain LBS has nothing to learn: every epoch gives the same weights
                 try:
                     run = train_and_test(config, end, args.seed)
                 except (ConfigError, CheckpointError, HandModelError, SampleError, OSError, ValueError) as err:
