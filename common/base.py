@@ -4,6 +4,7 @@ Layout of the outputs (``cfg.output_dir``, default ``output/``), as the original
 
     model_dump/subject_<N>/snapshot_<epoch>.pth.tar   {'epoch', 'network' ('module.' keys), 'optimizer'}
     log/train_logs.txt, log/test_logs.txt
+    tensorboard/train/, tensorboard/test/              TensorBoard event files (common.summary)
     result/subject_<N>/                                test crops (.png), meshes (.obj), metrics.json
 
 Reproducibility and resuming. The model is initialised under ``torch.manual_seed(seed)``; the
@@ -34,13 +35,15 @@ import torch.utils.data
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
+from common import metrics
 from common.utils import distributed
 from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from common.utils.device import parse_gpu_ids, select_device, usable_cpus
 from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model, save_obj
 from common.utils.hand_model_source import resolve_hand_model
 from common.utils.io import atomic_write_bytes, atomic_write_text
-from main.config import ROOT_DIR, Config
+from common.summary import SummaryWriter, depth_panel
+from main.config import ROOT_DIR, Config, ConfigError
 from main.model import INPUT_KEYS, META_KEYS, TARGET_KEYS, Model, align_to_keypoints, get_model
 
 log = logging.getLogger("deephandmesh")
@@ -205,6 +208,55 @@ def _finite_or_none(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) else None
 
 
+POSE_SOURCES = ("image", "gt")
+CORRECTIVES = ("skeleton", "identity", "pose")
+
+
+def check_study_options(config: Config) -> None:
+    """``pose_source`` and ``correctives`` hold known values (else ``ConfigError`` naming them)."""
+    if config.pose_source not in POSE_SOURCES:
+        raise ConfigError(f"option 'pose_source' expects one of {list(POSE_SOURCES)}, got {config.pose_source!r}")
+    unknown = [c for c in config.correctives if c not in CORRECTIVES]
+    if unknown:
+        raise ConfigError(f"option 'correctives' expects a list of some of {list(CORRECTIVES)}, got unknown {unknown}")
+
+
+def held_correctives(config: Config) -> List[str]:
+    """The correctives held at zero: those not in ``cfg.correctives``."""
+    return [c for c in CORRECTIVES if c not in config.correctives]
+
+
+def load_gt_poses(data_dir, joint_num: int) -> Dict[int, np.ndarray]:
+    """Frame id → ``[J, 3]`` ground-truth Euler angles (radians) from a synthetic set's
+    ``gt/frames.npz`` (written by ``data/make_synthetic.py``), for ``pose_source='gt'``."""
+    path = Path(data_dir) / "gt" / "frames.npz"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; pose_source=gt (decoder-only) needs the ground-truth angles "
+                          f"of a synthetic set (data/make_synthetic.py writes gt/frames.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            frames, euler = np.asarray(data["frame"]), np.asarray(data["euler"], dtype=np.float32)
+    except (KeyError, ValueError, OSError) as err:
+        raise ConfigError(f"{path}: expected arrays 'frame' [T] and 'euler' [T, J, 3] ({err})") from None
+    if euler.ndim != 3 or euler.shape[1:] != (joint_num, 3) or len(frames) != len(euler):
+        raise ConfigError(f"{path}: 'euler' has shape {euler.shape}; expected [{len(frames)}, {joint_num}, 3] "
+                          f"for this hand model")
+    return {int(f): e for f, e in zip(frames, euler)}
+
+
+def attach_gt_pose(inputs: Dict[str, torch.Tensor], frames, poses: Optional[Dict[int, np.ndarray]],
+                   device: torch.device) -> None:
+    """Decoder-only: put the ground-truth angles of the batch's ``frames`` into ``inputs['joint_euler']``
+    (``[B, J, 3]`` radians), which the model uses instead of its encoder. A no-op when ``poses`` is None."""
+    if poses is None:
+        return
+    missing = [int(f) for f in frames if int(f) not in poses]
+    if missing:
+        raise ConfigError(f"pose_source=gt: frames {missing} have no ground-truth angles in gt/frames.npz")
+    euler = np.stack([poses[int(f)] for f in frames])
+    inputs["joint_euler"] = torch.from_numpy(euler).to(device)
+
+
 # ------------------------------------------------------------------------------------ training
 class Trainer:
     """Adam, the original's learning-rate steps, one snapshot per epoch, ``--continue`` resuming.
@@ -238,6 +290,7 @@ class Trainer:
             log.info("distributed: %d processes (%s), this is rank %d", context.world_size,
                      distributed.backend_for(self.device), context.rank)
         config.num_gpus = len(self.gpu_ids)
+        self.summary = SummaryWriter("", enabled=False)  # train() opens the real one (rank 0)
         log_options(config)
 
     @property
@@ -257,6 +310,11 @@ class Trainer:
         self.hand_model = training_hand_model(cfg)
         log.info("hand model: %s (%d vertices, %d faces, %d joints)", self.hand_model.source,
                  self.hand_model.vertex_num, len(self.hand_model.faces), self.hand_model.joint_num)
+        check_study_options(cfg)
+        self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
+        if self.gt_poses is not None:
+            log.info("decoder-only: ground-truth angles of %d frames from gt/frames.npz; the encoder is bypassed",
+                     len(self.gt_poses))
         self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, seed=self.seed)
         self.batch_size = cfg.train_batch_size * max(1, len(self.gpu_ids))  # per GPU, as the original
         workers = loader_workers(cfg)
@@ -280,6 +338,16 @@ class Trainer:
         log.info("Creating graph and optimizer (ResNet-%d)...", cfg.resnet_type)
         torch.manual_seed(self.seed)
         model = get_model("train", self.hand_model, cfg)
+        held = held_correctives(cfg)
+        if held:
+            model.hold_at_zero(held)
+            log.info("correctives held at zero: %s", ", ".join(held))
+        if cfg.pose_source == "gt":  # nothing reaches the encoder: it does not learn
+            model.backbone_net.requires_grad_(False)
+            model.pose_net.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            log.warning("no parameter learns (pose_source=gt with every corrective held at zero): "
+                        "the epochs only evaluate the losses")
         if self.context is None:
             self.model = place_model(model, self.device, self.gpu_ids)
         else:
@@ -374,6 +442,7 @@ class Trainer:
             self.gpu_timer.tic()
             self.skip_report.add(batch)
             inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=cuda)
+            attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.model(inputs, targets, meta_info, "train")
             loss = {k: v.mean() for k, v in loss.items()}
@@ -386,14 +455,16 @@ class Trainer:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
                 raise FloatingPointError(f"epoch {epoch} iteration {itr}: non-finite loss ({shown}); "
                                          f"lower the learning rate (cfg.lr = {cfg.lr:g})")
-            total.backward()
-            self.optimizer.step()
+            if total.requires_grad:  # nothing learns in decoder-only plain LBS: losses only
+                total.backward()
+                self.optimizer.step()
             if cuda:
                 torch.cuda.synchronize(self.device)
             self.gpu_timer.toc()
             self.tot_timer.toc()
 
             values["total"] = sum(values.values())
+            samples_per_s = self.batch_size * self.world_size / max(self.tot_timer.average, 1e-9)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             screen = [
@@ -401,12 +472,19 @@ class Trainer:
                 f"lr: {self.get_lr():g}",
                 f"speed: {self.tot_timer.average:.2f}s/itr (compute {self.gpu_timer.average:.2f}s, "
                 f"data {self.read_timer.average:.2f}s)",
-                f"{self.batch_size * self.world_size / max(self.tot_timer.average, 1e-9):.1f} samples/s",
+                f"{samples_per_s:.1f} samples/s",
                 epoch_time(self.tot_timer.average * self.itr_per_epoch),
             ]
             screen += [f"loss_{k}: {v:.4f}" for k, v in values.items()]
             log.info(" ".join(screen))
             bar.set_postfix(loss=f"{values['total']:.3f}")
+            step = epoch * self.itr_per_epoch + itr
+            self.summary.scalars({f"loss/{k}": v for k, v in values.items()}, step)
+            self.summary.scalars({"lr": self.get_lr(), "samples_per_s": samples_per_s}, step)
+            interval = int(cfg.tensorboard_image_interval)
+            if self.summary.active and interval > 0 and step % interval == 0:
+                self.summary.image("depth/crop_rendered_captured_difference",
+                                   self.depth_panel(inputs, targets, meta_info), step)
 
             self.tot_timer.tic()
             self.read_timer.tic()
@@ -415,6 +493,30 @@ class Trainer:
             log.warning("epoch %d: %s (on_error='skip')", epoch, self.skip_report.summary())
         count = max(1, len(bar))
         return {k: v / count for k, v in sums.items()}
+
+    @torch.no_grad()
+    def depth_panel(self, inputs, targets, meta_info) -> np.ndarray:
+        """The TensorBoard panel of the batch's first sample and first target view, with the weights
+        after the step: input crop, rendered depth, captured depth, difference
+        (:func:`common.summary.depth_panel`). Rendered in eval mode, so that this extra pass
+        leaves the batch-norm statistics as they were."""
+        model = unwrap(self.model)
+        first = lambda d: {k: v[:1] for k, v in d.items()}  # noqa: E731
+        inputs, targets, meta_info = first(inputs), first(targets), first(meta_info)
+        was_training = model.training
+        model.eval()
+        try:
+            euler = inputs.get("joint_euler")
+            if euler is None:
+                euler = model.pose_net(model.backbone_net(inputs["img"]))
+            root, _ = model.root_alignment(model.refined_template_pose(), targets["joint_world"].float(),
+                                           targets["joint_valid"].float())
+            mesh = model.pose(euler, root)["mesh_out_refined"]
+            depth = model.renderer(mesh, meta_info["camrot"], meta_info["campos"], meta_info["focal"],
+                                   meta_info["princpt"], meta_info["affine"])
+        finally:
+            model.train(was_training)
+        return depth_panel(inputs["img"][0], depth[0, 0], targets["depthmap"][0, 0])
 
     def save_model(self, epoch: int) -> Path:
         """Rank 0 writes the snapshot (atomically); the others wait for it."""
@@ -431,14 +533,20 @@ class Trainer:
         if self.start_epoch >= cfg.end_epoch:
             log.info("nothing to do: epoch %d reached end_epoch %d", self.start_epoch, cfg.end_epoch)
             return
-        for epoch in range(self.start_epoch, cfg.end_epoch):
-            start = time.perf_counter()
-            means = self.train_epoch(epoch)
-            self.save_model(epoch)
-            log.info("epoch %d done in %.1fs (%.2fs/itr): %s; %d sample(s) skipped in this epoch, %d so far "
-                     "(on_error=%r)", epoch, time.perf_counter() - start, self.tot_timer.average,
-                     " ".join(f"loss_{k} {v:.4f}" for k, v in means.items()), self.skip_report.count,
-                     self.dataset.skipped, cfg.on_error)
+        self.summary = SummaryWriter(Path(cfg.tensorboard_dir) / "train", enabled=self.is_main)
+        try:
+            for epoch in range(self.start_epoch, cfg.end_epoch):
+                start = time.perf_counter()
+                means = self.train_epoch(epoch)
+                self.save_model(epoch)
+                self.summary.scalars({f"epoch_loss/{k}": v for k, v in means.items()}, epoch)
+                self.summary.flush()
+                log.info("epoch %d done in %.1fs (%.2fs/itr): %s; %d sample(s) skipped in this epoch, %d so far "
+                         "(on_error=%r)", epoch, time.perf_counter() - start, self.tot_timer.average,
+                         " ".join(f"loss_{k} {v:.4f}" for k, v in means.items()), self.skip_report.count,
+                         self.dataset.skipped, cfg.on_error)
+        finally:
+            self.summary.close()
 
 
 # ------------------------------------------------------------------------------------ testing
@@ -456,13 +564,22 @@ class Tester:
       both depths exist, pooled over views and samples (``depth_pixels`` of them);
     * ``mesh_error_mm`` (only where a synthetic set's ``gt/frames.npz`` exists): mean per-vertex
       Euclidean distance to the ground-truth mesh of the sample's frame;
+    * ``surface_*`` (likewise): exact point-to-surface distances both ways between the output and
+      the ground-truth mesh (:func:`common.metrics.surface_distances`), pooled over the samples:
+      mean and 90th percentile of each direction, and ``surface_error_mm``, the mean of the two means;
     * ``identity`` (only where ``gt/identity.npz`` exists): Pearson correlation of the learned
       identity corrective (``fc_id(id_code)``, ``[V, 3]``) and skeleton corrective (``[J, 3]``, root
       left out: its local pose is never used) with the ground truth, and their RMS in mm; and of the
       whole corrective at the zero pose (``fc_id(id_code) + fc_pose(0)``) with the ground truth's
       (its identity corrective: the synthetic pose corrective vanishes there). With one subject the
       split of a constant offset between the identity branch and the pose branch's bias is not
-      determined by the data, so the zero-pose figure is the one the data can pin down.
+      determined by the data, so the zero-pose figure is the one the data can pin down. Also the
+      surface figures (``rest_surface_*``) of that zero-pose rest surface (template + corrective,
+      before skinning) against the true one (template + true identity corrective).
+
+    The metric functions are :mod:`common.metrics`; with ``pose_source='gt'`` the test mode decodes
+    the ground-truth angles (decoder-only). The metrics also go to TensorBoard
+    (``output_dir/tensorboard/test``).
 
     Samples with fewer than three valid alignment keypoints cannot be placed and are left out of
     the metrics (``unplaced_samples``); a sample the reader skipped (``on_error='skip'`` returns the
@@ -471,10 +588,14 @@ class Tester:
 
     def __init__(self, config: Config, test_epoch: Optional[int], init_seed: int = 0):
         """``test_epoch`` None: test the model as ``train.py --seed init_seed`` initialises it
-        (the reference point of a training run), writing ``metrics_init.json``."""
+        (the reference point of a training run), writing ``resultinit.json``."""
         self.cfg = config
         self.test_epoch = None if test_epoch is None else int(test_epoch)
         self.init_seed = int(init_seed)
+        # Set True to keep every evaluated sample's placed output mesh (world frame, mm) and its
+        # frame in ``placed_meshes`` {index: (frame, [V, 3] array)} (the component study's figure).
+        self.keep_meshes = False
+        self.placed_meshes: Dict[int, Tuple[int, np.ndarray]] = {}
         self.device, self.gpu_ids = pick_device(config)
         config.num_gpus = len(self.gpu_ids)
 
@@ -487,6 +608,7 @@ class Tester:
             self.hand_model = training_hand_model(self.cfg)
             torch.manual_seed(self.init_seed)  # as Trainer.make_model
             model = get_model("train", self.hand_model, self.cfg)
+            model.hold_at_zero(held_correctives(self.cfg))
             log.info("testing the initialisation of a training run with seed %d (no snapshot)", self.init_seed)
             self.model = place_model(model, self.device, self.gpu_ids)
             self.model.eval()
@@ -508,6 +630,8 @@ class Tester:
         from data.dataset import DeepHandMeshDataset
 
         cfg = self.cfg
+        check_study_options(cfg)
+        self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
         self.dataset = DeepHandMeshDataset.from_config(cfg, "test", self.hand_model, on_error="skip", seed=0)
         batch = cfg.test_batch_size * max(1, len(self.gpu_ids))
         self.batch_generator = torch.utils.data.DataLoader(
@@ -539,9 +663,14 @@ class Tester:
         joint_sum, joint_cnt = np.zeros(J), np.zeros(J)
         depth_sum, depth_cnt = 0.0, 0
         mesh_errors: List[float] = []
+        to_gt: List[np.ndarray] = []  # point-to-surface distances, output vertices -> true surface
+        from_gt: List[np.ndarray] = []  # true vertices -> output surface
+        faces = torch.as_tensor(hand.faces, dtype=torch.long)
+        surface_cache: Dict[int, Tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
         seen, unplaced, evaluated = set(), 0, 0
         for batch in tqdm(self.batch_generator, desc="test", unit="batch", dynamic_ncols=True):
             inputs, targets, meta_info = split_batch(batch, self.device)
+            attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
             out = self.model(inputs, None, None, "test")
             joints, mesh = out["joint_out"].float(), out["mesh_out_refined"].float()
             gt, valid = targets["joint_world"].float(), targets["joint_valid"].float()
@@ -550,10 +679,9 @@ class Tester:
             mesh_w = mesh @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
             depth = model.renderer(mesh_w, meta_info["camrot"], meta_info["campos"], meta_info["focal"],
                                    meta_info["princpt"], meta_info["affine"])
-            captured = targets["depthmap"]
-            joint_dist = torch.linalg.vector_norm(joints_w - gt, dim=-1).cpu().numpy()
-            both = (depth > 0) & (captured > 0)
-            depth_abs = torch.where(both, (depth - captured).abs(), torch.zeros_like(depth))
+            joint_dist, joint_ok = metrics.joint_distances(joints_w, gt, valid)
+            joint_dist, joint_ok = joint_dist.cpu().numpy(), joint_ok.cpu().numpy()
+            depth_abs, both = metrics.depth_differences(depth, targets["depthmap"])
             for b in range(joints.shape[0]):
                 index = int(batch["index"][b])
                 if index in seen:
@@ -565,19 +693,30 @@ class Tester:
                     unplaced += 1
                     continue
                 evaluated += 1
-                v = valid[b].cpu().numpy() > 0
+                v = joint_ok[b]
                 joint_sum[v] += joint_dist[b][v]
                 joint_cnt[v] += 1
                 depth_sum += float(depth_abs[b].sum())
                 depth_cnt += int(both[b].sum())
                 frame = int(batch["frame"][b])
+                if self.keep_meshes:
+                    self.placed_meshes[index] = (frame, mesh_w[b].cpu().double().numpy())
                 if self.gt is not None and frame in self.gt:
                     ref = torch.as_tensor(self.gt[frame], dtype=mesh_w.dtype, device=mesh_w.device)
-                    mesh_errors.append(float(torch.linalg.vector_norm(mesh_w[b] - ref, dim=-1).mean()))
+                    mesh_errors.append(float(metrics.vertex_error(mesh_w[b], ref)))
+                    placed = mesh_w[b].cpu()
+                    known = surface_cache.get(frame)
+                    if known is None or not torch.equal(known[0], placed):
+                        # The views of a frame often give the very same mesh (decoder-only: the same
+                        # angles and keypoints); its distances are computed once.
+                        there, back = metrics.surface_distances(placed, ref.cpu(), faces)
+                        known = surface_cache[frame] = (placed, there.numpy(), back.numpy())
+                    to_gt.append(known[1])
+                    from_gt.append(known[2])
 
         per_joint = {name: _finite_or_none(s / c) if c else None
                      for name, s, c in zip(hand.joint_names, joint_sum, joint_cnt)}
-        metrics = {
+        result = {
             "epoch": "init" if self.test_epoch is None else self.test_epoch,
             "subject": self.cfg.subject,
             "snapshot": None if self.test_epoch is None else snapshot_path(self.cfg, self.test_epoch).name,
@@ -595,11 +734,29 @@ class Tester:
             "depth_pixels": depth_cnt,
             "mesh_error_mm": _finite_or_none(float(np.mean(mesh_errors))) if mesh_errors else None,
             "mesh_samples": len(mesh_errors),
-            "identity": self._identity_metrics(model),
         }
+        # The surface figures (main figure: surface_error_mm), None without ground-truth meshes.
+        surface = (metrics.summarise_surface(np.concatenate(to_gt), np.concatenate(from_gt)) if to_gt
+                   else dict.fromkeys(metrics.summarise_surface([0.0], [0.0]), None))
+        result.update(surface)
+        result["identity"] = self._identity_metrics(model)
         name = "metrics_init.json" if self.test_epoch is None else "metrics.json"
-        atomic_write_text(out_dir / name, json.dumps(metrics, indent=2) + "\n")
-        return metrics
+        atomic_write_text(out_dir / name, json.dumps(result, indent=2) + "\n")
+        self.write_summary(result)
+        return result
+
+    def write_summary(self, result: Dict[str, object]) -> None:
+        """The metrics into TensorBoard (``output_dir/tensorboard/test``), at the snapshot's epoch
+        (the initialisation: ``test_init/…`` at step 0)."""
+        scalars = {k: v for k, v in result.items() if k.endswith("_mm") and isinstance(v, float)}
+        scalars.update({f"identity/{k}": v for k, v in (result.get("identity") or {}).items()
+                        if isinstance(v, float)})
+        summary = SummaryWriter(Path(self.cfg.tensorboard_dir) / "test")
+        try:
+            summary.scalars(scalars, 0 if self.test_epoch is None else self.test_epoch,
+                            prefix="test_init/" if self.test_epoch is None else "test/")
+        finally:
+            summary.close()
 
     @torch.no_grad()
     def _identity_metrics(self, model) -> Optional[Dict[str, float]]:
@@ -617,21 +774,23 @@ class Tester:
         zero_pose = model.id_code.new_zeros(1, self.hand_model.joint_num, 3)
         learned_rest = learned_id + model.skin_refine_net(zero_pose, model.id_code)[0][0].double().cpu().numpy()
         keep = np.arange(self.hand_model.joint_num) != self.hand_model.root_index
-
-        def pearson(a: np.ndarray, b: np.ndarray) -> Optional[float]:
-            a, b = a.reshape(-1) - a.mean(), b.reshape(-1) - b.mean()
-            denominator = np.linalg.norm(a) * np.linalg.norm(b)
-            return _finite_or_none(float(a @ b / denominator)) if denominator > 0 else None
-
-        rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+        # The zero-pose rest surfaces (before skinning): template + the learned corrective at the
+        # zero pose against template + the true identity corrective (the true pose corrective
+        # vanishes there). They isolate the identity's shape from the pose's.
+        template = np.asarray(self.hand_model.vertices, dtype=np.float64)
+        there, back = metrics.surface_distances(torch.from_numpy(template + learned_rest),
+                                                torch.from_numpy(template + gt_id),
+                                                torch.as_tensor(self.hand_model.faces, dtype=torch.long))
+        correlation = metrics.pearson
         return {
-            "id_corrective_correlation": pearson(learned_id, gt_id),
-            "id_corrective_rms_mm": rms(learned_id), "gt_id_corrective_rms_mm": rms(gt_id),
-            "zero_pose_corrective_correlation": pearson(learned_rest, gt_id),
-            "zero_pose_corrective_rms_mm": rms(learned_rest),
-            "skeleton_corrective_correlation": pearson(learned_skeleton[keep], gt_skeleton[keep]),
-            "skeleton_corrective_rms_mm": rms(learned_skeleton[keep]),
-            "gt_skeleton_offset_rms_mm": rms(gt_skeleton[keep]),
+            "id_corrective_correlation": correlation(learned_id, gt_id),
+            "id_corrective_rms_mm": metrics.rms(learned_id), "gt_id_corrective_rms_mm": metrics.rms(gt_id),
+            "zero_pose_corrective_correlation": correlation(learned_rest, gt_id),
+            "zero_pose_corrective_rms_mm": metrics.rms(learned_rest),
+            "skeleton_corrective_correlation": correlation(learned_skeleton[keep], gt_skeleton[keep]),
+            "skeleton_corrective_rms_mm": metrics.rms(learned_skeleton[keep]),
+            "gt_skeleton_offset_rms_mm": metrics.rms(gt_skeleton[keep]),
+            **metrics.summarise_surface(there.numpy(), back.numpy(), prefix="rest_surface"),
         }
 
     def _save_sample(self, out_dir: Path, stem: str, img: torch.Tensor, mesh: torch.Tensor) -> None:

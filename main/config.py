@@ -57,6 +57,12 @@ class Config:
     loss_penet_r_weight = 1
     loss_penet_nr_weight = 5
     loss_lap_weight = 5
+    # Where the training and test forwards take the joint angles from: 'image' (the encoder, as the
+    # original) or 'gt' (a synthetic set's gt/frames.npz: the encoder is bypassed and only the
+    # skeleton and skin correctives learn; decoder-only).
+    pose_source = "image"
+    # The correctives that learn; the others are held at exactly zero (the component study).
+    correctives = ["skeleton", "identity", "pose"]
 
     ## testing config
     test_batch_size = 1
@@ -79,6 +85,9 @@ class Config:
     # What training does when one sample's file cannot be read (corrupt, missing): 'skip' it
     # (counted, and listed per file at the end of the epoch) or 'stop' with the file's error.
     on_error = "skip"
+    # TensorBoard (output_dir/tensorboard): every N training iterations an image panel of input
+    # crop, rendered depth, captured depth and their difference (0: none).
+    tensorboard_image_interval = 100
 
     # ------------------------------------------------------------------
     @property
@@ -92,6 +101,10 @@ class Config:
     @property
     def log_dir(self) -> str:
         return str(Path(self.output_dir) / "log")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return str(Path(self.output_dir) / "tensorboard")
 
     @property
     def result_dir(self) -> str:

@@ -233,6 +233,24 @@ class Model(nn.Module):
             seq[-1].weight.zero_()
             seq[-1].bias.zero_()
 
+    def corrective_layers(self) -> Dict[str, nn.Sequential]:
+        """The three corrective networks by the names of ``cfg.correctives``."""
+        return {"skeleton": self.skeleton_refine_net.fc_skeleton, "identity": self.skin_refine_net.fc_id,
+                "pose": self.skin_refine_net.fc_pose}
+
+    @torch.no_grad()
+    def hold_at_zero(self, names) -> None:
+        """Hold the named correctives (``'skeleton'``, ``'identity'``, ``'pose'``) at exactly zero:
+        their last layer is zeroed and their parameters stop learning (``requires_grad`` off)."""
+        layers = self.corrective_layers()
+        unknown = sorted(set(names) - set(layers))
+        if unknown:
+            raise ValueError(f"correctives: unknown {unknown}; expected some of {sorted(layers)}")
+        for name in names:
+            layers[name][-1].weight.zero_()
+            layers[name][-1].bias.zero_()
+            layers[name].requires_grad_(False)
+
     # ------------------------------------------------------------ interfaces
     def decode(self, joint_euler: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Angles → mesh with the root at identity (the output lives in the wrist's frame).
@@ -272,7 +290,8 @@ class Model(nn.Module):
         """Image → angles → mesh; in ``'train'`` mode also depth maps and the losses.
 
         Args:
-            inputs: ``{'img': [B, 3, H, W]}``, the crop with values in [0, 1].
+            inputs: ``{'img': [B, 3, H, W]}``, the crop with values in [0, 1]; or, decoder-only,
+                ``{'joint_euler': [B, J, 3]}`` angles (radians) used instead of the encoder's.
             targets: (``'train'``) ``joint_world [B, J, 3]`` keypoints (mm), ``joint_valid [B, J]``,
                 ``depthmap [B, N, Hr, Wr]`` captured depth (mm, 0 = none), ``(Hr, Wr)`` =
                 ``rendered_img_shape``.
@@ -292,7 +311,10 @@ class Model(nn.Module):
         """
         if mode not in ("train", "test"):
             raise ValueError(f"mode: expected 'train' or 'test', got {mode!r}")
-        joint_euler = self.pose_net(self.backbone_net(inputs["img"]))
+        # Decoder-only (cfg.pose_source='gt'): given angles bypass the encoder.
+        joint_euler = inputs.get("joint_euler")
+        if joint_euler is None:
+            joint_euler = self.pose_net(self.backbone_net(inputs["img"]))
         if mode == "test":
             out = self.decode(joint_euler)
             out["joint_euler"] = joint_euler

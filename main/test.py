@@ -47,7 +47,9 @@ def format_metrics(metrics: dict) -> str:
     return (f"epoch {metrics['epoch']}: {metrics['evaluated_samples']} of {metrics['samples']} sample(s) evaluated; "
             f"joint error {mm('joint_error_mm')} ({metrics['valid_joints']} keypoints), "
             f"depth error {mm('depth_error_mm')} ({metrics['depth_pixels']} pixels), "
-            f"mesh error {mm('mesh_error_mm')} ({metrics['mesh_samples']} meshes)")
+            f"mesh error {mm('mesh_error_mm')} ({metrics['mesh_samples']} meshes), "
+            f"surface error {mm('surface_error_mm')} (90th percentile {mm('surface_out_to_gt_p90_mm')} "
+            f"output to truth, {mm('surface_gt_to_out_p90_mm')} truth to output)")
 
 
 def main(argv=None) -> int:

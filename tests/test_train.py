@@ -370,13 +370,32 @@ def test_metrics_of_the_ground_truth_are_zero(tiny_set, default_hand, tmp_path):
     metrics = tester.test()
     assert metrics["evaluated_samples"] == 6
     assert metrics["joint_error_mm"] < 0.01 and metrics["mesh_error_mm"] < 0.01, metrics
+    assert metrics["surface_error_mm"] < 0.01 and metrics["surface_out_to_gt_p90_mm"] < 0.01, metrics
     assert metrics["depth_error_mm"] < 6.0, metrics
     assert json.loads((tmp_path / "result" / "subject_4" / "metrics.json").read_text()) == metrics
 
-    tester.model = Oracle([f for _, _, f in tester.dataset.samples], shift=np.array([15.0, 0.0, 0.0]))
+    # A mesh moved off its joints along an oblique direction, |(3, 4, 12)| = 13 mm (an L1 sum would
+    # say 19): the per-vertex error is 13 mm; the surface figures are those of the moved meshes.
+    shift = np.array([3.0, 4.0, 12.0])
+    tester.model = Oracle([f for _, _, f in tester.dataset.samples], shift=shift)
     moved = tester.test()
-    assert moved["joint_error_mm"] < 0.01 and abs(moved["mesh_error_mm"] - 15.0) < 0.01
+    assert moved["joint_error_mm"] < 0.01 and abs(moved["mesh_error_mm"] - 13.0) < 0.01
     assert moved["depth_error_mm"] > metrics["depth_error_mm"] + 2.0, (moved, metrics)
+    from common import metrics as M
+
+    faces = torch.as_tensor(default_hand.faces)
+    there, back = [], []
+    for _, _, frame in tester.dataset.samples:
+        k = int(np.nonzero(gt["frame"] == frame)[0][0])
+        world_shift = gt["root"][k][:3, :3] @ shift  # the shift is in the wrist's frame
+        a, b = M.surface_distances(torch.tensor(gt["vertices"][k] + world_shift), torch.tensor(gt["vertices"][k]),
+                                   faces)
+        there.append(a.numpy())
+        back.append(b.numpy())
+    expected = M.summarise_surface(np.concatenate(there), np.concatenate(back))
+    for key, value in expected.items():
+        assert moved[key] == pytest.approx(value, abs=0.01), key
+    assert 0.5 < moved["surface_error_mm"] < 13.0
 
 
 def test_training_skips_unreadable_samples_and_counts_them(tiny_set, tmp_path):
@@ -433,6 +452,17 @@ def test_identity_metrics_measure_agreement_with_the_ground_truth(tiny_set, defa
     metrics = tester._identity_metrics(model)
     assert metrics["zero_pose_corrective_correlation"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["zero_pose_corrective_rms_mm"] == pytest.approx(metrics["id_corrective_rms_mm"], rel=1e-6)
+    # The rest surface with twice the true identity corrective lies about one corrective (along
+    # the normals) from the true rest surface; with the true one, on it.
+    offset = np.linalg.norm(identity["id_corrective"], axis=1)
+    assert 0.7 * offset.mean() < metrics["rest_surface_out_to_gt_mean_mm"] <= offset.mean() + 1e-6
+    assert metrics["rest_surface_out_to_gt_p90_mm"] <= np.percentile(offset, 90) + 1e-6
+    with torch.no_grad():
+        model.skin_refine_net.fc_id[2].bias.copy_(torch.from_numpy(identity["id_corrective"]).reshape(-1))
+    exact = tester._identity_metrics(model)
+    assert exact["rest_surface_error_mm"] < 1e-5 and exact["rest_surface_gt_to_out_p90_mm"] < 1e-5
+    with torch.no_grad():
+        model.skin_refine_net.fc_id[2].bias.copy_(torch.from_numpy(2 * identity["id_corrective"]).reshape(-1))
     # A constant offset carried by the pose branch's bias instead: the identity branch alone is
     # blind to it, the zero-pose corrective is not.
     with torch.no_grad():
