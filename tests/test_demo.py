@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import save_checkpoint
+from common.utils.checkpoint import DECODER_PREFIXES, save_checkpoint
 from common.utils.hand_model import load_hand_model, save_hand_model
 from common.utils.pose_io import build_pose
 from demo import demo
@@ -208,7 +208,7 @@ def test_decoder_only_snapshot_decodes(tmp_path, capsys, default_hand):
         for p in list(model.skin_refine_net.parameters()) + list(model.skeleton_refine_net.parameters()):
             p.normal_(0, 0.05)
     decoder = {k: v for k, v in model.state_dict().items()
-               if k.startswith(("id_code", "skeleton_refine_net.", "skin_refine_net."))}
+               if k.startswith(DECODER_PREFIXES)}
     path = tmp_path / "decoder.pth.tar"
     save_checkpoint({"epoch": 7, "network": {"module." + k: v for k, v in decoder.items()}}, path)
     assert demo.main(["--ckpt", str(path), "--out", str(tmp_path / "o")]) == 0
@@ -237,7 +237,7 @@ def test_decoder_only_snapshot_for_another_hand_is_refused(other, tmp_path, caps
     vertices (any clone)."""
     model = get_model("test", request.getfixturevalue("makehuman") if other == "makehuman" else default_hand)
     decoder = {k: v for k, v in model.state_dict().items()
-               if k.startswith(("id_code", "skeleton_refine_net.", "skin_refine_net."))}
+               if k.startswith(DECODER_PREFIXES)}
     if other != "makehuman":
         decoder = fewer_vertices(decoder, 1000)
     vertices = decoder["skin_refine_net.fc_id.2.bias"].shape[0] // 3

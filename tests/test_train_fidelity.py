@@ -25,8 +25,8 @@ from data.dataset import DeepHandMeshDataset
 from main.config import Config
 from main.model import get_model
 from tests.conftest import make_tiny_set
-from tests.reference import (dense_laplacian_original, euler_matrix_4x4, fk_recursive, laplacian_loss_dense,
-                             penet_loss_loop, random_euler)
+from tests.reference import (dense_laplacian_original, fk_recursive, laplacian_loss_dense, penet_loss_loop,
+                             random_euler)
 
 VIEWS = 3
 RENDER = (24, 24)
