@@ -88,7 +88,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PTS_JOINT_NAMES", "HAND_PREFIX", "DataFormatError", "SampleError", "read_krt", "write_krt",
-    "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "project", "keypoint_box",
+    "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "keypoint_box",
     "clip_box", "patch_affine", "render_affine", "image_affine", "resample_affine", "raster_affine", "warp",
     "DeepHandMeshDataset", "ORIGINAL_IMG_SHAPE", "SkipReport", "message_path", "hand_model_pts_index",
 ]
@@ -390,17 +390,6 @@ def write_pts(path: os.PathLike | str, joint_world: np.ndarray, joint_valid: np.
 
 
 # --------------------------------------------------------------------------------- geometry
-def project(points: np.ndarray, camrot: np.ndarray, campos: np.ndarray, focal: np.ndarray,
-            princpt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """World points ``[P, 3]`` -> pixels ``[P, 2]`` and camera depth ``z [P]`` (float64)."""
-    cam = (np.asarray(points, np.float64) - np.asarray(campos, np.float64)) @ np.asarray(
-        camrot, np.float64).T
-    z = cam[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        uv = cam[:, :2] / z[:, None] * np.asarray(focal, np.float64) + np.asarray(princpt, np.float64)
-    return uv, z
-
-
 def keypoint_box(joint_world: np.ndarray, camrot: np.ndarray, campos: np.ndarray, focal: np.ndarray,
                  princpt: np.ndarray, scale: float = BOX_SCALE) -> np.ndarray:
     """The original's ``get_bbox``: ``[x0, y0, x1, y1]`` float32 around the projected keypoints.
