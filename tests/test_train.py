@@ -6,6 +6,7 @@ ResNet-18, 64x64 crops and 16x16 depth maps, so that the whole file stays well u
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -233,7 +234,8 @@ def trained(tiny_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = run_script("train.py", "--gpu", "0-1", "--end_epoch", "2", *tiny_args(tiny_set, out), cpu_only=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    return out, result
+    yield out, result
+    shutil.rmtree(out, ignore_errors=True)  # ~450 MB of snapshots, no longer needed by this module
 
 
 def test_train_script_writes_snapshots_and_logs(trained, default_hand):
