@@ -1,6 +1,6 @@
 """Evaluation metrics as pure functions (no data loader, no model): what ``test.py`` reports.
 
-All distances are in mm. The tester (:class:`common.base.Tester`) places the test-mode output in
+All distances are in mm. The tester (:class:`main.tester.Tester`) places the test-mode output in
 the world, then calls these on tensors; the tests call them on hand-made inputs with known answers.
 
 * :func:`joint_distances`: Euclidean distance per keypoint, with the validity mask;
@@ -218,8 +218,12 @@ def pearson(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     denominator = np.linalg.norm(a) * np.linalg.norm(b)
     if not denominator > 0:
         return None
-    value = float(a @ b / denominator)
-    return value if math.isfinite(value) else None
+    return finite_or_none(float(a @ b / denominator))
+
+
+def finite_or_none(x: float) -> Optional[float]:
+    """``x`` as a float, or None where it is NaN or infinite (JSON has no such numbers)."""
+    return float(x) if math.isfinite(x) else None
 
 
 def rms(x: np.ndarray) -> float:

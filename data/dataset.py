@@ -600,12 +600,12 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         self.subject = int(subject)
         self.mode = mode
         self.joint_names = list(joint_names)
-        self.input_img_shape = _shape(input_img_shape, "input_img_shape")
-        self.rendered_img_shape = _shape(rendered_img_shape, "rendered_img_shape")
+        self.input_img_shape = _image_shape(input_img_shape, "input_img_shape")
+        self.rendered_img_shape = _image_shape(rendered_img_shape, "rendered_img_shape")
         self.render_view_num = int(render_view_num)
         self.on_error = on_error
         self.seed = None if seed is None else int(seed)
-        self.original_img_shape = _shape(original_img_shape, "original_img_shape")
+        self.original_img_shape = _image_shape(original_img_shape, "original_img_shape")
         self.depth_min = float(depth_min)
         self.epoch = 0
         self._model_index = pts_to_model_index(self.joint_names)
@@ -833,7 +833,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
 
 
 # -------------------------------------------------------------------------------- helpers
-def _shape(value, what: str) -> Tuple[int, int]:
+def _image_shape(value, what: str) -> Tuple[int, int]:
     try:
         h, w = (int(v) for v in value)
     except (TypeError, ValueError):

@@ -54,12 +54,19 @@ def check_model_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("give either --ckpt or --subject/--test_epoch, not both")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_and_pose_parser(description: str, default_pose: str, pose_help: str) -> argparse.ArgumentParser:
+    """A parser with the model options (:func:`add_model_args`) and ``--pose``, shared by ``demo.py``
+    and the editor."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    parser.add_argument("--pose", default=DEFAULT_POSE,
-                        help=f"YAML/JSON file {{joint: [x, y, z]}} in degrees, or a preset: "
-                             f"{', '.join(preset_names())} (default: {DEFAULT_POSE})")
+    parser.add_argument("--pose", default=default_pose, help=pose_help)
+    return parser
+
+
+def parse_args(argv=None):
+    pose_help = (f"YAML/JSON file {{joint: [x, y, z]}} in degrees, or a preset: {', '.join(preset_names())} "
+                 f"(default: {DEFAULT_POSE})")
+    parser = model_and_pose_parser(__doc__, DEFAULT_POSE, pose_help)
     parser.add_argument("--euler", action="append", default=[], metavar="NAME=X,Y,Z",
                         help="set one joint's angles in degrees (repeatable; replaces the pose's value)")
     parser.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder")
@@ -101,10 +108,11 @@ def load_model(args):
     return hand_model, model, device, text
 
 
-def decode_pose(model, euler: torch.Tensor, device) -> tuple:
-    """``euler [B, J, 3]`` radians → ``(joints [B, J, 3], vertices [B, V, 3])`` float64 mm, wrist frame."""
+def decode_pose(model, euler: torch.Tensor, device, identity=None) -> tuple:
+    """``euler [B, J, 3]`` radians → ``(joints [B, J, 3], vertices [B, V, 3])`` float64 mm, wrist frame.
+    ``identity``: ``model.identity()`` computed once by a caller that decodes many poses, or None."""
     with torch.no_grad():
-        out = model.decode(euler.to(device))
+        out = model.decode(euler.to(device), identity)
     return (out["joint_out"].cpu().numpy().astype(np.float64),
             out["mesh_out_refined"].cpu().numpy().astype(np.float64))
 

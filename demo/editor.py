@@ -14,7 +14,6 @@ reads), the mesh (OBJ) and ``render.png``, loading a pose file, and keyframes fo
 """
 from __future__ import annotations
 
-import argparse
 import html
 import socket
 import sys
@@ -31,12 +30,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from common.utils.hand_model import save_obj  # noqa: E402
 from common.utils.pose_io import PoseError, preset_names  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from demo import animate  # noqa: E402
-from demo.demo import USER_ERRORS, add_model_args, check_model_args, decode_pose, load_model, render_pose  # noqa: E402
+from demo.demo import (USER_ERRORS, check_model_args, decode_pose, load_model, model_and_pose_parser,  # noqa: E402
+                       render_pose)
 from demo.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, pose_degrees,  # noqa: E402
                             pose_yaml, random_pose, read_uploaded_pose, tidy)
@@ -94,7 +95,9 @@ class Editor:
         check_port(args.host, args.port)
         self.hand, self.model, self.device, self.ckpt_text = load_model(args)
         self.start_deg = pose_degrees(self.hand, args.pose)
-        self.model_lock = threading.Lock()  # one decode at a time (the model caches its identity terms)
+        with torch.no_grad():  # the pose-independent part of the decoder, once for every decode
+            self.identity = self.model.identity()
+        self.model_lock = threading.Lock()  # one decode at a time: the browser tabs share the model
         self.sessions: Dict[int, Session] = {}
         self.server = viser.ViserServer(host=args.host, port=args.port, label="DeepHandMesh pose editor",
                                         verbose=False)
@@ -116,7 +119,7 @@ class Editor:
     def decode(self, euler_deg: np.ndarray):
         """``[J, 3]`` degrees → ``(joints [J, 3], vertices [V, 3])`` mm, as ``demo.py``."""
         with self.model_lock:
-            joints, verts = decode_pose(self.model, euler_tensor(euler_deg), self.device)
+            joints, verts = decode_pose(self.model, euler_tensor(euler_deg), self.device, self.identity)
         return joints[0], verts[0]
 
     def to_world(self, points_mm: np.ndarray) -> np.ndarray:
@@ -487,11 +490,8 @@ class Session:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser.add_argument("--pose", default=DEFAULT_POSE,
-                        help=f"start pose: a YAML/JSON file or a preset ({', '.join(preset_names())}); "
-                             f"default {DEFAULT_POSE}")
+    pose_help = f"start pose: a YAML/JSON file or a preset ({', '.join(preset_names())}); default {DEFAULT_POSE}"
+    parser = model_and_pose_parser(__doc__, DEFAULT_POSE, pose_help)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
     args = parser.parse_args(argv)

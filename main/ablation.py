@@ -43,7 +43,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import metrics  # noqa: E402
-from common.base import Tester, Trainer, resolve_paths  # noqa: E402
+from main.options import resolve_paths  # noqa: E402
+from main.tester import Tester  # noqa: E402
+from main.trainer import Trainer  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
 from common.utils.checkpoint import CheckpointError  # noqa: E402
 from common.utils.hand_model import HandModelError  # noqa: E402

@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from common.bench.timing import load_hands, machine_description, median_seconds  # noqa: E402
+from main.benchmarks.timing import load_hands, machine_description, median_seconds  # noqa: E402
 from common.utils.device import usable_cpus  # noqa: E402
 
 JSON_TAG = "BENCH_JSON "
@@ -52,7 +52,8 @@ def bench_decode(args) -> None:
     from tests.reference import decode_loop_model
 
     print(f"decode: {machine_description()}; median of {args.repeats} runs (loop: fewer at large batches)")
-    print("correctives: our decode's pose-corrective MLP (with the identity offset) alone, the part whose")
+    print("ours: model.decode with the identity part computed once (model.identity()), as the demo and editor do")
+    print("correctives: our decode's pose-corrective MLP (with the pose-independent rest) alone, the part whose")
     print("work the loop also does, and its rate; bound: loop / correctives, the speed-up if FK and LBS were free")
     print(f"float32 matrix product on this machine (2048x2048, for scale): {gemm_throughput() / 1e9:.0f} GFLOP/s")
     print(f"{'hand':<10} {'V':>5} {'batch':>5} | {'ours ms':>8} {'meshes/s':>9} | "
@@ -64,9 +65,10 @@ def bench_decode(args) -> None:
             euler = (torch.rand(batch, hand.joint_num, 3) - 0.5) * torch.from_numpy(hand.dof_mask)
             loop_repeats = max(3, args.repeats * 4 // max(4, batch))
             with torch.no_grad():
-                ours = median_seconds(lambda: model.decode(euler), args.repeats)
+                identity = model.identity()
+                ours = median_seconds(lambda: model.decode(euler, identity), args.repeats)
                 loop = median_seconds(lambda: decode_loop_model(model, euler), loop_repeats, warmup=1)
-                layer = median_seconds(lambda: model.rest_vertices(euler), args.repeats)
+                layer = median_seconds(lambda: model.rest_vertices(euler, identity), args.repeats)
             layer_flops = 2 * corrective_layer.numel() * batch
             print(f"{name:<10} {hand.vertex_num:>5} {batch:>5} | {ours * 1e3:>8.2f} {batch / ours:>9.0f} | "
                   f"{loop * 1e3:>8.2f} {batch / loop:>9.0f} | {loop / ours:>7.1f}x | {layer * 1e3:>14.2f} "
@@ -74,14 +76,14 @@ def bench_decode(args) -> None:
 
 
 def bench_losses(args) -> None:
-    from common.bench import losses
+    from main.benchmarks import losses
 
     print(f"losses: {machine_description()}")
     losses.run(load_hands(args.hands), args.batch, args.repeats)
 
 
 def bench_renderer(args) -> None:
-    from common.bench.renderer import compare_renderers, memory_growth, subdivide, variant
+    from main.benchmarks.renderer import compare_renderers, memory_growth, subdivide, variant
     from common.nets.renderer import pytorch3d_available
 
     hands = []
@@ -134,8 +136,9 @@ def bench_data(args) -> None:
 def bench_train(args) -> int:
     import logging
 
-    from common.base import Trainer, config_from_args
-    from common.bench.iteration import format_profile, profile_iterations
+    from main.options import config_from_args
+    from main.trainer import Trainer
+    from main.benchmarks.iteration import format_profile, profile_iterations
     from common.logger import close_logging, setup_logging
     from common.utils import distributed
 
@@ -210,7 +213,7 @@ def bench_scaling(args) -> int:
 
 
 def main(argv=None) -> int:
-    from common.base import add_config_args
+    from main.options import add_config_args
     from common.nets.renderer import DEFAULT_TILE_SIZE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

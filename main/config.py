@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """An unknown option or a value of the wrong type; the message names the option and its source."""
 
 
+def _output_folder(name: str) -> property:
+    """A read-only option: the folder ``output_dir/<name>``."""
+    return property(lambda self: str(Path(self.output_dir) / name), doc=f"``output_dir/{name}``")
+
+
 class Config:
     # The original's option names and defaults.
     ## input, output
@@ -90,25 +95,12 @@ class Config:
     tensorboard_image_interval = 100
 
     # ------------------------------------------------------------------
-    @property
-    def model_dir(self) -> str:
-        return str(Path(self.output_dir) / "model_dump")
-
-    @property
-    def vis_dir(self) -> str:
-        return str(Path(self.output_dir) / "vis")
-
-    @property
-    def log_dir(self) -> str:
-        return str(Path(self.output_dir) / "log")
-
-    @property
-    def tensorboard_dir(self) -> str:
-        return str(Path(self.output_dir) / "tensorboard")
-
-    @property
-    def result_dir(self) -> str:
-        return str(Path(self.output_dir) / "result")
+    # The output folders, as the original names them (read-only: they follow output_dir).
+    model_dir = _output_folder("model_dump")
+    vis_dir = _output_folder("vis")
+    log_dir = _output_folder("log")
+    tensorboard_dir = _output_folder("tensorboard")
+    result_dir = _output_folder("result")
 
     def options(self) -> Dict[str, Any]:
         """All settable options with their current values."""

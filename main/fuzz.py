@@ -295,7 +295,7 @@ def checkpoint_model(hand: HandModel, config: Config):
 def build_kinds(work: Path, hand_dir: Optional[str], selected: Sequence[str],
                 hand_vertices: Optional[int] = None) -> Dict[str, Kind]:
     """Write the real files into ``work`` and describe every kind."""
-    from common.base import config_from_args
+    from main.options import config_from_args
     from common.nets.loss import PenetLoss
     from common.utils.kinematics import KinematicTree
     from data.dataset import DataFormatError, DeepHandMeshDataset, SampleError, hand_model_pts_index

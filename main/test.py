@@ -7,7 +7,7 @@
 
 Writes, under ``output/result/subject_<N>/``, each input crop (``<index>_<seq>_cam<cam>_frame<f>_img.png``),
 the test-mode mesh (``…_mesh.obj``: root at identity, i.e. the wrist's frame, as the original) and
-``metrics.json`` (see :class:`common.base.Tester` for the definitions), and prints the metrics.
+``metrics.json`` (see :class:`main.tester.Tester` for the definitions), and prints the metrics.
 Bad arguments (missing snapshot, wrong data folder, unknown option) end with a one-line message and
 exit code 2.
 """
@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.base import Tester, add_config_args, config_from_args  # noqa: E402
+from main.options import add_config_args, config_from_args, set_up_or_report  # noqa: E402
+from main.tester import Tester  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
-from common.utils.checkpoint import CheckpointError  # noqa: E402
-from common.utils.hand_model import HandModelError  # noqa: E402
 from data.dataset import SampleError  # noqa: E402
 from main.config import ConfigError  # noqa: E402
 
@@ -63,12 +62,9 @@ def main(argv=None) -> int:
     log = setup_logging(config.log_dir, "test_logs.txt")
     try:
         log.info("test.py %s", " ".join(sys.argv[1:] if argv is None else argv))
-        try:
-            tester = Tester(config, None if args.init else args.test_epoch, args.seed)
-            tester.make_model()
-            tester.make_batch_generator()
-        except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
-            log.error("error: %s", err)
+        epoch = None if args.init else args.test_epoch
+        tester = set_up_or_report(log, lambda: Tester(config, epoch, args.seed).set_up())
+        if tester is None:
             return 2
         try:
             metrics = tester.test()

@@ -11,7 +11,7 @@ layout: ``{'epoch', 'network' ('module.' keys), 'optimizer'}``) and logs to
 ``output/log/train_logs.txt`` and the console. Without ``--gpu`` or without CUDA it runs on the CPU.
 Bad arguments (unknown option, missing data, malformed hand model or snapshot) end with a one-line
 message and exit code 2. Started by ``torchrun`` with several processes it trains with
-``DistributedDataParallel`` (see :class:`common.base.Trainer`); only rank 0 logs and writes.
+``DistributedDataParallel`` (see :class:`main.trainer.Trainer`); only rank 0 logs and writes.
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.base import Trainer, add_config_args, config_from_args  # noqa: E402
+from main.options import add_config_args, config_from_args, set_up_or_report  # noqa: E402
+from main.trainer import Trainer  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
 from common.utils import distributed  # noqa: E402
-from common.utils.checkpoint import CheckpointError  # noqa: E402
-from common.utils.hand_model import HandModelError  # noqa: E402
 from data.dataset import SampleError  # noqa: E402
 from main.config import ConfigError  # noqa: E402
 
@@ -63,13 +62,8 @@ def main(argv=None) -> int:
         log = setup_logging(None, level=logging.WARNING, console_prefix=f"[rank {context.rank}] ")
     try:
         log.info("train.py %s", " ".join(sys.argv[1:] if argv is None else argv))
-        try:
-            trainer = Trainer(config, seed=args.seed, context=context)
-            trainer.make_batch_generator()
-            trainer.make_model()
-        except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
-            # Bad input (options, data folder, hand model, snapshot): one line, no traceback.
-            log.error("error: %s", err)
+        trainer = set_up_or_report(log, lambda: Trainer(config, seed=args.seed, context=context).set_up())
+        if trainer is None:
             return 2
         try:
             trainer.train()

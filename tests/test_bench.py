@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.base import Trainer
-from common.bench.iteration import STAGES, StageClock, profile_iterations
-from common.bench.renderer import subdivide
+from main.trainer import Trainer
+from main.benchmarks.iteration import STAGES, StageClock, profile_iterations
+from main.benchmarks.renderer import subdivide
 from main.config import Config
 from tests.conftest import REPO
 from tests.test_train import TINY
@@ -26,7 +26,7 @@ def tiny_trainer(data_dir, out_dir) -> Trainer:
 
 
 def one_step_gradients(trainer, batch):
-    from common.base import split_batch
+    from main.trainer import split_batch
 
     trainer.optimizer.zero_grad(set_to_none=True)
     loss = trainer.model(*split_batch(batch, trainer.device), "train")
@@ -40,8 +40,9 @@ def test_stage_clock_leaves_gradients_unchanged_and_times_backward(tiny_set, tmp
     plain = one_step_gradients(trainer, batch)
     model = trainer.model
     clock = StageClock(trainer.device)
-    clock.attach(model.renderer, "rendering", backward=True)
-    for loss in (model.joint_loss, model.depthmap_loss, model.penet_loss, model.lap_loss):
+    clock.attach(model.objective.renderer, "rendering", backward=True)
+    objective = model.objective
+    for loss in (objective.joint_loss, objective.depthmap_loss, objective.penet_loss, objective.lap_loss):
         clock.attach(loss, "losses", backward=True)
     timed = one_step_gradients(trainer, batch)
     assert plain.keys() == timed.keys() and len(plain) > 10
@@ -50,7 +51,7 @@ def test_stage_clock_leaves_gradients_unchanged_and_times_backward(tiny_set, tmp
     assert clock.forward["rendering"] > 0 and clock.forward["losses"] > 0
     assert clock.backward["rendering"] > 0 and clock.backward["losses"] > 0
     clock.detach()
-    assert not model.renderer._forward_hooks and not model.renderer._forward_pre_hooks
+    assert not model.objective.renderer._forward_hooks and not model.objective.renderer._forward_pre_hooks
 
 
 def test_profile_iterations_reports_every_stage(tiny_set, tmp_path):

@@ -287,7 +287,7 @@ def corrupt_set(data_set, tmp_path, default_hand):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_corrupt_file_of_each_kind_costs_only_its_samples(corrupt_set, tmp_path, workers):
-    from common.base import Trainer
+    from main.trainer import Trainer
     from tests.test_train import tiny_config
 
     root, files, bad, n = corrupt_set

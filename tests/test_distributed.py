@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import base
-from common.base import Trainer, split_batch
+from common.utils.checkpoint import network_state_dict
+from common.utils.device import unwrap
+from main.model import get_model
+from main.options import resolve_paths
+from main.trainer import Trainer, split_batch
 from common.utils import device as device_module
 from common.utils.checkpoint import read_checkpoint
 from common.utils.distributed import DistributedContext, DistributedError, context_from_env
@@ -90,7 +93,7 @@ def test_one_ddp_step_equals_one_process_step(four_samples, tmp_path):
     config = Config()
     config.update_from_strings(TINY + ["train_batch_size=4", f"output_dir={tmp_path / 'one'}"])
     config.data_dir = str(four_samples)
-    config = base.resolve_paths(config)
+    config = resolve_paths(config)
     trainer = Trainer(config, seed=0)
     trainer.make_batch_generator()
     trainer.make_model()
@@ -100,7 +103,7 @@ def test_one_ddp_step_equals_one_process_step(four_samples, tmp_path):
     (batch,) = list(trainer.batch_generator)
     assert len(batch["img"]) == 4
     trainer.optimizer.zero_grad()
-    start = {n: p.detach().clone() for n, p in base.unwrap(trainer.model).named_parameters()}
+    start = {n: p.detach().clone() for n, p in unwrap(trainer.model).named_parameters()}
     group = trainer.optimizer.param_groups[0]
     lr, betas, eps = group["lr"], group["betas"], group["eps"]
     for rank in range(2):  # DistributedSampler deals the permutation out: rank r gets r, r+2, ...
@@ -108,12 +111,12 @@ def test_one_ddp_step_equals_one_process_step(four_samples, tmp_path):
         losses = trainer.model(*split_batch(half, trainer.device), "train")
         (sum(v.mean() for v in losses.values()) / 2).backward()
     trainer.optimizer.step()
-    one = base.network_state_dict(trainer.model)
+    one = network_state_dict(trainer.model)
 
     # The gradients: Adam's first moment after one step is (1 - beta1) x the gradient.
     ddp_state = snapshot(out, 0)["optimizer"]["state"]
     one_state = trainer.optimizer.state_dict()["state"]
-    names = [k for k, _ in base.unwrap(trainer.model).named_parameters()]
+    names = [k for k, _ in unwrap(trainer.model).named_parameters()]
     assert len(ddp_state) == len(one_state) == len(names)
     for index, name in enumerate(names):
         g_ddp, g_one = ddp_state[index]["exp_avg"], one_state[index]["exp_avg"]
@@ -132,7 +135,7 @@ def test_one_ddp_step_equals_one_process_step(four_samples, tmp_path):
             assert torch.allclose(w, expected, rtol=1e-5, atol=1e-7), name
     # And the step did move the weights (from the same seeded initialisation).
     torch.manual_seed(0)
-    initial = base.get_model("train", trainer.hand_model, config).state_dict()
+    initial = get_model("train", trainer.hand_model, config).state_dict()
     key = "module.backbone_net.resnet.conv1.weight"
     assert torch.equal(initial[key[len("module."):]], start[key[len("module."):]])
     assert not torch.allclose(ddp[key], initial[key[len("module."):]])

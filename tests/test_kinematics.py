@@ -251,8 +251,8 @@ def test_decode_root_transform_training_mode(any_hand, small_cfg):
         pose_c, id_c = model.skin_refine_net(euler, model.id_code[None])
         ref_root = (root @ G_root).double()
     joints, verts = decode_reference(any_hand, euler.double(), skeleton_c, pose_c, id_c[0], root_transform=ref_root)
-    assert (out["joint_out"].double() - joints).abs().max() < 1e-3
-    assert (out["mesh_out_refined"].double() - verts).abs().max() < 1e-3
+    assert (out.joints.double() - joints).abs().max() < 1e-3
+    assert (out.mesh.double() - verts).abs().max() < 1e-3
 
 
 def test_decode_gradients_flow(any_hand, small_cfg):
@@ -297,20 +297,19 @@ def test_model_forward_image_to_mesh(any_hand, small_cfg, resnet_type, channels)
     assert (out["joint_euler"].abs() <= math.pi).all()
 
 
-def test_identity_cache_never_serves_stale_results(any_hand, small_cfg, tmp_path):
+def test_decode_never_serves_stale_identity_results(any_hand, small_cfg, tmp_path):
     from common.utils.checkpoint import load_checkpoint, save_checkpoint
 
     model = get_model("test", any_hand, small_cfg).eval()
     euler = random_euler(any_hand, 2, seed=11)
 
     def fresh():
-        model._identity_cache = None
-        return model.decode(euler)["mesh_out_refined"]
+        return model.decode(euler, model.identity())["mesh_out_refined"]
 
     with torch.no_grad():
         first = model.decode(euler)["mesh_out_refined"]
-        assert torch.equal(model.decode(euler)["mesh_out_refined"], first)  # served from the cache
-        # In-place changes of every input of the identity terms must invalidate it.
+        assert torch.equal(model.decode(euler)["mesh_out_refined"], first)  # deterministic
+        # In-place changes of every input of the identity part show in the next decode.
         for tensor in (model.skin_refine_net.fc_id[2].weight, model.skeleton_refine_net.fc_skeleton[0].bias,
                        model.skin_refine_net.fc_pose[2].bias, model.id_code):
             before = model.decode(euler)["mesh_out_refined"]
@@ -322,7 +321,7 @@ def test_identity_cache_never_serves_stale_results(any_hand, small_cfg, tmp_path
         save_checkpoint({"epoch": 0, "network": get_model("test", any_hand, small_cfg).state_dict()}, path)
         load_checkpoint(model, path)
         assert torch.equal(model.decode(euler)["mesh_out_refined"], fresh())
-    # With gradients the identity terms are recomputed and carry the graph.
+    # With gradients the identity part carries the graph.
     model.decode(euler)["mesh_out_refined"].sum().backward()
     assert model.skin_refine_net.fc_id[2].weight.grad is not None
 

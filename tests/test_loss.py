@@ -161,8 +161,7 @@ def penet_inputs(hand, cfg, batch=3, seed=0, curl=True):
     with torch.no_grad():
         out = model.pose(random_euler(hand, batch, seed, curl=curl), random_root(batch, seed))
         template = model.refined_template_pose()
-    return (template.double(), out["rest_mesh"].double(), out["joint_out"].double(),
-            out["mesh_out_refined"].double())
+    return (template.double(), out.rest_mesh.double(), out.joints.double(), out.mesh.double())
 
 
 def run_reference(loss, hand, template, rest, joints, mesh, segmentation=None, **kw):
@@ -396,8 +395,8 @@ def test_penetration_collision_at_first_bone_point(default_hand, small_cfg):
     model = trained_like_model(hand, small_cfg)
     with torch.no_grad():
         out = model.pose(torch.zeros(2, hand.joint_num, 3), model.global_pose[model.root_joint_idx])
-    joints, mesh = out["joint_out"].double(), out["mesh_out_refined"].double()
-    rest = out["rest_mesh"].double()
+    joints, mesh = out.joints.double(), out.mesh.double()
+    rest = out.rest_mesh.double()
     loss = PenetLoss.from_hand_model(hand)
     seg = torch.from_numpy(hand.segmentation)
     nr = torch.isin(seg, torch.tensor(hand.non_rigid_joint_indices))

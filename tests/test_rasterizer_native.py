@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import common.nets.renderer as renderer_module
+import common.nets.backend as backend_module
 from common.nets.rasterizer import default_chunks, rasterize_depth
 from common.nets.renderer import DepthRenderer, RendererBackendError, pytorch3d_available, resolve_backend
 from tests.conftest import REPO
@@ -140,7 +140,7 @@ def test_faces_per_pixel_are_the_k_nearest_hits(default_hand):
     assert v.grad.abs().max() > 0
     if pytorch3d_available():
         reference = DepthRenderer(renderer.faces, renderer.image_size, near=near, faces_per_pixel=K, tile_size=None,
-                                  backend="pytorch3d")._rasterize_whole(verts)
+                                  backend="pytorch3d").rasterize_whole(verts)
         assert torch.equal(face, reference[0]) and torch.equal(zbuf, reference[1])
 
 
@@ -150,7 +150,7 @@ def test_faces_per_pixel_equal_pytorch3d_on_realistic_views(default_hand):
     renderer, _, verts = _scene(default_hand, "realistic", H=32, W=30)
     ours = rasterize_depth(verts, renderer.faces, renderer.image_size, renderer.near, faces_per_pixel=K)
     reference = DepthRenderer(renderer.faces, renderer.image_size, faces_per_pixel=K, tile_size=None,
-                              backend="pytorch3d")._rasterize_whole(verts)
+                              backend="pytorch3d").rasterize_whole(verts)
     assert (ours[0][..., 3] >= 0).sum() > 100
     assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
 
@@ -224,14 +224,14 @@ def test_memory_of_a_large_render_is_bounded():
     code = textwrap.dedent("""
         import torch
         torch.set_num_threads(2)
-        from common.bench.renderer import ring_cameras
+        from main.benchmarks.renderer import ring_cameras
         from common.nets.renderer import DepthRenderer
         from common.utils.default_hand import make_default_hand
         hand = make_default_hand()
         cams = [c.expand(8, *c.shape[1:]).contiguous() for c in ring_cameras(hand.vertices, 6, 256)]
         verts = torch.tensor(hand.vertices, dtype=torch.float32)[None].repeat(8, 1, 1).requires_grad_(True)
         renderer = DepthRenderer(torch.as_tensor(hand.faces), (256, 256), backend="native")
-        from common.bench.renderer import peak_memory_growth_mb
+        from main.benchmarks.renderer import peak_memory_growth_mb
         out = {}
         def render():
             out["depth"] = renderer(verts, *cams).detach()
@@ -248,9 +248,9 @@ def test_memory_of_a_large_render_is_bounded():
 
 # ------------------------------------------------------------------------------- the option
 def test_backend_option_resolves_and_logs_once(monkeypatch, caplog, default_hand, small_cfg):
-    monkeypatch.setattr(renderer_module, "_ANNOUNCED", set())
+    monkeypatch.setattr(backend_module, "_ANNOUNCED", set())
     faces = torch.as_tensor(default_hand.faces)
-    with caplog.at_level(logging.INFO, logger="common.nets.renderer"):
+    with caplog.at_level(logging.INFO, logger="common.nets.backend"):
         chosen = DepthRenderer(faces, 8).backend
         DepthRenderer(faces, 8)
         DepthRenderer(faces, 8, backend="native")
@@ -265,13 +265,13 @@ def test_backend_option_resolves_and_logs_once(monkeypatch, caplog, default_hand
     # The option reaches the model's renderer.
     from main.model import get_model
     small_cfg.renderer_backend = "native"
-    assert get_model("train", default_hand, small_cfg).renderer.backend == "native"
+    assert get_model("train", default_hand, small_cfg).objective.renderer.backend == "native"
 
 
 def test_pytorch3d_backend_without_pytorch3d_says_how_to_install(monkeypatch, tmp_path, tiny_set):
     """Where PyTorch3D does not import (simulated where it does), ``renderer_backend: pytorch3d``
     stops with one line naming the requirements file; ``auto`` falls back to the native one."""
-    monkeypatch.setattr(renderer_module, "_PYTORCH3D", {"error": "ModuleNotFoundError: No module named 'pytorch3d'"})
+    monkeypatch.setattr(backend_module, "_PYTORCH3D", {"error": "ModuleNotFoundError: No module named 'pytorch3d'"})
     with pytest.raises(RendererBackendError) as err:
         resolve_backend("pytorch3d")
     message = str(err.value)
@@ -287,9 +287,9 @@ def test_pytorch3d_backend_without_pytorch3d_says_how_to_install(monkeypatch, tm
 
 
 def test_no_module_imports_pytorch3d_at_import_time():
-    modules = ["common.nets.renderer", "common.nets.rasterizer", "common.nets.loss", "main.model", "main.train",
-               "main.test", "main.bench", "common.base", "common.bench.renderer", "data.make_synthetic",
-               "data.show_sample", "data.dataset", "demo.demo"]
+    modules = ["common.nets.renderer", "common.nets.backend", "common.nets.tiling", "common.nets.rasterizer",
+               "common.nets.loss", "main.model", "main.train", "main.test", "main.bench", "main.trainer", "main.tester",
+               "main.benchmarks.renderer", "data.make_synthetic", "data.show_sample", "data.dataset", "demo.demo"]
     code = ("import sys, importlib\nsys.path.insert(0, '.')\n"
             f"for m in {modules!r}:\n    importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pytorch3d'))")
@@ -345,7 +345,7 @@ def _one_training_step(device, hand, data_dir):
     """The losses of one training forward on a fixed batch of the tiny set, on ``device``, and the
     parameters' gradients (compared before any optimizer step: Adam's first step is about
     lr · sign(gradient), which float rounding may flip where a gradient is near 0)."""
-    from common.base import split_batch
+    from main.trainer import split_batch
     from data.dataset import DeepHandMeshDataset
     from main.model import get_model
     from tests.test_train import tiny_config
@@ -367,7 +367,7 @@ def test_large_render_on_cuda_fits_in_a_few_gb(default_hand):
     """256 × 256, batch 8 × 6 views of the 9,860-face default hand, forward and backward, native
     backend on CUDA (its larger chunks): at most 3 GB allocated at the peak, and the same coverage
     as the CPU's for one of the samples."""
-    from common.bench.renderer import ring_cameras
+    from main.benchmarks.renderer import ring_cameras
     cams = [c.expand(8, *c.shape[1:]).contiguous().cuda() for c in ring_cameras(default_hand.vertices, 6, 256)]
     verts = torch.tensor(default_hand.vertices, dtype=torch.float32)[None].repeat(8, 1, 1).cuda().requires_grad_(True)
     renderer = DepthRenderer(torch.as_tensor(default_hand.faces), (256, 256), backend="native").cuda()

@@ -597,7 +597,7 @@ def test_tiled_rasterisation_equals_untiled(hand_name):
     # tile (non-square, larger than H).
     for tile_size in (16, 20, 64):
         tiled = DepthRenderer(faces, (H, W), tile_size=tile_size, backend="pytorch3d")
-        out = tiled._rasterize_tiled(verts)
+        out = tiled.rasterize_tiled(verts)
         assert out is not None, f"tile_size={tile_size}: the tiled path should have been taken"
         _assert_same_fragments(ref, out, f"{hand_name}, tile_size={tile_size}")
     # And through the public entry point, with the default tile size.
@@ -621,9 +621,9 @@ def test_tiled_rasterisation_with_near_plane_clipping():
     behind = (verts[:, faces, 2] < near).sum(-1)
     assert ((behind > 0) & (behind < 3)).sum() > 100 and (behind == 3).sum() > 100 and (behind == 0).sum() > 100
     tiled = DepthRenderer(faces, (H, W), near=near, tile_size=10, backend="pytorch3d")
-    out = tiled._rasterize_tiled(verts)
+    out = tiled.rasterize_tiled(verts)
     assert out is not None
-    _assert_same_fragments(whole._rasterize_whole(verts), out, "near-plane clipping")
+    _assert_same_fragments(whole.rasterize_whole(verts), out, "near-plane clipping")
 
 
 def test_tiled_gradients_equal_untiled():
@@ -682,7 +682,7 @@ def test_tiling_options_and_empty_views(backend):
 def _p3d_reference(faces, size, verts, near=1.0):
     _need_pytorch3d()
     return DepthRenderer(faces, size, near=near, tile_size=None, cpu_rasteriser="pytorch3d",
-                         backend="pytorch3d")._rasterize_whole(verts)
+                         backend="pytorch3d").rasterize_whole(verts)
 
 
 # The scenes both backends render: (camera distance, near plane) in mm. At 700 mm (a realistic
@@ -721,7 +721,7 @@ def test_native_backend_equals_pytorch3d(hand_name, size, scene):
     ours = rasterize_depth(verts, native.faces, size, near)
     assert ours[0].shape == ours[1].shape == (6, H, W, 1)
     assert ours[0].dtype == torch.int64 and ours[1].dtype == torch.float32
-    theirs = reference._rasterize_whole(verts)
+    theirs = reference.rasterize_whole(verts)
     seen = theirs[0] >= 0
     assert 0.05 * seen.numel() < seen.sum() < seen.numel(), "the hand should cover part of the images"
     assert torch.equal(ours[0], theirs[0]), f"face maps differ at {int((ours[0] != theirs[0]).sum())} pixels"

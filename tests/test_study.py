@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import base, summary
-from common.base import Trainer, attach_gt_pose, load_gt_poses, split_batch
+from common import summary
+from common.utils.device import unwrap
+from data.ground_truth import attach_gt_pose, load_gt_poses
+from main.options import resolve_paths
+from main import tester as tester_module
+from main.trainer import Trainer, split_batch
 from data.dataset import DeepHandMeshDataset
 from main import ablation
 from main import train as train_script
@@ -22,7 +26,7 @@ from tests.test_train import TINY, tiny_args, tiny_config
 
 def trainer_for(data_dir, out_dir, **options) -> Trainer:
     config = tiny_config(data_dir).update({"output_dir": str(out_dir), "end_epoch": 1, **options})
-    trainer = Trainer(base.resolve_paths(config), seed=0)
+    trainer = Trainer(resolve_paths(config), seed=0)
     trainer.make_batch_generator()
     trainer.make_model()
     return trainer
@@ -62,7 +66,7 @@ def test_ground_truth_angles_and_skeleton_reproduce_the_keypoints(tiny_set, defa
 
 def test_decoder_only_training_moves_only_the_learning_correctives(tiny_set, tmp_path):
     trainer = trainer_for(tiny_set, tmp_path, pose_source="gt", correctives=["skeleton", "identity"])
-    model = base.unwrap(trainer.model)
+    model = unwrap(trainer.model)
     before = snapshot_of(model)
     assert float(model.skin_refine_net.fc_pose[-1].weight.abs().sum()) == 0  # held at zero from the start
     trainer.train()
@@ -78,10 +82,10 @@ def test_decoder_only_training_moves_only_the_learning_correctives(tiny_set, tmp
 def test_decoder_only_plain_lbs_learns_nothing_and_still_runs(tiny_set, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         trainer = trainer_for(tiny_set, tmp_path, pose_source="gt", correctives=[])
-        before = snapshot_of(base.unwrap(trainer.model))
+        before = snapshot_of(unwrap(trainer.model))
         trainer.train()
     assert "no parameter learns" in caplog.text
-    after = snapshot_of(base.unwrap(trainer.model))
+    after = snapshot_of(unwrap(trainer.model))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "model_dump" / "subject_4" / "snapshot_0.pth.tar").is_file()
 
@@ -153,7 +157,7 @@ def test_tensorboard_event_files_of_training_and_testing(tiny_set, tmp_path, cap
     png = cv2.imdecode(np.frombuffer(images[0].encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
     assert png.shape == (summary.PANEL_HEIGHT, 4 * summary.PANEL_HEIGHT, 3)
 
-    tester = base.Tester(trainer.cfg, 0)
+    tester = tester_module.Tester(trainer.cfg, 0)
     tester.make_model()
     tester.make_batch_generator()
     result = tester.test()
@@ -171,7 +175,7 @@ def test_without_tensorboard_the_run_goes_on_and_says_so_once(tiny_set, tmp_path
     with caplog.at_level(logging.WARNING):
         trainer = trainer_for(tiny_set, tmp_path, tensorboard_image_interval=1)
         trainer.train()
-        tester = base.Tester(trainer.cfg, 0)
+        tester = tester_module.Tester(trainer.cfg, 0)
         tester.make_model()
         tester.make_batch_generator()
         tester.test()

@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from common import base
-from common.base import Trainer, config_from_args, latest_snapshot, pick_device, split_batch
+from common.utils.checkpoint import latest_snapshot
+from common.utils.device import pick_device, unwrap
+from main.options import config_from_args
+from main import tester as tester_module
+from main.trainer import Trainer, split_batch
 from common.utils.kinematics import euler_to_matrix, rigid_align, to_homogeneous
 from data.dataset import DeepHandMeshDataset
 from main import test as test_script
 from main import train as train_script
 from main.config import Config
-from main.model import align_to_keypoints, get_model
+from main.model import get_model
+from main.objective import align_to_keypoints
 from tests.conftest import REPO
 
 TINY = ["resnet_type=18", "input_img_shape=[64,64]", "rendered_img_shape=[16,16]", "render_view_num=2",
@@ -77,8 +81,9 @@ def test_state_dict_keys_unchanged(default_hand, small_cfg):
     assert {"pose_net.DoF", "skin_refine_net.fc_pose.2.weight", "skeleton_refine_net.fc_skeleton.0.bias"} <= set(keys)
     # ... while the training submodules and their tables are there and move with the model.
     for name in ("renderer", "joint_loss", "depthmap_loss", "penet_loss", "lap_loss"):
-        assert isinstance(getattr(model, name), torch.nn.Module)
-    assert model.lap_loss.laplacian.is_sparse and "laplacian" in dict(model.lap_loss.named_buffers())
+        assert isinstance(getattr(model.objective, name), torch.nn.Module)
+    lap_loss = model.objective.lap_loss
+    assert lap_loss.laplacian.is_sparse and "laplacian" in dict(lap_loss.named_buffers())
 
 
 def test_weighted_alignment_uses_only_valid_points():
@@ -121,7 +126,7 @@ def test_kabsch_root_places_alignment_joints_on_the_ground_truth(default_hand, t
     joint_valid[0, align[1]] = 0  # a missing alignment keypoint with a garbage position
     joint_world[0, align[1]] = 0
 
-    root, ok = model.root_alignment(template, joint_world, joint_valid)
+    root, ok = model.objective.root_alignment(template, joint_world, joint_valid)
     assert ok.all()
     # [R|t] = root · G'_root⁻¹ is the rigid transform, and it puts G'[align] onto the keypoints.
     recovered = root @ torch.linalg.inv(template[model.root_joint_idx])
@@ -351,7 +356,7 @@ def test_metrics_of_the_ground_truth_are_zero(tiny_set, default_hand, tmp_path):
         def __init__(self, frames, shift=0.0):
             super().__init__()
             self.frames, self.calls, self.shift = frames, 0, shift
-            self.renderer, self.align_joint_idx = real.renderer, real.align_joint_idx
+            self.objective, self.align_joint_idx = real.objective, real.align_joint_idx
             # The identity metrics read the corrective networks: those of an untrained model.
             self.skin_refine_net, self.skeleton_refine_net = real.skin_refine_net, real.skeleton_refine_net
             self.id_code = real.id_code
@@ -365,7 +370,7 @@ def test_metrics_of_the_ground_truth_are_zero(tiny_set, default_hand, tmp_path):
             return {"joint_out": torch.tensor(joints[None], dtype=torch.float32),
                     "mesh_out_refined": torch.tensor(verts[None], dtype=torch.float32)}
 
-    tester = base.Tester(config, 0)
+    tester = tester_module.Tester(config, 0)
     tester.hand_model = default_hand
     tester.make_batch_generator()
     tester.model = Oracle([f for _, _, f in tester.dataset.samples])
@@ -442,7 +447,7 @@ def test_identity_metrics_measure_agreement_with_the_ground_truth(tiny_set, defa
         model.skin_refine_net.fc_id[2].bias.copy_(torch.from_numpy(2 * identity["id_corrective"]).reshape(-1))
         model.skeleton_refine_net.fc_skeleton[2].weight.zero_()
         model.skeleton_refine_net.fc_skeleton[2].bias.copy_(torch.from_numpy(-identity["skeleton_offset"]).reshape(-1))
-    tester = base.Tester(config, 0)
+    tester = tester_module.Tester(config, 0)
     tester.hand_model = default_hand
     metrics = tester._identity_metrics(model)
     assert metrics["id_corrective_correlation"] == pytest.approx(1.0, abs=1e-6)
@@ -495,12 +500,12 @@ def test_init_evaluates_the_model_train_py_starts_from(tiny_set, tmp_path, defau
     assert not (tmp_path / "result" / "subject_4" / "metrics.json").exists()
     # The model evaluated is train.py's initial model for that seed.
     config = tiny_config(tiny_set).update({"output_dir": str(tmp_path / "t")})
-    trainer = base.Trainer(config, seed=3)
+    trainer = Trainer(config, seed=3)
     trainer.hand_model = default_hand
     trainer.make_model()
-    tester = base.Tester(config, None, init_seed=3)
+    tester = tester_module.Tester(config, None, init_seed=3)
     tester.make_model()
-    assert all(torch.equal(a, b) for a, b in zip(base.unwrap(trainer.model).state_dict().values(),
-                                                 base.unwrap(tester.model).state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(unwrap(trainer.model).state_dict().values(),
+                                                 unwrap(tester.model).state_dict().values()))
     result = run_script("test.py", "--init", "--test_epoch", "1", *tiny_args(tiny_set, tmp_path))
     assert result.returncode == 2 and "not allowed with argument" in result.stderr

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from common.base import split_batch
+from main.trainer import split_batch
 from data.dataset import DeepHandMeshDataset
 from main.config import Config
 from main.model import get_model
@@ -95,7 +95,7 @@ def original_train_forward(model, inputs, targets, meta_info, lap_weight):
 
     depth_loss = []
     for v in range(meta_info["camrot"].shape[1]):
-        out = model.renderer(mesh_out, *(meta_info[k][:, v:v + 1] for k in
+        out = model.objective.renderer(mesh_out, *(meta_info[k][:, v:v + 1] for k in
                                          ("camrot", "campos", "focal", "princpt", "affine")))[:, 0]
         gt = targets["depthmap"][:, v]
         mask = ((out != 0) * (gt != 0)).float()
@@ -163,7 +163,7 @@ def scene(request, tmp_path_factory):
         mesh = tensors["mesh_out"].detach()
         ripple = 2.0 * torch.sin(torch.arange(mesh.shape[1], dtype=mesh.dtype))[None, :, None]
         displaced = mesh + torch.tensor([1.0, -2.0, 2.0]) + ripple
-        depth = model.renderer(displaced, meta_info["camrot"], meta_info["campos"], meta_info["focal"],
+        depth = model.objective.renderer(displaced, meta_info["camrot"], meta_info["campos"], meta_info["focal"],
                                meta_info["princpt"], meta_info["affine"])
         assert model.skeleton_refine_net(model.id_code).abs().max() > 3.0  # mm: G' is not G
     targets = dict(targets, depthmap=depth)
@@ -186,7 +186,7 @@ def model_forward_with_mesh_grad(model, inputs, targets, meta_info):
         seen["mesh_out"] = args[0]
 
     hooks = [model.pose_net.register_forward_hook(keep_angles),
-             model.renderer.register_forward_pre_hook(keep_vertices)]
+             model.objective.renderer.register_forward_pre_hook(keep_vertices)]
     try:
         losses = model(inputs, targets, meta_info, "train")
     finally:

@@ -20,16 +20,15 @@ it lies on the refined bones the points are placed on.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _shape(t: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(int(s) for s in t.shape)
+from common.utils.hand_model import children_of
+from common.utils.shapes import shape_of
 
 
 def _stack_views(depth, name: str) -> torch.Tensor:
@@ -44,7 +43,7 @@ def _stack_views(depth, name: str) -> torch.Tensor:
     if depth.dim() == 3:
         depth = depth[:, None]
     if depth.dim() != 4:
-        raise ValueError(f"{name}: expected shape [B, N, H, W] (mm), got {_shape(depth)}")
+        raise ValueError(f"{name}: expected shape [B, N, H, W] (mm), got {shape_of(depth)}")
     return depth
 
 
@@ -72,7 +71,7 @@ class DepthmapLoss(nn.Module):
         out = _stack_views(depthmap_out, "depthmap_out")
         gt = _stack_views(depthmap_gt, "depthmap_gt").to(out.dtype)
         if out.shape != gt.shape:
-            raise ValueError(f"depthmap_out {_shape(out)} and depthmap_gt {_shape(gt)} differ in shape")
+            raise ValueError(f"depthmap_out {shape_of(out)} and depthmap_gt {shape_of(gt)} differ in shape")
         both = (out != 0) & (gt != 0)
         loss = F.smooth_l1_loss(out, gt, reduction="none", beta=self.beta)
         # where, not a product: a non-finite value outside the mask must not leak into the loss.
@@ -92,7 +91,7 @@ class JointLoss(nn.Module):
             ``[B, J, 3]`` per-coordinate absolute error (mm), 0 for invalid joints.
         """
         if joint_out.shape != joint_gt.shape:
-            raise ValueError(f"joint_out {_shape(joint_out)} and joint_gt {_shape(joint_gt)} differ in shape")
+            raise ValueError(f"joint_out {shape_of(joint_out)} and joint_gt {shape_of(joint_gt)} differ in shape")
         valid = joint_valid.to(joint_out.dtype)
         if valid.dim() == joint_out.dim() - 1:
             valid = valid[..., None]
@@ -100,14 +99,6 @@ class JointLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------- penetration
-def _children(parents: Sequence[int]) -> List[List[int]]:
-    kids: List[List[int]] = [[] for _ in parents]
-    for j, p in enumerate(parents):
-        if p >= 0:
-            kids[p].append(j)
-    return kids
-
-
 def _squared_distances(points: torch.Tensor, vertices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``|p − v|²`` for all pairs as one product of augmented coordinates,
     ``[p, |p|², 1] · [−2v, 1, |v|²]``, with no further pass over the ``[..., Q, V]`` result.
@@ -334,7 +325,7 @@ class PenetLoss(nn.Module):
 
         # Point table in the original's order: at each joint its leaf point or, per child, that
         # bone's points followed by the child's whole subtree.
-        kids = _children(parents)
+        kids = children_of(parents)
         start, end, tpos = [], [], []
         bone_first_point = {}
 
@@ -417,7 +408,7 @@ class PenetLoss(nn.Module):
             joints = joints[..., :3, 3]
         if joints.dim() < 2 or joints.shape[-2:] != (self.joint_num, 3):
             raise ValueError(f"{name}: expected [B, {self.joint_num}, 3] positions or [(B,) {self.joint_num}, 4, 4] "
-                             f"poses (mm), got {_shape(joints)}")
+                             f"poses (mm), got {shape_of(joints)}")
         return joints
 
     def bone_points(self, joints: torch.Tensor) -> torch.Tensor:
@@ -444,7 +435,7 @@ class PenetLoss(nn.Module):
                 skeleton at zero angles (mm).
         """
         if rest_mesh.dim() != 3 or rest_mesh.shape[-1] != 3:
-            raise ValueError(f"rest_mesh: expected [B, V, 3] (mm), got {_shape(rest_mesh)}")
+            raise ValueError(f"rest_mesh: expected [B, V, 3] (mm), got {shape_of(rest_mesh)}")
         points = self.bone_points(template_pose.to(rest_mesh.dtype))
         B = rest_mesh.shape[0]
         if points.dim() == 2 and B > 1:
@@ -514,12 +505,12 @@ class PenetLoss(nn.Module):
         """The unweighted ``(rigid [B], non_rigid [B])`` terms; arguments as :meth:`forward`."""
         joint_out = self._joints(joint_out, "joint_out")
         if joint_out.dim() != 3:
-            raise ValueError(f"joint_out: expected [B, {self.joint_num}, 3] (mm), got {_shape(joint_out)}")
+            raise ValueError(f"joint_out: expected [B, {self.joint_num}, 3] (mm), got {shape_of(joint_out)}")
         B = joint_out.shape[0]
         if mesh_out.dim() != 3 or tuple(mesh_out.shape) != (B, self.vertex_num, 3):
-            raise ValueError(f"mesh_out: expected [{B}, {self.vertex_num}, 3] (mm), got {_shape(mesh_out)}")
+            raise ValueError(f"mesh_out: expected [{B}, {self.vertex_num}, 3] (mm), got {shape_of(mesh_out)}")
         if rest_mesh.shape != mesh_out.shape:
-            raise ValueError(f"rest_mesh: expected {_shape(mesh_out)} like mesh_out, got {_shape(rest_mesh)}")
+            raise ValueError(f"rest_mesh: expected {shape_of(mesh_out)} like mesh_out, got {shape_of(rest_mesh)}")
         # The decoder's meshes are [B, V, 3] views of [V, 3, B] arrays; the radius search gathers
         # vertices, many times faster from a [B, V, 3] copy.
         radii = self.point_radii(template_pose.detach(), rest_mesh.detach().contiguous()).to(joint_out.dtype)
@@ -615,7 +606,7 @@ class LaplacianLoss(nn.Module):
             ``[B, V]`` ``‖(L · v)_i‖²`` (mm²).
         """
         if vertices.dim() != 3 or vertices.shape[1:] != (self.vertex_num, 3):
-            raise ValueError(f"vertices: expected [B, {self.vertex_num}, 3] (mm), got {_shape(vertices)}")
+            raise ValueError(f"vertices: expected [B, {self.vertex_num}, 3] (mm), got {shape_of(vertices)}")
         B, V, C = vertices.shape
         L = self.laplacian if self.laplacian.dtype == vertices.dtype else self.laplacian.to(vertices.dtype)
         # One sparse product for the whole batch: the samples' coordinates become columns.

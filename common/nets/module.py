@@ -82,17 +82,18 @@ class SkinRefineNet(nn.Module):
         id_corrective = self.fc_id(id_code).view(-1, self.vertex_num, 3)
         return pose_corrective, id_corrective
 
-    def identity_offset(self, template: torch.Tensor, id_code: torch.Tensor) -> torch.Tensor:
-        """``[3V]`` the batch-independent part of the rest mesh: template + identity corrective +
-        the pose layer's output bias (mm). ``template``: ``[V, 3]``; ``id_code``: ``[C]``."""
+    def pose_independent_rest(self, template: torch.Tensor, id_code: torch.Tensor) -> torch.Tensor:
+        """``[3V]`` the part of the corrected rest mesh that does not depend on the pose (mm):
+        template + identity corrective + the pose layer's output bias. ``template``: ``[V, 3]``;
+        ``id_code``: ``[C]``."""
         return template.reshape(-1) + self.fc_id(id_code) + self.fc_pose[-1].bias
 
-    def corrected_vertices(self, joint_euler: torch.Tensor, identity_offset: torch.Tensor) -> torch.Tensor:
+    def corrected_vertices(self, joint_euler: torch.Tensor, pose_independent_rest: torch.Tensor) -> torch.Tensor:
         """``template + pose_corrective + id_corrective`` in one fused product.
 
         Args:
             joint_euler: ``[B, J, 3]`` (radians).
-            identity_offset: ``[3V]`` from :meth:`identity_offset`.
+            pose_independent_rest: ``[3V]`` from :meth:`pose_independent_rest`.
         Returns:
             ``[B, V, 3]`` rest-pose vertices with correctives (mm).
         """
@@ -100,5 +101,5 @@ class SkinRefineNet(nn.Module):
         # The transposed product W · hiddenᵀ ([3V, B]) runs markedly faster in MKL for these shapes,
         # and its [V, 3, B] layout is the one linear_blend_skinning works in; callers see a
         # [B, V, 3] view of it.
-        flat = torch.addmm(identity_offset[:, None], self.fc_pose[-1].weight, hidden.t())
+        flat = torch.addmm(pose_independent_rest[:, None], self.fc_pose[-1].weight, hidden.t())
         return flat.view(self.vertex_num, 3, -1).permute(2, 0, 1)

@@ -1,8 +1,8 @@
 """The project's own depth rasteriser, on the CPU and on CUDA, following PyTorch3D's kernel rule for rule.
 
 PyTorch3D's CPU ``rasterize_meshes`` visits every pixel of every mesh and, for each, every face
-of that mesh, with bookkeeping on each face (~6.5 µs per face of a call): at hand-crop sizes
-that is most of a CPU training iteration (BENCHMARKS.md). Here the same decisions are taken for
+of that mesh, with bookkeeping on each face of a call: at hand-crop sizes that is most of a CPU
+training iteration (BENCHMARKS.md). Here the same decisions are taken for
 all (face, pixel) pairs at once with tensor operations, visiting only the pixel centres inside
 each face's screen box. Nothing here needs PyTorch3D; the renderer uses this module as its
 ``native`` backend (and, on the CPU, inside its ``pytorch3d`` backend where the two are equal
@@ -54,7 +54,7 @@ import torch
 
 # PyTorch3D's kEpsilon (a double in its C++: float expressions it is added to are evaluated in
 # double and rounded once).
-_P3D_EPS = 1e-8
+PYTORCH3D_EPS = 1e-8
 
 # Default chunk sizes: (face, pixel) pairs handled at once (~40-60 bytes a pair at the peak) and
 # (view, face) pairs of a group of views (~250 bytes each). On the CPU small chunks stay in the
@@ -91,7 +91,7 @@ def pixel_ndc(size: int, other: int) -> torch.Tensor:
     return (extent * index + offset) / torch.tensor(float(size), dtype=f32) - offset
 
 
-def _edge(px, py, ax, ay, bx, by):
+def edge_function(px, py, ax, ay, bx, by):
     """PyTorch3D's ``EdgeFunctionForward(p, a, b)``: ``(p − a) × (b − a)``."""
     return (px - ax) * (by - ay) - (py - ay) * (bx - ax)
 
@@ -202,8 +202,8 @@ def _prepare(fv: torch.Tensor, owner: torch.Tensor, H: int, W: int):
     y0, y1, y2 = y.unbind(0)
     # The kernel compares its float32 face area and nearest depth with the double kEpsilon; no
     # float32 lies between kEpsilon and its float32 rounding, which is below it.
-    eps32 = torch.tensor(_P3D_EPS, dtype=torch.float32).item()
-    area = _edge(x0, y0, x1, y1, x2, y2)                                 # the kernel's face area
+    eps32 = torch.tensor(PYTORCH3D_EPS, dtype=torch.float32).item()
+    area = edge_function(x0, y0, x1, y1, x2, y2)                                 # the kernel's face area
     usable = (area.abs() > eps32) & (z.amin(0) > eps32)
     x_lo, x_hi, y_lo, y_hi = x.amin(0), x.amax(0), y.amin(0), y.amax(0)
     # Pixel centres the box may hold: output column c is sampled near x = (W − 1 − 2c) / S.
@@ -216,9 +216,9 @@ def _prepare(fv: torch.Tensor, owner: torch.Tensor, H: int, W: int):
     candidates = torch.nonzero(usable & (cols > 0) & (rows > 0)).squeeze(1)
     # The barycentric denominator: e(v2, v0, v1) + kEpsilon, in double, rounded once. (Where it
     # is 0 the kernel's barycentrics are not finite and it covers nothing.)
-    values = torch.stack((x0, y0, x1, y1, x2, y2, x_lo, x_hi, y_lo, y_hi, _edge(x2, y2, x0, y0, x1, y1),
+    values = torch.stack((x0, y0, x1, y1, x2, y2, x_lo, x_hi, y_lo, y_hi, edge_function(x2, y2, x0, y0, x1, y1),
                           z[0], z[1], z[2]))[:, candidates]              # [14, C]
-    values[10] = (values[10].double() + _P3D_EPS).float()
+    values[10] = (values[10].double() + PYTORCH3D_EPS).float()
     kept = torch.nonzero(values[10] != 0).squeeze(1)
     candidates, values = candidates[kept], values[:, kept]
     ranges = torch.stack((r_lo, c_lo, rows, cols))[:, candidates]          # [4, C]

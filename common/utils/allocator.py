@@ -3,9 +3,7 @@
 glibc's ``malloc`` serves large blocks with fresh ``mmap`` pages (or trims the top of its heap)
 and returns them to the system when freed; the next tensor of that size then faults every page
 in again. On the CPU, where a training iteration or a batch-64 decode allocates tens of MB of
-temporaries, those page faults cost as much as the arithmetic (measured: 2,000 faults and half
-of the 17 ms of a batch-64 decode of the default hand; 144 → 105 ms for a ``cpu_small.yaml``
-iteration, BENCHMARKS.md). :func:`retain_freed_memory` raises the two glibc thresholds once, at
+temporaries, those page faults cost about as much as the arithmetic (BENCHMARKS.md). :func:`retain_freed_memory` raises the two glibc thresholds once, at
 the start of the scripts, so freed blocks stay in the heap for reuse. The process's memory then
 stays near its peak instead of shrinking between iterations (the peak itself is unchanged).
 

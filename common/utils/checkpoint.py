@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from common.utils.device import unwrap
+
 # Buffers of the original's loss modules; they are derived from the hand model, so we skip them.
 TOLERATED_PREFIXES = ("penet_loss.", "lap_loss.", "depthmap_loss.", "joint_loss.")
 DIGEST_KEY = "tensor_digest"
 DIGEST_PREFIX = "sha256:"
+SNAPSHOT_RE = re.compile(r"^snapshot_(\d+)\.pth\.tar$")
 
 
 class CheckpointError(ValueError):
@@ -224,3 +229,31 @@ def save_checkpoint(state: Dict[str, Any], path: str | os.PathLike) -> None:
         fp.flush()
         os.fsync(fp.fileno())
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ a run's snapshots
+def snapshot_dir(config) -> Path:
+    """``model_dir/subject_<N>``: where a run's snapshots are (``config``: the run's configuration)."""
+    return Path(config.model_dir) / f"subject_{config.subject}"
+
+
+def snapshot_path(config, epoch: int) -> Path:
+    """``model_dir/subject_<N>/snapshot_<epoch>.pth.tar``, the original's name."""
+    return snapshot_dir(config) / f"snapshot_{int(epoch)}.pth.tar"
+
+
+def latest_snapshot(config) -> Optional[Tuple[int, Path]]:
+    """``(epoch, path)`` of the snapshot with the highest epoch, or None. Temporary files of an
+    interrupted write (``*.tmp``) are not snapshots."""
+    folder = snapshot_dir(config)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder)
+             if (m := SNAPSHOT_RE.match(name))]
+    return max(found) if found else None
+
+
+def network_state_dict(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state dict with DataParallel's ``module.`` prefix, as the original saves it
+    (whether or not the model is wrapped here), so the original's tooling reads our snapshots."""
+    return OrderedDict(("module." + k, v) for k, v in unwrap(model).state_dict().items())

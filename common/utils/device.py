@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,31 @@ def select_device(gpu_ids: Optional[str] = None, local_rank: Optional[int] = Non
                          f"processes on this machine: give one GPU per process (--nproc_per_node)")
     log.info("device: cuda:%d (process %d of this machine)", ids[local_rank], local_rank)
     return torch.device("cuda", ids[local_rank])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``DataParallel`` or ``DistributedDataParallel`` wrapper (else ``model``)."""
+    return model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else model
+
+
+def pick_device(config, context=None) -> Tuple[torch.device, List[int]]:
+    """The device (decided by :func:`select_device`, which logs it once) and the GPU ids this
+    process uses (empty on the CPU; in a ``torchrun`` launch its one GPU). ``config`` is the run's
+    configuration (its ``gpu_ids``), ``context`` a :class:`common.utils.distributed.DistributedContext`
+    or None for one process."""
+    if context is not None:
+        device = select_device(config.gpu_ids, context.local_rank, context.local_world_size)
+        return device, ([device.index] if device.type == "cuda" else [])
+    device = select_device(config.gpu_ids)
+    return device, (parse_gpu_ids(config.gpu_ids) if device.type == "cuda" else [])
+
+
+def place_model(model: torch.nn.Module, device: torch.device, gpu_ids: List[int]) -> torch.nn.Module:
+    """Move ``model`` to ``device``; several GPUs → DataParallel over them (as the original)."""
+    model = model.to(device)
+    if len(gpu_ids) > 1:
+        model = DataParallel(model, device_ids=gpu_ids, output_device=gpu_ids[0])
+        log.info("DataParallel over GPUs %s", gpu_ids)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return model

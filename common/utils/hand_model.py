@@ -65,6 +65,15 @@ def dof_of_joint(name: str) -> np.ndarray:
     return np.array([0, 0, 0], np.float32)
 
 
+def children_of(parents: Sequence[int]) -> List[List[int]]:
+    """Child ids of every joint of a skeleton given as parent ids (``-1`` for the root), in id order."""
+    kids: List[List[int]] = [[] for _ in parents]
+    for j, p in enumerate(parents):
+        if p >= 0:
+            kids[int(p)].append(j)
+    return kids
+
+
 @dataclass
 class HandModel:
     """A hand template: mesh, skeleton, skinning weights and rest poses.
@@ -127,11 +136,7 @@ class HandModel:
     @property
     def children(self) -> List[List[int]]:
         """Child ids of every joint, in id order."""
-        kids: List[List[int]] = [[] for _ in self.joint_names]
-        for j, p in enumerate(self.parents):
-            if p >= 0:
-                kids[int(p)].append(j)
-        return kids
+        return children_of(self.parents)
 
     @property
     def root_index(self) -> int:

@@ -159,8 +159,8 @@ def forward_kinematics(
 
 # Above this size the blended matrices of a call leave the last-level cache and every pass over
 # them goes to DRAM: the default hand's at batch 1024 would be 242 MB. Larger batches are skinned
-# in slices whose blended matrices take about _BLEND_SLICE_BYTES (2-2.5x faster at batch 256-1024
-# on a 32 MiB L3, BENCHMARKS.md, and a bounded temporary).
+# in slices whose blended matrices take about _BLEND_SLICE_BYTES: they stay in the cache, and the
+# temporary is bounded (BENCHMARKS.md).
 _BLEND_MAX_BYTES = 32 * 2**20
 _BLEND_SLICE_BYTES = 8 * 2**20
 
@@ -226,6 +226,27 @@ def rigid_align(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return to_homogeneous(R, t)
 
 
+def pose_mesh(euler: torch.Tensor, local_pose: torch.Tensor, root_transform: torch.Tensor,
+              rest_vertices: torch.Tensor, skinning_weights: torch.Tensor, global_pose_inv: torch.Tensor,
+              tree: KinematicTree) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Angles → forward kinematics → inverse bind → linear blend skinning: the one posing pipeline.
+
+    Args:
+        euler: ``[B, J, 3]`` Euler angles (radians).
+        local_pose: ``[J, 4, 4]`` local rest poses (mm), with any skeleton corrective applied.
+        root_transform: ``[B, 4, 4]`` or ``[4, 4]`` global transform of the root joint.
+        rest_vertices: ``[B, V, 3]`` rest-pose vertices with any correctives (mm).
+        skinning_weights: ``[V, J]``.
+        global_pose_inv: ``[J, 4, 4]`` inverse bind poses of the template.
+        tree: the skeleton's :class:`KinematicTree`.
+    Returns:
+        ``(G [B, J, 4, 4] global joint transforms, vertices [B, V, 3] mm)``; the joints are
+        ``G[..., :3, 3]``.
+    """
+    G = forward_kinematics(local_pose @ euler_to_transform(euler), root_transform, tree)
+    return G, linear_blend_skinning(rest_vertices, skinning_weights, G @ global_pose_inv)
+
+
 def pose_hand(
     hand_model,
     euler: torch.Tensor,
@@ -252,8 +273,7 @@ def pose_hand(
     if skeleton_offset is not None:
         local = add_translation(local, skeleton_offset)
     root = torch.eye(4, dtype=dtype, device=device) if root_transform is None else root_transform
-    G = forward_kinematics(local @ euler_to_transform(euler), root, KinematicTree.from_parents(hand_model.parents))
-    T = G @ as_t(hand_model.global_pose_inv)
     verts = as_t(hand_model.vertices) if rest_vertices is None else rest_vertices
-    verts = verts.expand(euler.shape[0], -1, -1)
-    return G[..., :3, 3], linear_blend_skinning(verts, as_t(hand_model.skinning_weights), T)
+    G, posed = pose_mesh(euler, local, root, verts.expand(euler.shape[0], -1, -1), as_t(hand_model.skinning_weights),
+                         as_t(hand_model.global_pose_inv), KinematicTree.from_parents(hand_model.parents))
+    return G[..., :3, 3], posed

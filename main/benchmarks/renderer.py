@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from common.bench.timing import median_seconds
+from main.benchmarks.timing import median_seconds
 from common.nets.renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
 # The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
@@ -177,7 +177,7 @@ def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device
     import statistics
     import time
 
-    from common.bench.timing import synchronize
+    from main.benchmarks.timing import synchronize
 
     timer = time.thread_time if clock == "thread" else time.perf_counter
 
@@ -317,7 +317,7 @@ def memory_growth(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = str(Path(tmp) / "mesh.npz")
                     np.savez(path, vertices=np.asarray(hand.vertices, np.float64), faces=np.asarray(hand.faces))
-                    code = (f"from common.bench.renderer import _memory_probe; "
+                    code = (f"from main.benchmarks.renderer import _memory_probe; "
                             f"_memory_probe({path!r}, {int(size)}, {int(views)}, {backend!r})")
                     root = Path(__file__).resolve().parents[2]
                     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,

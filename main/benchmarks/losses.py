@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from common.bench.timing import median_seconds
+from main.benchmarks.timing import median_seconds
 from common.nets.loss import LaplacianLoss, PenetLoss
 
 
@@ -31,7 +31,7 @@ def posed_batch(hand_model, batch: int, seed: int = 0) -> Tuple[torch.Tensor, ..
     with torch.no_grad():
         out = model.pose(random_euler(hand_model, batch, seed, curl=True), random_root(batch, seed))
         template = model.refined_template_pose()
-    return template, out["rest_mesh"], out["joint_out"], out["mesh_out_refined"]
+    return template, out.rest_mesh, out.joints, out.mesh
 
 
 def _forward_backward(fn, *leaves: torch.Tensor):

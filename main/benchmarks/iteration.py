@@ -2,12 +2,12 @@
 backward and the optimizer step, and the peak memory. Run through ``python main/bench.py train``
 (and, several processes at once, ``python main/bench.py scaling``).
 
-The iterations are the trainer's own (:class:`common.base.Trainer` sets up data, model and
+The iterations are the trainer's own (:class:`main.trainer.Trainer` sets up data, model and
 optimizer exactly as ``train.py`` does, one process or a ``torchrun`` launch); the stages are
 timed without changing what runs:
 
 * forward time of the encoder (``backbone_net``, ``pose_net``), the renderer and the four loss
-  modules by forward hooks; the decoder (identity terms, root alignment, FK, LBS) is the rest of
+  modules by forward hooks; the decoder (identity part, root alignment, FK, LBS) is the rest of
   the forward;
 * backward time of the renderer and of the losses by identity autograd functions put on their
   inputs and outputs: the interval between the gradient reaching a module's output and leaving
@@ -26,7 +26,7 @@ from typing import Dict, List
 
 import torch
 
-from common.bench.timing import synchronize
+from main.benchmarks.timing import synchronize
 
 
 class _Mark(torch.autograd.Function):
@@ -117,18 +117,20 @@ def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, o
     (``make_batch_generator`` and ``make_model`` done) and return the median of each stage (ms),
     the iteration's median, samples/s over all processes and the peak memory.
 
-    The iterations are those of :meth:`common.base.Trainer.train_epoch` (zero_grad, forward, mean
+    The iterations are those of :meth:`main.trainer.Trainer.train_epoch` (zero_grad, forward, mean
     of each loss, sum, backward, step), the epoch's loader restarted when it runs out.
     """
-    from common.base import split_batch, unwrap
+    from common.utils.device import unwrap
+    from main.trainer import split_batch
 
     model = unwrap(trainer.model)
     device = trainer.device
     clock = StageClock(device)
     clock.attach(model.backbone_net, "encoder")
     clock.attach(model.pose_net, "encoder")
-    clock.attach(model.renderer, "rendering", backward=True)
-    for loss in (model.joint_loss, model.depthmap_loss, model.penet_loss, model.lap_loss):
+    clock.attach(model.objective.renderer, "rendering", backward=True)
+    objective = model.objective
+    for loss in (objective.joint_loss, objective.depthmap_loss, objective.penet_loss, objective.lap_loss):
         clock.attach(loss, "losses", backward=True)
 
     epoch = 0

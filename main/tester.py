@@ -1,0 +1,272 @@
+"""The evaluation behind ``main/test.py``: :class:`Tester` runs the test-mode model over a data set
+and writes the input crops, the meshes and ``metrics.json`` under
+``result/subject_<N>/`` (``output_dir``), and the metrics to TensorBoard (``tensorboard/test/``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.utils.data
+from tqdm import tqdm
+
+from common import metrics
+from common.summary import SummaryWriter
+from common.utils.checkpoint import CheckpointError, load_checkpoint, snapshot_path
+from common.utils.device import pick_device, place_model, unwrap
+from common.utils.hand_model import save_obj
+from common.utils.io import atomic_write_bytes, atomic_write_text
+from data.ground_truth import attach_gt_pose, load_gt_identity, load_gt_meshes, load_gt_poses
+from main.config import Config
+from main.model import get_model
+from main.objective import align_to_keypoints
+from main.options import check_study_options, held_correctives
+from main.trainer import loader_workers, split_batch, training_hand_model
+
+log = logging.getLogger("deephandmesh")
+
+
+class Tester:
+    """Runs the test-mode model over the data set, writes crops, meshes and ``metrics.json``.
+
+    Metrics (DESIGN §3; all in mm). The test-mode output lives in the wrist's frame (root at
+    identity); it is placed in the world by the training's rigid alignment: Kabsch of the predicted
+    alignment joints onto the valid ground-truth keypoints of the same joints
+    (:func:`main.objective.align_to_keypoints`). Then:
+
+    * ``joint_error_mm``: mean Euclidean distance over every valid keypoint of every sample
+      (alignment joints included), and per joint;
+    * ``depth_error_mm``: mean ``|rendered − captured|`` over the pixels of every target view where
+      both depths exist, pooled over views and samples (``depth_pixels`` of them);
+    * ``mesh_error_mm`` (only where a synthetic set's ``gt/frames.npz`` exists): mean per-vertex
+      Euclidean distance to the ground-truth mesh of the sample's frame;
+    * ``surface_*`` (likewise): exact point-to-surface distances both ways between the output and
+      the ground-truth mesh (:func:`common.metrics.surface_distances`), pooled over the samples:
+      mean and 90th percentile of each direction, and ``surface_error_mm``, the mean of the two means;
+    * ``identity`` (only where ``gt/identity.npz`` exists): Pearson correlation of the learned
+      identity corrective (``fc_id(id_code)``, ``[V, 3]``) and skeleton corrective (``[J, 3]``, root
+      left out: its local pose is never used) with the ground truth, and their RMS in mm; and of the
+      whole corrective at the zero pose (``fc_id(id_code) + fc_pose(0)``) with the ground truth's
+      (its identity corrective: the synthetic pose corrective vanishes there). With one subject the
+      split of a constant offset between the identity branch and the pose branch's bias is not
+      determined by the data, so the zero-pose figure is the one the data can pin down. Also the
+      surface figures (``rest_surface_*``) of that zero-pose rest surface (template + corrective,
+      before skinning) against the true one (template + true identity corrective).
+
+    The metric functions are :mod:`common.metrics`; with ``pose_source='gt'`` the test mode decodes
+    the ground-truth angles (decoder-only). The metrics also go to TensorBoard
+    (``output_dir/tensorboard/test``).
+
+    Samples with fewer than three valid alignment keypoints cannot be placed and are left out of
+    the metrics (``unplaced_samples``); a sample the reader skipped (``on_error='skip'`` returns the
+    next one) is counted once (``skipped_samples``).
+    """
+
+    def __init__(self, config: Config, test_epoch: Optional[int], init_seed: int = 0):
+        """``test_epoch`` None: test the model as ``train.py --seed init_seed`` initialises it
+        (the reference point of a training run), writing ``resultinit.json``."""
+        self.cfg = config
+        self.test_epoch = None if test_epoch is None else int(test_epoch)
+        self.init_seed = int(init_seed)
+        # Set True to keep every evaluated sample's placed output mesh (world frame, mm) and its
+        # frame in ``placed_meshes`` {index: (frame, [V, 3] array)} (the component study's figure).
+        self.keep_meshes = False
+        self.placed_meshes: Dict[int, Tuple[int, np.ndarray]] = {}
+        self.device, self.gpu_ids = pick_device(config)
+        config.num_gpus = len(self.gpu_ids)
+
+    @property
+    def result_dir(self) -> Path:
+        return Path(self.cfg.result_dir) / f"subject_{self.cfg.subject}"
+
+    def set_up(self) -> "Tester":
+        """The model (and its hand model), then the data; returns self."""
+        self.make_model()
+        self.make_batch_generator()
+        return self
+
+    def make_model(self) -> None:
+        if self.test_epoch is None:
+            self.hand_model = training_hand_model(self.cfg)
+            torch.manual_seed(self.init_seed)  # as Trainer.make_model
+            model = get_model("train", self.hand_model, self.cfg)
+            model.hold_at_zero(held_correctives(self.cfg))
+            log.info("testing the initialisation of a training run with seed %d (no snapshot)", self.init_seed)
+            self.model = place_model(model, self.device, self.gpu_ids)
+            self.model.eval()
+            return
+        path = snapshot_path(self.cfg, self.test_epoch)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: snapshot not found (train first, or check --test_epoch, "
+                                  f"--subject and output_dir)")
+        self.hand_model = training_hand_model(self.cfg)
+        log.info("hand model: %s (%d vertices, %d joints)", self.hand_model.source,
+                 self.hand_model.vertex_num, self.hand_model.joint_num)
+        log.info("Load checkpoint from %s", path)
+        model = get_model("test", self.hand_model, self.cfg)
+        load_checkpoint(model, path)
+        self.model = place_model(model, self.device, self.gpu_ids)
+        self.model.eval()
+
+    def make_batch_generator(self) -> None:
+        from data.dataset import DeepHandMeshDataset
+
+        cfg = self.cfg
+        check_study_options(cfg)
+        self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
+        self.dataset = DeepHandMeshDataset.from_config(cfg, "test", self.hand_model, on_error="skip", seed=0)
+        batch = cfg.test_batch_size * max(1, len(self.gpu_ids))
+        self.batch_generator = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch, shuffle=False, num_workers=loader_workers(cfg),
+            pin_memory=self.device.type == "cuda")
+        self.gt = load_gt_meshes(cfg.data_dir, self.hand_model.vertex_num)
+
+    @torch.no_grad()
+    def test(self) -> Dict[str, object]:
+        hand = self.hand_model
+        model = unwrap(self.model)
+        align = model.align_joint_idx
+        out_dir = self.result_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        J = hand.joint_num
+        joint_sum, joint_cnt = np.zeros(J), np.zeros(J)
+        depth_sum, depth_cnt = 0.0, 0
+        mesh_errors: List[float] = []
+        to_gt: List[np.ndarray] = []  # point-to-surface distances, output vertices -> true surface
+        from_gt: List[np.ndarray] = []  # true vertices -> output surface
+        faces = torch.as_tensor(hand.faces, dtype=torch.long)
+        surface_cache: Dict[int, Tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+        seen, unplaced, evaluated = set(), 0, 0
+        for batch in tqdm(self.batch_generator, desc="test", unit="batch", dynamic_ncols=True):
+            inputs, targets, meta_info = split_batch(batch, self.device)
+            attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
+            out = self.model(inputs, None, None, "test")
+            joints, mesh = out["joint_out"].float(), out["mesh_out_refined"].float()
+            gt, valid = targets["joint_world"].float(), targets["joint_valid"].float()
+            T, ok = align_to_keypoints(joints[:, align], gt[:, align], valid[:, align])
+            joints_w = joints @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+            mesh_w = mesh @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+            depth = model.objective.render(mesh_w, meta_info)
+            joint_dist, joint_ok = metrics.joint_distances(joints_w, gt, valid)
+            joint_dist, joint_ok = joint_dist.cpu().numpy(), joint_ok.cpu().numpy()
+            depth_abs, both = metrics.depth_differences(depth, targets["depthmap"])
+            for b in range(joints.shape[0]):
+                index = int(batch["index"][b])
+                if index in seen:
+                    continue  # a skipped sample replaced by one evaluated already
+                seen.add(index)
+                stem = f"{index:05d}_{batch['seq'][b]}_cam{batch['cam'][b]}_frame{int(batch['frame'][b]):04d}"
+                self._save_sample(out_dir, stem, batch["img"][b], mesh[b])
+                if not bool(ok[b]):
+                    unplaced += 1
+                    continue
+                evaluated += 1
+                v = joint_ok[b]
+                joint_sum[v] += joint_dist[b][v]
+                joint_cnt[v] += 1
+                depth_sum += float(depth_abs[b].sum())
+                depth_cnt += int(both[b].sum())
+                frame = int(batch["frame"][b])
+                if self.keep_meshes:
+                    self.placed_meshes[index] = (frame, mesh_w[b].cpu().double().numpy())
+                if self.gt is not None and frame in self.gt:
+                    ref = torch.as_tensor(self.gt[frame], dtype=mesh_w.dtype, device=mesh_w.device)
+                    mesh_errors.append(float(metrics.vertex_error(mesh_w[b], ref)))
+                    placed = mesh_w[b].cpu()
+                    known = surface_cache.get(frame)
+                    if known is None or not torch.equal(known[0], placed):
+                        # The views of a frame often give the very same mesh (decoder-only: the same
+                        # angles and keypoints); its distances are computed once.
+                        there, back = metrics.surface_distances(placed, ref.cpu(), faces)
+                        known = surface_cache[frame] = (placed, there.numpy(), back.numpy())
+                    to_gt.append(known[1])
+                    from_gt.append(known[2])
+
+        per_joint = {name: metrics.finite_or_none(s / c) if c else None
+                     for name, s, c in zip(hand.joint_names, joint_sum, joint_cnt)}
+        result = {
+            "epoch": "init" if self.test_epoch is None else self.test_epoch,
+            "subject": self.cfg.subject,
+            "snapshot": None if self.test_epoch is None else snapshot_path(self.cfg, self.test_epoch).name,
+            "hand_model": {"vertices": hand.vertex_num, "joints": hand.joint_num},
+            "samples": len(seen),
+            "evaluated_samples": evaluated,
+            "unplaced_samples": unplaced,
+            "skipped_samples": self.dataset.skipped,
+            "alignment": ("Kabsch on the valid keypoints of the alignment joints "
+                          + ", ".join(hand.joint_names[j] for j in align)),
+            "joint_error_mm": metrics.finite_or_none(joint_sum.sum() / joint_cnt.sum()) if joint_cnt.sum() else None,
+            "joint_error_per_joint_mm": per_joint,
+            "valid_joints": int(joint_cnt.sum()),
+            "depth_error_mm": metrics.finite_or_none(depth_sum / depth_cnt) if depth_cnt else None,
+            "depth_pixels": depth_cnt,
+            "mesh_error_mm": metrics.finite_or_none(float(np.mean(mesh_errors))) if mesh_errors else None,
+            "mesh_samples": len(mesh_errors),
+        }
+        # The surface figures (main figure: surface_error_mm), None without ground-truth meshes.
+        surface = (metrics.summarise_surface(np.concatenate(to_gt), np.concatenate(from_gt)) if to_gt
+                   else dict.fromkeys(metrics.summarise_surface([0.0], [0.0]), None))
+        result.update(surface)
+        result["identity"] = self._identity_metrics(model)
+        name = "metrics_init.json" if self.test_epoch is None else "metrics.json"
+        atomic_write_text(out_dir / name, json.dumps(result, indent=2) + "\n")
+        self.write_summary(result)
+        return result
+
+    def write_summary(self, result: Dict[str, object]) -> None:
+        """The metrics into TensorBoard (``output_dir/tensorboard/test``), at the snapshot's epoch
+        (the initialisation: ``test_init/…`` at step 0)."""
+        scalars = {k: v for k, v in result.items() if k.endswith("_mm") and isinstance(v, float)}
+        scalars.update({f"identity/{k}": v for k, v in (result.get("identity") or {}).items()
+                        if isinstance(v, float)})
+        summary = SummaryWriter(Path(self.cfg.tensorboard_dir) / "test")
+        try:
+            summary.scalars(scalars, 0 if self.test_epoch is None else self.test_epoch,
+                            prefix="test_init/" if self.test_epoch is None else "test/")
+        finally:
+            summary.close()
+
+    @torch.no_grad()
+    def _identity_metrics(self, model) -> Optional[Dict[str, float]]:
+        truth = load_gt_identity(self.cfg.data_dir, self.hand_model.vertex_num, self.hand_model.joint_num)
+        if truth is None:
+            return None
+        gt_id, gt_skeleton = truth
+        learned_id = model.skin_refine_net.fc_id(model.id_code).reshape(-1, 3).double().cpu().numpy()
+        learned_skeleton = model.skeleton_refine_net(model.id_code).double().cpu().numpy()
+        zero_pose = model.id_code.new_zeros(1, self.hand_model.joint_num, 3)
+        learned_rest = learned_id + model.skin_refine_net(zero_pose, model.id_code)[0][0].double().cpu().numpy()
+        keep = np.arange(self.hand_model.joint_num) != self.hand_model.root_index
+        # The zero-pose rest surfaces (before skinning): template + the learned corrective at the
+        # zero pose against template + the true identity corrective (the true pose corrective
+        # vanishes there). They isolate the identity's shape from the pose's.
+        template = np.asarray(self.hand_model.vertices, dtype=np.float64)
+        there, back = metrics.surface_distances(torch.from_numpy(template + learned_rest),
+                                                torch.from_numpy(template + gt_id),
+                                                torch.as_tensor(self.hand_model.faces, dtype=torch.long))
+        correlation = metrics.pearson
+        return {
+            "id_corrective_correlation": correlation(learned_id, gt_id),
+            "id_corrective_rms_mm": metrics.rms(learned_id), "gt_id_corrective_rms_mm": metrics.rms(gt_id),
+            "zero_pose_corrective_correlation": correlation(learned_rest, gt_id),
+            "zero_pose_corrective_rms_mm": metrics.rms(learned_rest),
+            "skeleton_corrective_correlation": correlation(learned_skeleton[keep], gt_skeleton[keep]),
+            "skeleton_corrective_rms_mm": metrics.rms(learned_skeleton[keep]),
+            "gt_skeleton_offset_rms_mm": metrics.rms(gt_skeleton[keep]),
+            **metrics.summarise_surface(there.numpy(), back.numpy(), prefix="rest_surface"),
+        }
+
+    def _save_sample(self, out_dir: Path, stem: str, img: torch.Tensor, mesh: torch.Tensor) -> None:
+        """The input crop as ``<stem>_img.png`` and the test-mode mesh (wrist frame, as the
+        original's output and ``decode``) as ``<stem>_mesh.obj``."""
+        rgb = (img.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+        if not ok:
+            raise OSError(f"{out_dir / stem}_img.png: could not encode the image")
+        atomic_write_bytes(out_dir / f"{stem}_img.png", buf.tobytes())
+        save_obj(out_dir / f"{stem}_mesh.obj", mesh.detach().cpu().double().numpy(), self.hand_model)

@@ -1,0 +1,391 @@
+"""The training loop behind ``main/train.py``: :class:`Trainer`.
+
+Layout of the outputs (``cfg.output_dir``, default ``output/``), as the original::
+
+    model_dump/subject_<N>/snapshot_<epoch>.pth.tar   {'epoch', 'network' ('module.' keys), 'optimizer'}
+    log/train_logs.txt, log/test_logs.txt
+    tensorboard/train/, tensorboard/test/              TensorBoard event files (common.summary)
+    result/subject_<N>/                                test crops (.png), meshes (.obj), metrics.json
+
+Reproducibility and resuming. The model is initialised under ``torch.manual_seed(seed)``; the
+order of the training samples in epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)``, and the data set's target views are a function of ``(seed, e, sample)``
+(:meth:`data.dataset.DeepHandMeshDataset.set_epoch`). Nothing of an epoch therefore depends on
+the epochs before it except the weights and the optimizer state, which a snapshot holds: a run
+stopped after epoch ``k`` and resumed with ``--continue`` computes what the uninterrupted run
+computes (same weights, bit for bit on the same machine and thread count). A run killed in the
+middle of an epoch resumes from the last complete one and repeats that epoch from its start.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.utils.data
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from common.summary import SummaryWriter, depth_panel
+from common.utils import distributed
+from common.utils.checkpoint import (CheckpointError, latest_snapshot, load_checkpoint, network_state_dict,
+                                     read_checkpoint, save_checkpoint, snapshot_dir, snapshot_path)
+from common.utils.device import pick_device, place_model, unwrap, usable_cpus
+from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model
+from common.utils.hand_model_source import resolve_hand_model
+from data.ground_truth import attach_gt_pose, load_gt_poses
+from main.config import Config
+from main.model import INPUT_KEYS, get_model
+from main.objective import META_KEYS, TARGET_KEYS
+from main.options import check_study_options, held_correctives, log_options
+
+log = logging.getLogger("deephandmesh")
+
+
+class Timer:
+    """Accumulates intervals between ``tic()`` and ``toc()``; ``average`` is the mean interval."""
+
+    def __init__(self):
+        self.total, self.calls, self._start = 0.0, 0, None
+
+    def tic(self) -> None:
+        self._start = time.perf_counter()
+
+    def toc(self) -> float:
+        interval = time.perf_counter() - self._start
+        self.total += interval
+        self.calls += 1
+        return interval
+
+    @property
+    def average(self) -> float:
+        return self.total / max(self.calls, 1)
+
+
+def training_hand_model(config: Config) -> HandModel:
+    """``cfg.hand_model_dir`` when set; else ``data_dir/hand_model`` when it holds a model (a
+    synthetic set has one); else :func:`common.utils.hand_model_source.resolve_hand_model`."""
+    if config.hand_model_dir:
+        return load_hand_model(config.hand_model_dir)
+    in_data = Path(config.data_dir) / "hand_model"
+    if is_hand_model_folder(in_data):
+        return load_hand_model(in_data)
+    return resolve_hand_model()
+
+
+def split_batch(batch: Dict[str, object], device: torch.device, non_blocking: bool = False):
+    """A collated data-set batch → ``(inputs, targets, meta_info)`` of tensors on ``device``
+    (only tensors: DataParallel scatters them along the batch)."""
+    def pick(keys):
+        return {k: batch[k].to(device, non_blocking=non_blocking) for k in keys}
+    return pick(INPUT_KEYS), pick(TARGET_KEYS), pick(META_KEYS)
+
+
+def loader_workers(config: Config) -> int:
+    """``cfg.num_thread`` data-loading workers, at most one per CPU this process may use."""
+    return max(0, min(int(config.num_thread), usable_cpus()))
+
+
+def epoch_time(seconds: float) -> str:
+    """``'1.25h/epoch'``, or minutes below an hour."""
+    return f"{seconds / 3600:.2f}h/epoch" if seconds >= 3600 else f"{seconds / 60:.1f}min/epoch"
+
+
+class Trainer:
+    """Adam, the original's learning-rate steps, one snapshot per epoch, ``--continue`` resuming.
+
+    Args:
+        config: a :class:`main.config.Config` (paths made absolute by :func:`resolve_paths`).
+        seed: seeds the initialisation, the sample order and the target-view draws (module notes).
+        context: this process's place in a ``torchrun`` launch
+            (:func:`common.utils.distributed.context_from_env`), or None for one process.
+
+    Several processes (``torchrun``): each joins the process group (NCCL on GPUs, gloo on the CPU),
+    reads its share of every epoch through a ``DistributedSampler`` and trains a
+    ``DistributedDataParallel`` copy of the model on ``train_batch_size`` samples per iteration,
+    so ``N`` processes train on ``N x train_batch_size`` samples per step, as the original's
+    ``DataParallel`` over ``N`` GPUs. The sampler draws epoch ``e``'s permutation from the same
+    ``(seed, e)`` as one process does and deals it out in turn, so the samples of one step are those
+    of the one-process step with ``N`` times the batch. Batch-norm statistics are per process (per
+    GPU, as in the original). Only rank 0 logs, shows progress and writes snapshots; a snapshot
+    holds nothing that depends on the number of processes, so ``--continue`` may change it.
+    """
+
+    def __init__(self, config: Config, seed: int = 0, context: Optional[distributed.DistributedContext] = None):
+        self.cfg = config
+        self.seed = int(seed)
+        self.context = context
+        self.start_epoch = 0
+        self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
+        self.device, self.gpu_ids = pick_device(config, context)
+        if context is not None:
+            distributed.init_process_group(context, self.device)
+            log.info("distributed: %d processes (%s), this is rank %d", context.world_size,
+                     distributed.backend_for(self.device), context.rank)
+        config.num_gpus = len(self.gpu_ids)
+        self.summary = SummaryWriter("", enabled=False)  # train() opens the real one (rank 0)
+        log_options(config)
+
+    @property
+    def is_main(self) -> bool:
+        return self.context is None or self.context.is_main
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.context is None else self.context.world_size
+
+    # ------------------------------------------------------------------ set-up
+    def set_up(self) -> "Trainer":
+        """The data, then the model and optimizer (resuming with ``continue_train``); returns self."""
+        self.make_batch_generator()
+        self.make_model()
+        return self
+
+    def make_batch_generator(self) -> None:
+        from data.dataset import DeepHandMeshDataset
+
+        cfg = self.cfg
+        log.info("Creating dataset from %s (subject %d)...", cfg.data_dir, cfg.subject)
+        self.hand_model = training_hand_model(cfg)
+        log.info("hand model: %s (%d vertices, %d faces, %d joints)", self.hand_model.source,
+                 self.hand_model.vertex_num, len(self.hand_model.faces), self.hand_model.joint_num)
+        check_study_options(cfg)
+        self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
+        if self.gt_poses is not None:
+            log.info("decoder-only: ground-truth angles of %d frames from gt/frames.npz; the encoder is bypassed",
+                     len(self.gt_poses))
+        self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, seed=self.seed)
+        self.batch_size = cfg.train_batch_size * max(1, len(self.gpu_ids))  # per GPU, as the original
+        workers = loader_workers(cfg)
+        # One sampler for one process and for many: epoch e's permutation is drawn from
+        # seed + e = epoch_seed(e) (set_epoch) and dealt out in turn to the processes, so the
+        # samples of a step do not depend on how many processes share it.
+        self.sampler = torch.utils.data.DistributedSampler(
+            self.dataset, num_replicas=self.world_size, rank=0 if self.context is None else self.context.rank,
+            shuffle=True, seed=self.epoch_seed(0), drop_last=False)
+        self.batch_generator = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+            num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False)
+        self.itr_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
+        log.info("%d samples, batch %d%s, %d iterations per epoch, %d data-loading worker(s)%s",
+                 len(self.dataset), self.batch_size * self.world_size,
+                 "" if self.context is None else f" ({self.batch_size} per process)",
+                 self.itr_per_epoch, workers, "" if self.context is None else " per process")
+
+    def make_model(self) -> None:
+        cfg = self.cfg
+        log.info("Creating graph and optimizer (ResNet-%d)...", cfg.resnet_type)
+        torch.manual_seed(self.seed)
+        model = get_model("train", self.hand_model, cfg)
+        held = held_correctives(cfg)
+        if held:
+            model.hold_at_zero(held)
+            log.info("correctives held at zero: %s", ", ".join(held))
+        if cfg.pose_source == "gt":  # nothing reaches the encoder: it does not learn
+            model.backbone_net.requires_grad_(False)
+            model.pose_net.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            log.warning("no parameter learns (pose_source=gt with every corrective held at zero): "
+                        "the epochs only evaluate the losses")
+        if self.context is None:
+            self.model = place_model(model, self.device, self.gpu_ids)
+        else:
+            # DDP starts every process from rank 0's weights; the buffers are ours to send, once:
+            # DDP cannot send the sparse Laplacian, and sending the others at every step (its
+            # default) would only cost time: the hand model's never change, and of the batch-norm
+            # statistics the snapshot keeps rank 0's, as the original's DataParallel kept GPU 0's.
+            model = model.to(self.device)
+            distributed.broadcast_dense_buffers(model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # fused: one pass over each parameter's four tensors instead of about ten; the same update
+        # up to float rounding (1 ulp), several times faster on the CPU (BENCHMARKS.md).
+        self.optimizer = torch.optim.Adam(unwrap(self.model).parameters(), lr=cfg.lr, fused=True)
+        if cfg.continue_train:
+            self.start_epoch = self.load_latest()
+        self.model.train()
+
+    def load_latest(self) -> int:
+        """Load the latest snapshot (weights and optimizer); returns the epoch to start from.
+
+        In a distributed run rank 0 finds and reads it and sends it to the others: on several
+        machines only rank 0's has the snapshots."""
+        found, ckpt, error = None, None, None
+        if self.is_main:
+            found = latest_snapshot(self.cfg)
+            if found is not None:
+                try:
+                    ckpt = read_checkpoint(found[1])
+                except CheckpointError as err:
+                    error = str(err)
+        found, ckpt, error = distributed.broadcast_object((found, ckpt, error))
+        if error is not None:
+            raise CheckpointError(error)
+        if found is None:
+            log.warning("--continue: no snapshot in %s; starting from epoch 0", snapshot_dir(self.cfg))
+            return 0
+        epoch, path = found
+        log.info("Load checkpoint from %s", path)
+        ckpt = load_checkpoint(unwrap(self.model), path, ckpt)
+        if "optimizer" in ckpt:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path}: its optimizer state does not fit this model ({err})") from None
+            for group in self.optimizer.param_groups:  # a loaded state brings its own settings
+                group["fused"], group["foreach"] = True, None
+        else:
+            log.warning("%s holds no optimizer state; Adam starts afresh", path)
+        return int(ckpt.get("epoch", epoch)) + 1
+
+    # ------------------------------------------------------------------ lr
+    def lr_at(self, epoch: int) -> float:
+        """``lr`` divided by ``lr_dec_factor`` once for every ``lr_dec_epoch`` already reached."""
+        steps = sum(1 for e in self.cfg.lr_dec_epoch if epoch >= e)
+        return self.cfg.lr / (self.cfg.lr_dec_factor ** steps)
+
+    def set_lr(self, epoch: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(epoch)
+
+    def get_lr(self) -> float:
+        return self.optimizer.param_groups[-1]["lr"]
+
+    # ------------------------------------------------------------------ loop
+    def epoch_seed(self, epoch: int) -> int:
+        return self.seed * 1_000_003 + int(epoch)
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Learning rate, sample order and target-view draws of ``epoch``."""
+        self.set_lr(epoch)
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        """One pass over the data; returns the mean of every loss over the epoch. The samples skipped
+        (``cfg.on_error='skip'``) are in :attr:`skip_report` and logged per file at the end."""
+        from data.dataset import SkipReport
+
+        cfg = self.cfg
+        self.prepare_epoch(epoch)
+        self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
+        sums: Dict[str, float] = {}
+        self.skip_report = SkipReport()
+        cuda = self.device.type == "cuda"
+        bar = tqdm(self.batch_generator, total=self.itr_per_epoch, desc=f"epoch {epoch}/{cfg.end_epoch}",
+                   unit="itr", leave=False, dynamic_ncols=True, disable=not self.is_main)
+        self.tot_timer.tic()
+        self.read_timer.tic()
+        for itr, batch in enumerate(bar):
+            self.read_timer.toc()
+            self.gpu_timer.tic()
+            self.skip_report.add(batch)
+            inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=cuda)
+            attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model(inputs, targets, meta_info, "train")
+            loss = {k: v.mean() for k, v in loss.items()}
+            total = sum(loss.values())
+            # Averaged over the processes, so that every process sees the same values and stops
+            # together on a non-finite one (a lone stop would leave the others waiting).
+            mean_values = distributed.average_tensor(torch.stack([v.detach().float() for v in loss.values()]))
+            values = dict(zip(loss, mean_values.tolist()))
+            if not all(math.isfinite(v) for v in values.values()):
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                raise FloatingPointError(f"epoch {epoch} iteration {itr}: non-finite loss ({shown}); "
+                                         f"lower the learning rate (cfg.lr = {cfg.lr:g})")
+            if total.requires_grad:  # nothing learns in decoder-only plain LBS: losses only
+                total.backward()
+                self.optimizer.step()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.gpu_timer.toc()
+            self.tot_timer.toc()
+
+            values["total"] = sum(values.values())
+            samples_per_s = self.batch_size * self.world_size / max(self.tot_timer.average, 1e-9)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            screen = [
+                f"Epoch {epoch}/{cfg.end_epoch} itr {itr}/{self.itr_per_epoch}:",
+                f"lr: {self.get_lr():g}",
+                f"speed: {self.tot_timer.average:.2f}s/itr (compute {self.gpu_timer.average:.2f}s, "
+                f"data {self.read_timer.average:.2f}s)",
+                f"{samples_per_s:.1f} samples/s",
+                epoch_time(self.tot_timer.average * self.itr_per_epoch),
+            ]
+            screen += [f"loss_{k}: {v:.4f}" for k, v in values.items()]
+            log.info(" ".join(screen))
+            bar.set_postfix(loss=f"{values['total']:.3f}")
+            step = epoch * self.itr_per_epoch + itr
+            self.summary.scalars({f"loss/{k}": v for k, v in values.items()}, step)
+            self.summary.scalars({"lr": self.get_lr(), "samples_per_s": samples_per_s}, step)
+            interval = int(cfg.tensorboard_image_interval)
+            if self.summary.active and interval > 0 and step % interval == 0:
+                self.summary.image("depth/crop_rendered_captured_difference",
+                                   self.depth_panel(inputs, targets, meta_info), step)
+
+            self.tot_timer.tic()
+            self.read_timer.tic()
+        bar.close()
+        if self.skip_report.count:
+            log.warning("epoch %d: %s (on_error='skip')", epoch, self.skip_report.summary())
+        count = max(1, len(bar))
+        return {k: v / count for k, v in sums.items()}
+
+    @torch.no_grad()
+    def depth_panel(self, inputs, targets, meta_info) -> np.ndarray:
+        """The TensorBoard panel of the batch's first sample and first target view, with the weights
+        after the step: input crop, rendered depth, captured depth, difference
+        (:func:`common.summary.depth_panel`). Rendered in eval mode, so that this extra pass
+        leaves the batch-norm statistics as they were."""
+        model = unwrap(self.model)
+        first = lambda d: {k: v[:1] for k, v in d.items()}  # noqa: E731
+        inputs, targets, meta_info = first(inputs), first(targets), first(meta_info)
+        was_training = model.training
+        model.eval()
+        try:
+            euler = inputs.get("joint_euler")
+            if euler is None:
+                euler = model.pose_net(model.backbone_net(inputs["img"]))
+            identity = model.identity()
+            root, _ = model.objective.root_alignment(identity.template_pose, targets["joint_world"].float(),
+                                                     targets["joint_valid"].float())
+            depth = model.objective.render(model.pose(euler, root, identity).mesh, meta_info)
+        finally:
+            model.train(was_training)
+        return depth_panel(inputs["img"][0], depth[0, 0], targets["depthmap"][0, 0])
+
+    def save_model(self, epoch: int) -> Path:
+        """Rank 0 writes the snapshot (atomically); the others wait for it."""
+        path = snapshot_path(self.cfg, epoch)
+        if self.is_main:
+            save_checkpoint({"epoch": int(epoch), "network": network_state_dict(self.model),
+                             "optimizer": self.optimizer.state_dict()}, path)
+            log.info("Write snapshot into %s", path)
+        distributed.barrier()
+        return path
+
+    def train(self) -> None:
+        cfg = self.cfg
+        if self.start_epoch >= cfg.end_epoch:
+            log.info("nothing to do: epoch %d reached end_epoch %d", self.start_epoch, cfg.end_epoch)
+            return
+        self.summary = SummaryWriter(Path(cfg.tensorboard_dir) / "train", enabled=self.is_main)
+        try:
+            for epoch in range(self.start_epoch, cfg.end_epoch):
+                start = time.perf_counter()
+                means = self.train_epoch(epoch)
+                self.save_model(epoch)
+                self.summary.scalars({f"epoch_loss/{k}": v for k, v in means.items()}, epoch)
+                self.summary.flush()
+                log.info("epoch %d done in %.1fs (%.2fs/itr): %s; %d sample(s) skipped in this epoch, %d so far "
+                         "(on_error=%r)", epoch, time.perf_counter() - start, self.tot_timer.average,
+                         " ".join(f"loss_{k} {v:.4f}" for k, v in means.items()), self.skip_report.count,
+                         self.dataset.skipped, cfg.on_error)
+        finally:
+            self.summary.close()
