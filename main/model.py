@@ -8,7 +8,7 @@ state dict holds exactly the original's keys
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -190,6 +190,29 @@ class Model(nn.Module):
         hand = self.pose(joint_euler, root, identity)
         return {"joint_out": hand.joints, "mesh_out_refined": hand.mesh}
 
+    def angles(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, J, 3]`` Euler angles (radians): the encoder's reading of ``inputs['img']``, or,
+        decoder-only (``cfg.pose_source='gt'``), the given ``inputs['joint_euler']``."""
+        joint_euler = inputs.get("joint_euler")
+        return self.pose_net(self.backbone_net(inputs["img"])) if joint_euler is None else joint_euler
+
+    def pose_on_keypoints(self, joint_euler: torch.Tensor, joint_world: torch.Tensor,
+                          joint_valid: torch.Tensor) -> Tuple[PosedHand, torch.Tensor]:
+        """The training forward's posing: the root placed by the objective's alignment of the refined
+        template onto the keypoints (:meth:`main.objective.TrainingObjective.root_alignment`).
+
+        Args:
+            joint_euler: ``[B, J, 3]`` radians; joint_world: ``[B, J, 3]`` keypoints (mm);
+            joint_valid: ``[B, J]``, 1 where a keypoint exists.
+        Returns:
+            ``(PosedHand, placed [B] bool)``.
+        """
+        identity = self.identity()
+        dtype = joint_euler.dtype
+        root, placed = self.objective.root_alignment(identity.template_pose, joint_world.to(dtype),
+                                                     joint_valid.to(dtype))
+        return self.pose(joint_euler, root, identity), placed
+
     def forward(self, inputs: Dict[str, torch.Tensor], targets: Optional[Dict[str, torch.Tensor]] = None,
                 meta_info: Optional[Dict[str, torch.Tensor]] = None, mode: str = "test"):
         """Image → angles → mesh; in ``'train'`` mode the training objective's losses.
@@ -206,20 +229,13 @@ class Model(nn.Module):
         """
         if mode not in ("train", "test"):
             raise ValueError(f"mode: expected 'train' or 'test', got {mode!r}")
-        # Decoder-only (cfg.pose_source='gt'): given angles bypass the encoder.
-        joint_euler = inputs.get("joint_euler")
-        if joint_euler is None:
-            joint_euler = self.pose_net(self.backbone_net(inputs["img"]))
+        joint_euler = self.angles(inputs)
         if mode == "test":
             out = self.decode(joint_euler)
             out["joint_euler"] = joint_euler
             return out
         self.objective.check(targets, meta_info)
-        identity = self.identity()
-        dtype = joint_euler.dtype
-        root, placed = self.objective.root_alignment(identity.template_pose, targets["joint_world"].to(dtype),
-                                                     targets["joint_valid"].to(dtype))
-        hand = self.pose(joint_euler, root, identity)
+        hand, placed = self.pose_on_keypoints(joint_euler, targets["joint_world"], targets["joint_valid"])
         return self.objective(hand, self.skinned_rest_mesh(hand.rest_mesh, hand.template_pose), targets, meta_info,
                               placed)
 

@@ -349,13 +349,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            euler = inputs.get("joint_euler")
-            if euler is None:
-                euler = model.pose_net(model.backbone_net(inputs["img"]))
-            identity = model.identity()
-            root, _ = model.objective.root_alignment(identity.template_pose, targets["joint_world"].float(),
-                                                     targets["joint_valid"].float())
-            depth = model.objective.render(model.pose(euler, root, identity).mesh, meta_info)
+            hand, _ = model.pose_on_keypoints(model.angles(inputs), targets["joint_world"], targets["joint_valid"])
+            depth = model.objective.render(hand.mesh, meta_info)
         finally:
             model.train(was_training)
         return depth_panel(inputs["img"][0], depth[0, 0], targets["depthmap"][0, 0])

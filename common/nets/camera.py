@@ -55,7 +55,7 @@ def check_finite(name: str, t: Optional[torch.Tensor]) -> None:
 
 
 def validate_cameras(points: torch.Tensor, camrot, campos, focal, princpt, affine,
-                      points_name: str = "points") -> Tuple[int, int, int]:
+                     points_name: str = "points") -> Tuple[int, int, int]:
     """Check the shapes of the projection inputs; returns ``(B, N, V)``."""
     check_float_tensor(points_name, points, "[B, V, 3]")
     if points.dim() != 3 or points.shape[-1] != 3:
