@@ -261,7 +261,10 @@ def test_input_box_affine_and_image(data, idx):
                    [0, sy, H / 2 - sy * (box[1] + box[3] + 1) / 2]]
     np.testing.assert_allclose(item["img_affine"].numpy(), hand_affine, rtol=1e-4, atol=1e-3)
     img = item["img"].numpy()
-    assert img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
+    # [0, 1] up to float rounding: OpenCV 5.1's bilinear warp of a 0-255 float picture can give
+    # -1e-18 next to black pixels (5.0 gives exactly 0).
+    assert img.dtype == np.float32 and -1e-6 <= img.min() and img.max() <= 1 + 1e-6
+    assert 0.3 < img.max()  # the hand is in the crop, not a black picture
     expected = apply(item["img_affine"], pixel(cam, pts[MARKER_PTS]))
     found = bright_centroid(img.mean(0))
     assert np.abs(found - expected).max() < 0.25, (found, expected)
