@@ -130,16 +130,44 @@ def point_triangle_sq(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torc
     return dist2
 
 
+# Faces per block of the coarse pruning stage of point_surface_distance.
+FACE_BLOCK = 16
+
+
+def _face_blocks(centres: torch.Tensor, block: int) -> torch.Tensor:
+    """Faces grouped into spatially compact blocks, ``[K, block]`` face indices.
+
+    A k-d split of the face centres: the faces, repeated cyclically up to ``block · 2^L`` entries,
+    are halved ``L`` times, each group at the median of its widest axis. Repeated faces only add
+    work, never change a distance.
+
+    Args:
+        centres: ``[F, 3]`` face centroids.
+    """
+    face_num = centres.shape[0]
+    levels = max(0, (-(-face_num // block) - 1).bit_length())
+    groups = (torch.arange(block << levels, device=centres.device) % face_num)[None]
+    for _ in range(levels):
+        c = centres[groups]  # [G, n, 3]
+        axis = (c.amax(1) - c.amin(1)).argmax(1)
+        key = c.gather(2, axis[:, None, None].expand(-1, c.shape[1], 1)).squeeze(2)
+        groups = groups.gather(1, key.argsort(1)).reshape(2 * groups.shape[0], -1)
+    return groups
+
+
 def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
                            max_pairs: int = MAX_PAIRS) -> torch.Tensor:
     """Exact distance from every point to the surface of a triangle mesh, ``[P]`` (mm).
 
-    Each point's distance to its nearest mesh vertex bounds its surface distance from above; a
-    triangle whose bounding sphere (centroid, farthest corner) lies farther than that bound cannot
-    hold the closest point and is skipped. The exact point-triangle distance
-    (:func:`point_triangle_sq`) is computed for the remaining pairs only. Points are processed in
-    chunks so that no more than ``max_pairs`` point-triangle (or point-vertex) pairs are held at
-    once, whatever the sizes. Computed in float64.
+    Only triangles that can hold a point's closest surface point are evaluated, found in two
+    stages by bounding spheres. The faces are grouped into compact blocks of :data:`FACE_BLOCK`
+    (:func:`_face_blocks`), each with a sphere holding its faces. A point's distance to one
+    surface point of each block (a triangle's centroid) bounds its surface distance from above;
+    the blocks whose sphere lies farther than that bound are dropped. Within the remaining blocks
+    the nearest centroid gives a tighter bound, and a face whose own sphere (centroid, farthest
+    corner) lies farther than it is dropped. The exact point-triangle distance
+    (:func:`point_triangle_sq`) is computed for the pairs left. Points are processed in chunks so that no more than ``max_pairs`` point-triangle
+    pairs are held at once, whatever the sizes. Computed in float64.
 
     Args:
         points: ``[P, 3]`` mm.
@@ -158,16 +186,37 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
     tri = vertices[faces]  # [F, 3, 3]
     centre = tri.mean(1)
     radius = torch.linalg.vector_norm(tri - centre[:, None], dim=-1).amax(1)
-    chunk = max(1, int(max_pairs) // max(faces.shape[0], vertices.shape[0]))
+
+    order = _face_blocks(centre, FACE_BLOCK)  # [K, B]
+    block_centre = centre[order].mean(1)  # [K, 3]
+    block_radius = (torch.linalg.vector_norm(centre[order] - block_centre[:, None], dim=-1)
+                    + radius[order]).amax(1)
+    # A point of each block's surface: the centroid (on its triangle) nearest the block's centre.
+    nearest = torch.linalg.vector_norm(centre[order] - block_centre[:, None], dim=-1).argmin(1)
+    block_point = centre[order.gather(1, nearest[:, None]).squeeze(1)]  # [K, 3]
+
+    def within(lower: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+        # The margin covers the rounding of the distances (float64: ~1e-10 mm here); a larger
+        # margin only keeps more pairs.
+        return lower <= bound * (1 + 1e-9) + 1e-6
+
+    chunk = max(1, int(max_pairs) // order.numel())  # at most every (padded) face survives
     out = []
     for start in range(0, points.shape[0], chunk):
         p = points[start:start + chunk]
-        bound = torch.cdist(p, vertices).amin(1)  # [n]
-        lower = torch.cdist(p, centre) - radius  # [n, F]
-        # The margin covers the rounding of cdist's matrix-product form (float64: ~1e-10 mm here).
-        pi, fi = torch.nonzero(lower <= bound[:, None] * (1 + 1e-9) + 1e-6, as_tuple=True)
+        n = p.shape[0]
+        bound = torch.cdist(p, block_point).amin(1)  # [n]
+        pi, bi = torch.nonzero(within(torch.cdist(p, block_centre) - block_radius, bound[:, None]),
+                               as_tuple=True)
+        pi = pi.repeat_interleave(FACE_BLOCK)
+        fi = order[bi].reshape(-1)
+        to_centroid = torch.linalg.vector_norm(p[pi] - centre[fi], dim=-1)
+        bound = torch.full((n,), math.inf, dtype=torch.float64, device=p.device).scatter_reduce(
+            0, pi, to_centroid, reduce="amin")
+        keep = within(to_centroid - radius[fi], bound[pi])
+        pi, fi = pi[keep], fi[keep]
         d2 = point_triangle_sq(p[pi], tri[fi, 0], tri[fi, 1], tri[fi, 2])
-        best = torch.full((p.shape[0],), math.inf, dtype=torch.float64, device=p.device)
+        best = torch.full((n,), math.inf, dtype=torch.float64, device=p.device)
         best = best.scatter_reduce(0, pi, d2, reduce="amin")
         out.append(best.sqrt())
     return torch.cat(out)

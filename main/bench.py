@@ -6,6 +6,7 @@
                                   [--tile-sizes 0 16] [--device cuda] [--no-memory]
                                   [--threads 1 --clock thread]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
+    python main/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
 
@@ -13,7 +14,9 @@ Each prints the median of repeated runs with the sizes it used and the machine. 
 compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
 in Python, LBS summed over joints); ``losses`` the penetration and Laplacian losses with the
 original's loops and dense matrix; ``renderer`` times the depth renderer's backends per view
-against image size and face count, and the native one's peak memory; ``data`` the data loader; ``train`` takes a training iteration apart (one
+against image size and face count, and the native one's peak memory; ``data`` the data loader;
+``surface`` the exact point-to-surface distance of ``test.py``'s surface metric against evaluating
+every triangle; ``train`` takes a training iteration apart (one
 process, or each process of a ``torchrun`` launch); ``scaling`` runs ``train`` under ``torchrun``
 with 1, 2, … processes and compares samples/s. The references are in ``tests/reference.py``.
 """
@@ -80,6 +83,42 @@ def bench_losses(args) -> None:
 
     print(f"losses: {machine_description()}")
     losses.run(load_hands(args.hands), args.batch, args.repeats)
+
+
+def bench_surface(args) -> None:
+    from common import metrics
+
+    print(f"surface: {machine_description()}")
+    print("each vertex of the hand moved by a random offset of about --shift mm (Gaussian, per axis "
+          "shift/sqrt(3)), its distance to the unmoved surface; every triangle: point_triangle_sq "
+          "over all pairs, in chunks")
+    print(f"{'hand':<10} {'points':>6} {'faces':>6} {'shift mm':>8} | {'ours ms':>8} | "
+          f"{'every triangle ms':>17} | {'speed-up':>8}")
+    for name, hand in load_hands(args.hands):
+        vertices = torch.tensor(hand.vertices, dtype=torch.float64)
+        faces = torch.tensor(hand.faces, dtype=torch.long)
+        tri = vertices[faces]
+
+        def every_triangle(points):
+            chunk = max(1, metrics.MAX_PAIRS // len(tri))
+            out = []
+            for start in range(0, len(points), chunk):
+                p = points[start:start + chunk]
+                n = p.shape[0]
+                d2 = metrics.point_triangle_sq(p.repeat_interleave(len(tri), 0), tri[:, 0].repeat(n, 1),
+                                               tri[:, 1].repeat(n, 1), tri[:, 2].repeat(n, 1))
+                out.append(d2.view(n, -1).amin(1).sqrt())
+            return torch.cat(out)
+
+        gen = torch.Generator().manual_seed(0)
+        for shift in args.shift:
+            points = vertices[:args.points] if args.points else vertices
+            points = points + shift / 3 ** 0.5 * torch.randn(points.shape, generator=gen, dtype=torch.float64)
+            ours = median_seconds(lambda: metrics.point_surface_distance(points, vertices, faces), args.repeats,
+                                  warmup=1)
+            every = median_seconds(lambda: every_triangle(points), 1, warmup=0)
+            print(f"{name:<10} {len(points):>6} {len(faces):>6} {shift:>8.1f} | {ours * 1e3:>8.1f} | "
+                  f"{every * 1e3:>17.0f} | {every / ours:>7.0f}x")
 
 
 def bench_renderer(args) -> None:
@@ -257,6 +296,13 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=6, help="target views per sample")
     p.add_argument("--repeats", type=int, default=3, help="epochs timed")
 
+    p = sub.add_parser("surface", help="exact point-to-surface distance (test.py's surface metric)")
+    p.add_argument("--shift", type=float, nargs="+", default=[0.3, 3.0, 8.0],
+                   help="typical distance of the points from the surface, mm")
+    p.add_argument("--hands", nargs="+", default=["default", "makehuman"], help=hands_help)
+    p.add_argument("--points", type=int, default=0, help="only the first N vertices as points (0: all)")
+    p.add_argument("--repeats", type=int, default=5)
+
     for name, text in (("train", "a training iteration taken apart (works under torchrun)"),
                        ("scaling", "samples/s of torchrun (gloo) with 1, 2, ... processes")):
         p = sub.add_parser(name, help=text)
@@ -279,6 +325,7 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be at least 1")
     torch.manual_seed(0)
     run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "data": bench_data,
+           "surface": bench_surface,
            "train": bench_train, "scaling": bench_scaling}[args.what]
     return run(args) or 0
 

@@ -83,6 +83,11 @@ def test_bench_script_runs_and_rejects_bad_arguments():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "default" in done.stdout and "x" in done.stdout.splitlines()[-1]
+    done = subprocess.run(run + ["surface", "--hands", "default", "--points", "40", "--shift", "1",
+                                 "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.splitlines()[-1].split()
+    assert row[:4] == ["default", "40", "9860", "1.0"] and row[-1].endswith("x"), done.stdout
     bad = subprocess.run(run + ["train", "--data_dir", str(REPO / "no_such_folder")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no_such_folder" in bad.stderr and "Traceback" not in bad.stderr

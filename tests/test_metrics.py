@@ -126,6 +126,38 @@ def test_point_surface_distance_matches_brute_force(seed):
     assert (nearest_vertex > expected + 0.1).mean() > 0.5
 
 
+@pytest.mark.parametrize("shift_mm", [0.0, 0.5, 4.0, 40.0])
+def test_pruned_search_equals_every_triangle_on_a_hand(shift_mm):
+    """On the default hand (9,860 faces, hundreds of face blocks): the block and face pruning of
+    point_surface_distance gives exactly the minimum over every triangle, for points on, near,
+    and far from the surface, including a hand moved by its own size."""
+    from common.utils.default_hand import make_default_hand
+    hand = make_default_hand()
+    vertices = torch.tensor(hand.vertices, dtype=torch.float64)
+    faces = torch.tensor(hand.faces, dtype=torch.long)
+    gen = torch.Generator().manual_seed(int(shift_mm * 10))
+    picked = torch.randperm(vertices.shape[0], generator=gen)[:150]
+    points = vertices[picked] + shift_mm * torch.randn(150, 3, generator=gen, dtype=torch.float64)
+    tri = vertices[faces]
+    every = torch.stack([metrics.point_triangle_sq(p.expand(len(tri), 3), tri[:, 0], tri[:, 1], tri[:, 2]).min()
+                         for p in points]).sqrt()
+    for max_pairs in (metrics.MAX_PAIRS, 20_000):
+        got = metrics.point_surface_distance(points, vertices, faces, max_pairs=max_pairs)
+        torch.testing.assert_close(got, every, rtol=0, atol=1e-12)
+    assert metrics.FACE_BLOCK < faces.shape[0] // 100  # the blocks are many, not one
+
+
+def test_face_blocks_cover_every_face_in_compact_groups():
+    rng = np.random.default_rng(3)
+    centres = torch.tensor(rng.uniform(-50, 50, (1000, 3)))
+    blocks = metrics._face_blocks(centres, 16)
+    assert blocks.shape == (64, 16)  # 1000 faces padded to 16 * 2^6
+    assert set(blocks.reshape(-1).tolist()) == set(range(1000))
+    # A k-d split: each block spans far less than the cloud (100 mm wide).
+    spans = (centres[blocks].amax(1) - centres[blocks].amin(1)).amax(1)
+    assert float(spans.median()) < 40
+
+
 def cube_mesh(half: float, n: int):
     """A closed cube of side ``2 * half`` centred at the origin, each face an ``n x n`` grid of
     squares split into two triangles: ``(vertices [V, 3], faces [F, 3])``."""
