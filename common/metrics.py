@@ -166,8 +166,9 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
     the blocks whose sphere lies farther than that bound are dropped. Within the remaining blocks
     the nearest centroid gives a tighter bound, and a face whose own sphere (centroid, farthest
     corner) lies farther than it is dropped. The exact point-triangle distance
-    (:func:`point_triangle_sq`) is computed for the pairs left. Points are processed in chunks so that no more than ``max_pairs`` point-triangle
-    pairs are held at once, whatever the sizes. Computed in float64.
+    (:func:`point_triangle_sq`) is computed for the pairs left. Points are processed in chunks so
+    that no more than ``max_pairs`` point-triangle pairs are held at once, whatever the sizes.
+    Computed in float64.
 
     Args:
         points: ``[P, 3]`` mm.
@@ -189,11 +190,16 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
 
     order = _face_blocks(centre, FACE_BLOCK)  # [K, B]
     block_centre = centre[order].mean(1)  # [K, 3]
-    block_radius = (torch.linalg.vector_norm(centre[order] - block_centre[:, None], dim=-1)
-                    + radius[order]).amax(1)
+    from_block_centre = torch.linalg.vector_norm(centre[order] - block_centre[:, None], dim=-1)  # [K, B]
+    block_radius = (from_block_centre + radius[order]).amax(1)
     # A point of each block's surface: the centroid (on its triangle) nearest the block's centre.
-    nearest = torch.linalg.vector_norm(centre[order] - block_centre[:, None], dim=-1).argmin(1)
+    nearest = from_block_centre.argmin(1)
     block_point = centre[order.gather(1, nearest[:, None]).squeeze(1)]  # [K, 3]
+
+    def min_per_point(values: torch.Tensor, point: torch.Tensor, n: int) -> torch.Tensor:
+        """``[n]`` minimum of ``values`` over the entries of each point (``inf`` where none)."""
+        return torch.full((n,), math.inf, dtype=values.dtype, device=values.device).scatter_reduce(
+            0, point, values, reduce="amin")
 
     def within(lower: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         # The margin covers the rounding of the distances (float64: ~1e-10 mm here); a larger
@@ -208,17 +214,13 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
         bound = torch.cdist(p, block_point).amin(1)  # [n]
         pi, bi = torch.nonzero(within(torch.cdist(p, block_centre) - block_radius, bound[:, None]),
                                as_tuple=True)
-        pi = pi.repeat_interleave(FACE_BLOCK)
+        pi = pi.repeat_interleave(order.shape[1])
         fi = order[bi].reshape(-1)
         to_centroid = torch.linalg.vector_norm(p[pi] - centre[fi], dim=-1)
-        bound = torch.full((n,), math.inf, dtype=torch.float64, device=p.device).scatter_reduce(
-            0, pi, to_centroid, reduce="amin")
-        keep = within(to_centroid - radius[fi], bound[pi])
+        keep = within(to_centroid - radius[fi], min_per_point(to_centroid, pi, n)[pi])
         pi, fi = pi[keep], fi[keep]
         d2 = point_triangle_sq(p[pi], tri[fi, 0], tri[fi, 1], tri[fi, 2])
-        best = torch.full((n,), math.inf, dtype=torch.float64, device=p.device)
-        best = best.scatter_reduce(0, pi, d2, reduce="amin")
-        out.append(best.sqrt())
+        out.append(min_per_point(d2, pi, n).sqrt())
     return torch.cat(out)
 
 

@@ -87,6 +87,7 @@ def bench_losses(args) -> None:
 
 def bench_surface(args) -> None:
     from common import metrics
+    from tests.reference import surface_distance_every_triangle
 
     print(f"surface: {machine_description()}")
     print("each vertex of the hand moved by a random offset of about --shift mm (Gaussian, per axis "
@@ -97,18 +98,6 @@ def bench_surface(args) -> None:
     for name, hand in load_hands(args.hands):
         vertices = torch.tensor(hand.vertices, dtype=torch.float64)
         faces = torch.tensor(hand.faces, dtype=torch.long)
-        tri = vertices[faces]
-
-        def every_triangle(points):
-            chunk = max(1, metrics.MAX_PAIRS // len(tri))
-            out = []
-            for start in range(0, len(points), chunk):
-                p = points[start:start + chunk]
-                n = p.shape[0]
-                d2 = metrics.point_triangle_sq(p.repeat_interleave(len(tri), 0), tri[:, 0].repeat(n, 1),
-                                               tri[:, 1].repeat(n, 1), tri[:, 2].repeat(n, 1))
-                out.append(d2.view(n, -1).amin(1).sqrt())
-            return torch.cat(out)
 
         gen = torch.Generator().manual_seed(0)
         for shift in args.shift:
@@ -116,7 +105,8 @@ def bench_surface(args) -> None:
             points = points + shift / 3 ** 0.5 * torch.randn(points.shape, generator=gen, dtype=torch.float64)
             ours = median_seconds(lambda: metrics.point_surface_distance(points, vertices, faces), args.repeats,
                                   warmup=1)
-            every = median_seconds(lambda: every_triangle(points), 1, warmup=0)
+            every = median_seconds(lambda: surface_distance_every_triangle(points, vertices, faces), 1,
+                                   warmup=0)
             print(f"{name:<10} {len(points):>6} {len(faces):>6} {shift:>8.1f} | {ours * 1e3:>8.1f} | "
                   f"{every * 1e3:>17.0f} | {every / ours:>7.0f}x")
 

@@ -271,3 +271,24 @@ def fewer_vertices(state, vertices):
             if key in state:
                 state[key] = state[key][:3 * vertices]
     return state
+
+
+def surface_distance_every_triangle(points, vertices, faces, max_pairs=1 << 21):
+    """``[P]`` distance from each point to the nearest of every triangle (no pruning), mm: the
+    minimum of ``point_triangle_sq`` over all point-triangle pairs, ``max_pairs`` pairs at a time.
+
+    Args:
+        points: ``[P, 3]``; vertices: ``[V, 3]`` float64 mm; faces: ``[F, 3]`` long.
+    """
+    from common.metrics import point_triangle_sq
+
+    tri = vertices[faces]
+    chunk = max(1, max_pairs // len(tri))
+    out = []
+    for start in range(0, len(points), chunk):
+        p = points[start:start + chunk]
+        n = p.shape[0]
+        d2 = point_triangle_sq(p.repeat_interleave(len(tri), 0), tri[:, 0].repeat(n, 1),
+                               tri[:, 1].repeat(n, 1), tri[:, 2].repeat(n, 1))
+        out.append(d2.view(n, -1).amin(1).sqrt())
+    return torch.cat(out)
