@@ -25,7 +25,7 @@ with a known identity — non-zero skeleton offsets and a smooth identity correc
 the surface normals — and a known pose-dependent corrective (a soft-tissue bulge near each joint
 that grows with its flexion). Poses are random within joint limits; the wrist gets a random rotation
 and a position inside the capture volume; the cameras stand on a dome around it. Depth maps are
-rendered by the project's :class:`common.nets.renderer.DepthRenderer`, so a model that recovers the
+rendered by the project's :class:`common.renderer.depth_renderer.DepthRenderer`, so a model that recovers the
 ground truth renders them back exactly. The output depends only on the options and ``--seed``.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.nets.renderer import DepthRenderer, project_points  # noqa: E402
+from common.renderer.depth_renderer import DepthRenderer, project_points  # noqa: E402
 from common.utils.hand_model import HandModel, save_hand_model  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.kinematics import pose_hand  # noqa: E402

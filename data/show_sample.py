@@ -22,7 +22,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.nets.renderer import DepthRenderer, project_points  # noqa: E402
+from common.renderer.depth_renderer import DepthRenderer, project_points  # noqa: E402
 from common.utils.hand_model import HandModelError, is_hand_model_folder, load_hand_model  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402

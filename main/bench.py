@@ -3,8 +3,10 @@
     python main/bench.py decode [--batch 1 64 1024] [--hands default makehuman]
     python main/bench.py losses [--batch 8] [--hands default makehuman]
     python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--backends native pytorch3d]
+                                  [--batch 8] [--backends native-tensor native-triton]
                                   [--tile-sizes 0 16] [--device cuda] [--no-memory]
                                   [--threads 1 --clock thread]
+    python main/bench.py kernel [--size 256 --views 6 --batch 8] [--device cuda]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
     python main/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
@@ -113,7 +115,7 @@ def bench_surface(args) -> None:
 
 def bench_renderer(args) -> None:
     from main.benchmarks.renderer import compare_renderers, memory_growth, subdivide, variant
-    from common.nets.renderer import pytorch3d_available
+    from common.renderer.depth_renderer import pytorch3d_available
 
     hands = []
     for name, hand in load_hands(args.hands):
@@ -130,9 +132,19 @@ def bench_renderer(args) -> None:
         variants += [variant(name, tile) for tile in args.tile_sizes] if name == "pytorch3d" else [variant(name)]
     if variants:
         compare_renderers(hands, sizes=args.sizes, views=args.views, repeats=args.repeats, variants=variants,
-                          device=args.device, clock=args.clock)
+                          device=args.device, clock=args.clock, batch=args.batch)
     if args.memory:
         memory_growth(hands, sizes=args.sizes, views=args.views, device=args.device)
+
+
+def bench_kernel(args) -> None:
+    from main.benchmarks.renderer import kernel_tiles
+
+    print(f"kernel: {machine_description()}")
+    for name, hand in load_hands(args.hands):
+        print(f"hand: {name}")
+        kernel_tiles(hand, size=args.size, views=args.views, batch=args.batch, repeats=args.repeats,
+                     device=args.device)
 
 
 def bench_data(args) -> None:
@@ -243,7 +255,7 @@ def bench_scaling(args) -> int:
 
 def main(argv=None) -> int:
     from main.options import add_config_args
-    from common.nets.renderer import DEFAULT_TILE_SIZE
+    from common.renderer.depth_renderer import DEFAULT_TILE_SIZE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -265,7 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--hands", nargs="+", default=["default"], help=hands_help)
     p.add_argument("--subdivide", type=int, nargs="+", default=[0],
                    help="also each hand with every face split in four this many times (0: as is)")
-    p.add_argument("--backends", nargs="+", choices=["native", "pytorch3d", "auto"], default=["native", "pytorch3d"],
+    p.add_argument("--batch", type=int, default=1, help="samples per call, each seen by --views cameras")
+    p.add_argument("--backends", nargs="+", choices=["native", "native-tensor", "native-triton", "pytorch3d", "auto"],
+                   default=["native", "pytorch3d"],
                    help="renderer backends to compare (pytorch3d: PyTorch3D's kernel, skipped where it does not "
                         "import; auto: what renderer_backend auto runs)")
     p.add_argument("--tile-sizes", dest="tile_sizes", type=int, nargs="+", default=[DEFAULT_TILE_SIZE],
@@ -277,6 +291,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the native backend's peak-memory table")
     p.add_argument("--repeats", type=int, default=5)
+
+    p = sub.add_parser("kernel", help="the native renderer's binned Triton kernel per tile size (CUDA)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--views", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--hands", nargs="+", default=["default"], help=hands_help)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--repeats", type=int, default=20)
 
     p = sub.add_parser("data", help="data-loader samples per second")
     p.add_argument("--data", required=True, help="data folder in the released layout")
@@ -314,7 +336,8 @@ def main(argv=None) -> int:
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be at least 1")
     torch.manual_seed(0)
-    run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "data": bench_data,
+    run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "kernel": bench_kernel,
+           "data": bench_data,
            "surface": bench_surface,
            "train": bench_train, "scaling": bench_scaling}[args.what]
     return run(args) or 0

@@ -45,7 +45,7 @@ class Config:
     id_code_dim = 32
     bone_step_size = 0.1
     # Rasteriser of the depth renderer: auto (PyTorch3D where it imports, else the project's
-    # own), pytorch3d or native (common/nets/renderer.py, resolve_backend).
+    # own), pytorch3d or native (common/renderer/depth_renderer.py, resolve_backend).
     renderer_backend = "auto"
 
     ## model

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss
-from common.nets.renderer import DepthRenderer
+from common.renderer.depth_renderer import DepthRenderer
 from common.utils.kinematics import rigid_align
 
 # A rigid transform in 3D is determined by three non-collinear points: a sample with fewer valid

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.nets.renderer import DepthRenderer
+from common.renderer.depth_renderer import DepthRenderer
 from common.utils.safe_pickle import load_depthmap
 from data.dataset import DeepHandMeshDataset
 from data.make_synthetic import generate

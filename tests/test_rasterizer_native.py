@@ -1,4 +1,4 @@
-"""The native rasteriser (common/nets/rasterizer.py) on its own, the renderer's backend option and
+"""The native rasteriser (common/renderer/rasterizer.py) on its own, the renderer's backend option and
 the CUDA checks (skipped without CUDA).
 
 These run with and without PyTorch3D: the references are a numpy ray caster, PyTorch3D-free
@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-import common.nets.backend as backend_module
-from common.nets.rasterizer import default_chunks, rasterize_depth
-from common.nets.renderer import DepthRenderer, RendererBackendError, pytorch3d_available, resolve_backend
+import common.renderer.backend as backend_module
+from common.renderer.rasterizer import EMPTY_KEY, default_chunks, rasterize_depth
+from common.renderer.triton_rasterizer import TILE_H, TILE_W, bin_faces, rasterize_depth_binned, triton_available
+from common.renderer.depth_renderer import DepthRenderer, RendererBackendError, pytorch3d_available, resolve_backend
 from tests.conftest import REPO
 from tests.test_renderer import (NO_PYTORCH3D, SCENES, _hand_batch, _p3d_reference, brute_force_depth,
                                  backend)  # noqa: F401  (the fixture: both backends)
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device here: this test runs on CUDA (against the CPU)"
+NO_TRITON = "Triton does not import here: the binned kernel's tests need it (it ships with PyTorch's CUDA wheels)"
+needs_triton = pytest.mark.skipif(not triton_available(), reason=NO_TRITON)
 
 
 def _scene(hand, scene, B=2, N=3, H=40, W=36):
@@ -156,13 +159,8 @@ def test_faces_per_pixel_equal_pytorch3d_on_realistic_views(default_hand):
 
 
 # ------------------------------------------------------------------------ kernel rules, corners
-def test_kernel_rules_on_hand_made_triangles(monkeypatch):
-    """Ties (the lower face index wins), zero-area faces, faces entirely behind the near plane,
-    faces beyond the image, one vertex behind (cut into two triangles, both keeping the face's
-    index), chunking; and non-finite coordinates are refused, naming view and vertex."""
-    import common.nets.rasterizer as rasterizer_module
+def _hand_made_triangles():
     g = torch.Generator().manual_seed(4)
-    H, W = 30, 34
     tris = torch.rand(40, 3, 3, generator=g)
     tris[..., :2] = tris[..., :2] * 2.4 - 1.2          # some reach beyond the image
     tris[..., 2] = 200 + 100 * tris[..., 2]
@@ -171,9 +169,103 @@ def test_kernel_rules_on_hand_made_triangles(monkeypatch):
     tris[9, :, 2] = 0.5                                 # entirely behind near = 1
     tris[11] = torch.tensor([[-0.9, -0.9, 0.5], [0.9, -0.8, 150.0], [0.0, 0.9, 160.0]])   # one vertex behind
     tris[11, 0, :2] *= 150.0 / 0.5                      # where such a vertex projects: far out
+    # Two vertices behind (camera points (0.3, −0.2, 0.4), (−0.5, 0.4, 0.7), (72, 54, 90)): a small
+    # piece in front, reaching depth 1 at its cut edge.
+    tris[13] = torch.tensor([[0.3 / 0.4, -0.2 / 0.4, 0.4], [-0.5 / 0.7, 0.4 / 0.7, 0.7], [0.8, 0.6, 90.0]])
     verts = tris.reshape(1, -1, 3).repeat(2, 1, 1)
     verts[1, :, :2] *= -0.7                             # a second view
-    faces = torch.arange(120).reshape(40, 3)
+    return verts, torch.arange(120).reshape(40, 3)
+
+
+@needs_triton
+def test_binned_kernel_equals_the_tensor_rasteriser():
+    """The binned Triton kernel (run here by Triton's interpreter, on the CPU) takes the tensor
+    rasteriser's decisions bit for bit: on the hand-made triangles (ties, zero area, faces behind
+    the near plane, cut into one or two triangles, beyond the image), on a soup of large random
+    triangles overlapping across tiles (odd image sizes: partial tiles), and with nothing on screen."""
+    verts, faces = _hand_made_triangles()
+    H, W = 30, 34
+    reference = rasterize_depth(verts, faces, (H, W), 1.0)
+    ours = rasterize_depth_binned(verts, faces, (H, W), 1.0)
+    assert (reference[0] == 11).sum() > 20 and (reference[0] == 13).sum() > 5 and (reference[0] == 3).any()
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    g = torch.Generator().manual_seed(7)
+    soup = torch.rand(3, 60, 3, generator=g) * 2 - 1
+    soup[..., 2] = torch.rand(3, 60, generator=g) * 50 + 0.5     # a few vertices behind near = 1
+    soup_faces = torch.randint(0, 60, (70, 3), generator=g)
+    for size in ((37, 21), (16, 16)):
+        reference = rasterize_depth(soup, soup_faces, size, 1.0)
+        ours = rasterize_depth_binned(soup, soup_faces, size, 1.0)
+        assert (reference[0] >= 0).float().mean() > 0.3
+        assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1]), size
+    empty = rasterize_depth_binned(verts + torch.tensor([9.0, 0.0, 0.0]), faces, (H, W), 1.0)
+    assert (empty[0] == -1).all() and (empty[1] == -1).all()
+    bad = verts.clone()
+    bad[1, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite screen coordinates .* at view 1, vertex 4"):
+        rasterize_depth_binned(bad, faces, (H, W), 1.0)
+
+
+def test_binning_lists_every_tile_a_face_reaches():
+    """Each face is listed in exactly the tiles its range of pixel centres meets, in every view,
+    and the tiles' lists follow one another (start offsets)."""
+    g = torch.Generator().manual_seed(2)
+    H, W, M = 70, 45, 3
+    r0, c0 = torch.randint(0, H, (50,), generator=g), torch.randint(0, W, (50,), generator=g)
+    rows = torch.minimum(torch.randint(1, 40, (50,), generator=g), H - r0)
+    cols = torch.minimum(torch.randint(1, 40, (50,), generator=g), W - c0)
+    view = torch.randint(0, M, (50,), generator=g)
+    start, pairs = bin_faces(torch.stack((r0, c0, rows, cols)), view, (H, W), M)
+    down, across = -(-H // TILE_H), -(-W // TILE_W)
+    assert len(start) == M * down * across + 1 and int(start[-1]) == len(pairs)
+    for t in range(M * down * across):
+        m, ty, tx = t // (down * across), (t % (down * across)) // across, t % across
+        listed = sorted(pairs[start[t]:start[t + 1]].tolist())
+        expected = [i for i in range(50) if view[i] == m
+                    and r0[i] <= ty * TILE_H + TILE_H - 1 and r0[i] + rows[i] - 1 >= ty * TILE_H
+                    and c0[i] <= tx * TILE_W + TILE_W - 1 and c0[i] + cols[i] - 1 >= tx * TILE_W]
+        assert listed == expected, t
+
+
+def test_kernel_empty_key_is_the_rasterisers():
+    """The kernel writes ``0x7FFF…`` where no face covers a pixel: the tensor path's empty key."""
+    import inspect
+    from common.renderer import triton_rasterizer
+    assert EMPTY_KEY == 0x7FFFFFFFFFFFFFFF
+    assert "0x7FFFFFFFFFFFFFFF" in inspect.getsource(triton_rasterizer._kernel_source)
+
+
+@needs_triton
+def test_renderer_with_the_kernel_equals_the_tensor_path(default_hand):
+    """DepthRenderer's native backend through the kernel (the CUDA path, here in the interpreter)
+    against its tensor operations: the same depth maps bit for bit and the same vertex and camera
+    gradients, the near plane cutting the hand or not (a coarse copy of the hand keeps the
+    interpreter quick)."""
+    faces = torch.as_tensor(default_hand.faces)[::4].contiguous()
+    for scene in SCENES:
+        distance, near = SCENES[scene]
+        inputs = _hand_batch(np.asarray(default_hand.vertices, float), 1, 2, 24, 22, distance=distance)
+        results = []
+        for kind in ("tensor", "triton"):
+            r = DepthRenderer(faces, (24, 22), near=near, backend="native", native_rasteriser=kind)
+            assert r.uses_kernel(torch.device("cpu")) == (kind == "triton")
+            v = inputs[0].detach().clone().requires_grad_(True)
+            campos = inputs[2].detach().clone().requires_grad_(True)
+            depth = r(v, inputs[1], campos, *inputs[3:])
+            (depth * torch.linspace(0.5, 1.5, depth.numel()).reshape(depth.shape)).sum().backward()
+            results.append((depth.detach(), v.grad, campos.grad))
+        (d0, g0, c0), (d1, g1, c1) = results
+        assert (d0 > 0).sum() > 100, scene
+        assert torch.equal(d0, d1) and torch.equal(g0, g1) and torch.equal(c0, c1), scene
+
+
+def test_kernel_rules_on_hand_made_triangles(monkeypatch):
+    """Ties (the lower face index wins), zero-area faces, faces entirely behind the near plane,
+    faces beyond the image, one vertex behind (cut into two triangles, both keeping the face's
+    index), chunking; and non-finite coordinates are refused, naming view and vertex."""
+    import common.renderer.rasterizer as rasterizer_module
+    H, W = 30, 34
+    verts, faces = _hand_made_triangles()
     ours = rasterize_depth(verts, faces, (H, W), 1.0)
     assert (ours[0] == 3).any() and not (ours[0] == 5).any()
     assert not (ours[0] == 7).any() and not (ours[0] == 9).any()
@@ -225,7 +317,7 @@ def test_memory_of_a_large_render_is_bounded():
         import torch
         torch.set_num_threads(2)
         from main.benchmarks.renderer import ring_cameras
-        from common.nets.renderer import DepthRenderer
+        from common.renderer.depth_renderer import DepthRenderer
         from common.utils.default_hand import make_default_hand
         hand = make_default_hand()
         cams = [c.expand(8, *c.shape[1:]).contiguous() for c in ring_cameras(hand.vertices, 6, 256)]
@@ -250,7 +342,7 @@ def test_memory_of_a_large_render_is_bounded():
 def test_backend_option_resolves_and_logs_once(monkeypatch, caplog, default_hand, small_cfg):
     monkeypatch.setattr(backend_module, "_ANNOUNCED", set())
     faces = torch.as_tensor(default_hand.faces)
-    with caplog.at_level(logging.INFO, logger="common.nets.backend"):
+    with caplog.at_level(logging.INFO, logger="common.renderer.backend"):
         chosen = DepthRenderer(faces, 8).backend
         DepthRenderer(faces, 8)
         DepthRenderer(faces, 8, backend="native")
@@ -287,7 +379,7 @@ def test_pytorch3d_backend_without_pytorch3d_says_how_to_install(monkeypatch, tm
 
 
 def test_no_module_imports_pytorch3d_at_import_time():
-    modules = ["common.nets.renderer", "common.nets.backend", "common.nets.tiling", "common.nets.rasterizer",
+    modules = ["common.renderer.depth_renderer", "common.renderer.backend", "common.renderer.tiling", "common.renderer.rasterizer",
                "common.nets.loss", "main.model", "main.train", "main.test", "main.bench", "main.trainer", "main.tester",
                "main.benchmarks.renderer", "data.make_synthetic", "data.show_sample", "data.dataset", "demo.demo"]
     code = ("import sys, importlib\nsys.path.insert(0, '.')\n"
@@ -309,9 +401,11 @@ def test_renderer_on_cuda_equals_cpu(default_hand, backend, scene):
     results = []
     for device in ("cpu", "cuda"):
         r = renderer.to(device)
-        v = inputs[0].to(device).requires_grad_(True)
+        # A fresh leaf on each device (.to("cpu") of a CPU tensor is the tensor itself).
+        v = inputs[0].detach().clone().to(device).requires_grad_(True)
         depth = r(v, *(t.to(device) for t in inputs[1:]))
         depth.sum().backward()
+        assert v.grad is not None, device
         results.append((depth.detach().cpu(), v.grad.cpu()))
     (d0, g0), (d1, g1) = results
     differ = ((d0 > 0) != (d1 > 0)).sum()
@@ -322,7 +416,33 @@ def test_renderer_on_cuda_equals_cpu(default_hand, backend, scene):
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
-def test_decode_and_a_training_step_on_cuda_equal_cpu(default_hand, small_cfg, tiny_set):
+@needs_triton
+@pytest.mark.parametrize("scene", list(SCENES))
+def test_binned_kernel_on_cuda_equals_the_cpu_bit_for_bit(default_hand, scene):
+    """The compiled kernel on CUDA (no fused multiply-add, IEEE division) against the tensor
+    rasteriser on the CPU, from the same screen vertices: the same faces and depths, bit for bit;
+    and the renderer's forward and vertex gradient through it against the CPU's."""
+    renderer, inputs, verts = _scene(default_hand, scene, B=2, N=3, H=64, W=58)
+    reference = rasterize_depth(verts, renderer.faces, renderer.image_size, renderer.near)
+    ours = rasterize_depth_binned(verts.cuda(), renderer.faces.cuda(), renderer.image_size, renderer.near)
+    assert (reference[0] >= 0).sum() > 1000
+    assert torch.equal(ours[0].cpu(), reference[0]) and torch.equal(ours[1].cpu(), reference[1])
+    gpu = DepthRenderer(renderer.faces, renderer.image_size, near=renderer.near, backend="native").cuda()
+    assert gpu.uses_kernel(torch.device("cuda"))
+    results = []
+    for r, device in ((renderer, "cpu"), (gpu, "cuda")):
+        v = inputs[0].detach().clone().to(device).requires_grad_(True)
+        face, zbuf = r.rasterize(v, *(t.to(device) for t in inputs[1:]))
+        depth = r(v, *(t.to(device) for t in inputs[1:]))
+        depth.sum().backward()
+        results.append((face.cpu(), zbuf.detach().cpu(), depth.detach().cpu(), v.grad.cpu()))
+    (f0, z0, d0, g0), (f1, z1, d1, g1) = results
+    assert torch.equal(f0, f1) and torch.equal(z0, z1) and torch.equal(d0, d1)
+    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6 * float(g0.abs().max()))
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_decode_on_cuda_equals_cpu(default_hand, small_cfg):
     from main.model import get_model
     torch.manual_seed(0)
     model = get_model("test", default_hand, small_cfg).eval()
@@ -332,19 +452,50 @@ def test_decode_and_a_training_step_on_cuda_equal_cpu(default_hand, small_cfg, t
         gpu = model.to("cuda").decode(euler.cuda())
     for key in ("joint_out", "mesh_out_refined"):
         assert torch.allclose(cpu[key], gpu[key].cpu(), rtol=1e-4, atol=1e-3), key
-    steps = [_one_training_step(device, default_hand, tiny_set) for device in ("cpu", "cuda")]
-    for name, value in steps[0].items():
-        other = steps[1][name].cpu()
-        if name.startswith("loss_"):
-            assert torch.allclose(value, other, rtol=1e-4, atol=1e-6), (name, value, other)
-        else:  # gradients, to float32 accumulation differences
-            assert (value - other).abs().max() <= 1e-3 * value.abs().max() + 1e-8, name
 
 
-def _one_training_step(device, hand, data_dir):
-    """The losses of one training forward on a fixed batch of the tiny set, on ``device``, and the
-    parameters' gradients (compared before any optimizer step: Adam's first step is about
-    lr · sign(gradient), which float rounding may flip where a gradient is near 0)."""
+# What a training step on CUDA is compared on, and how. One step of the tiny set (batch 2) in
+# float64 on the CPU is the reference; the float32 step on the CPU and on CUDA must each be within
+# ERROR_FACTOR times the CPU's own float32 error of it (or ERROR_FLOOR of the largest value), for:
+# the four losses, the gradient reaching the Euler angles and the posed (rendered) vertices, and
+# the gradients of the pose decoder and the correctives. The encoder's gradient is compared with its
+# batch norm in eval mode: in training mode, batch norm over a batch of 2 (2 × 2 pixels a channel at
+# the last stage of a ResNet-18 on 64 × 64 crops) amplifies rounding ~3,600-fold on the CPU alone
+# (an input perturbed by 1e-5 of its values moves conv1's gradient by 3.6 % of its largest value,
+# BENCHMARKS.md), so a float32 comparison of that gradient measures rounding, not the code.
+ERROR_FACTOR = 20.0
+ERROR_FLOOR = 1e-5
+DECODER_GRADIENTS = ("pose_net.fc.2.weight", "skeleton_refine_net.fc_skeleton.2.weight",
+                     "skin_refine_net.fc_pose.2.weight", "skin_refine_net.fc_id.2.weight")
+
+
+def _relative_error(value, reference):
+    return float((value.double().cpu() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("encoder_batch_norm", ["train", "eval"])
+def test_a_training_step_on_cuda_equals_cpu(default_hand, tiny_set, encoder_batch_norm):
+    reference = _one_training_step("cpu", torch.float64, default_hand, tiny_set, encoder_batch_norm)
+    cpu = _one_training_step("cpu", torch.float32, default_hand, tiny_set, encoder_batch_norm)
+    cuda = _one_training_step("cuda", torch.float32, default_hand, tiny_set, encoder_batch_norm)
+    names = [n for n in reference if n.startswith(("loss_", "grad_")) or n in DECODER_GRADIENTS]
+    if encoder_batch_norm == "eval":
+        names += ["backbone_net.resnet.conv1.weight", "backbone_net.fc.0.weight"]
+    report = []
+    for name in names:
+        cpu_error, cuda_error = _relative_error(cpu[name], reference[name]), _relative_error(cuda[name], reference[name])
+        report.append(f"{name}: cpu {cpu_error:.2e}, cuda {cuda_error:.2e}")
+        assert cuda_error <= max(ERROR_FACTOR * cpu_error, ERROR_FLOOR), "\n".join(report)
+    print("\n".join(report))
+
+
+def _one_training_step(device, dtype, hand, data_dir, encoder_batch_norm="train"):
+    """The losses of one training forward on a fixed batch of the tiny set, on ``device`` in
+    ``dtype``, the gradients reaching the Euler angles (``grad_euler``) and the posed vertices
+    (``grad_mesh``), and the parameters' gradients (compared before any optimizer step: Adam's
+    first step is about lr · sign(gradient), which float rounding may flip where a gradient is
+    near 0). ``encoder_batch_norm='eval'``: the encoder's batch norm uses its running statistics."""
     from main.trainer import split_batch
     from data.dataset import DeepHandMeshDataset
     from main.model import get_model
@@ -353,13 +504,33 @@ def _one_training_step(device, hand, data_dir):
     dataset = DeepHandMeshDataset.from_config(config, "train", hand, seed=0)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(2)])
     inputs, targets, meta_info = split_batch(batch, torch.device(device))
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    targets = {k: v.to(dtype) if v.is_floating_point() else v for k, v in targets.items()}
     torch.manual_seed(0)
-    model = get_model("train", hand, config).to(device).train()
+    model = get_model("train", hand, config).to(device, dtype).train()
+    if encoder_batch_norm == "eval":
+        model.backbone_net.eval()
+    kept = {}
+    angles, pose_on_keypoints = model.angles, model.pose_on_keypoints
+
+    def keep_angles(*args):
+        kept["euler"] = angles(*args)
+        kept["euler"].retain_grad()
+        return kept["euler"]
+
+    def keep_mesh(*args):
+        hand_out, placed = pose_on_keypoints(*args)
+        hand_out.mesh.retain_grad()
+        kept["mesh"] = hand_out.mesh
+        return hand_out, placed
+
+    model.angles, model.pose_on_keypoints = keep_angles, keep_mesh
     loss = model(inputs, targets, meta_info, "train")
     sum(v.mean() for v in loss.values()).backward()
     out = {f"loss_{k}": v.detach().mean() for k, v in loss.items()}
+    out.update(grad_euler=kept["euler"].grad, grad_mesh=kept["mesh"].grad)
     out.update({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
-    return out
+    return {k: v.double().cpu() for k, v in out.items()}
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)

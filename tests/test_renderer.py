@@ -1,4 +1,4 @@
-"""Tests of the differentiable depth renderer (common/nets/renderer.py, DESIGN §6).
+"""Tests of the differentiable depth renderer (common/renderer/depth_renderer.py, DESIGN §6).
 
 The references here are independent of PyTorch3D: analytic planes, a numpy
 ray/triangle brute force through every pixel centre, and ``cv2.projectPoints``.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.nets.rasterizer import pixel_ndc, rasterize_depth
-from common.nets.renderer import DepthRenderer, project_points, pytorch3d_available
+from common.renderer.rasterizer import pixel_ndc, rasterize_depth
+from common.renderer.depth_renderer import DepthRenderer, project_points, pytorch3d_available
 from tests.conftest import MAKEHUMAN_DIR as MAKEHUMAN
 
 HAVE_PYTORCH3D = pytorch3d_available()
@@ -675,7 +675,7 @@ def test_tiling_options_and_empty_views(backend):
 
 
 # ------------------------------------------------------ 8. vectorised CPU rasteriser
-# common/nets/rasterizer.py takes PyTorch3D's CPU kernel's decisions for all (face, pixel)
+# common/renderer/rasterizer.py takes PyTorch3D's CPU kernel's decisions for all (face, pixel)
 # pairs at once.  Its reference is PyTorch3D itself (each view rendered whole): the same
 # coverage, the same face at each pixel and the same depth (observed bit for bit on this
 # machine; the tolerance allows a compiler's fused multiply-adds in the kernel).
@@ -770,7 +770,7 @@ def test_vectorised_rasteriser_is_taken_and_falls_back(monkeypatch):
     bit for bit); PyTorch3D renders when a face is cut, when the rasteriser's own gradient is
     asked for, and with ``cpu_rasteriser='pytorch3d'``."""
     _need_pytorch3d()
-    import common.nets.renderer as renderer_module
+    import common.renderer.depth_renderer as renderer_module
     from common.utils.default_hand import make_default_hand
     hand = make_default_hand()
     faces = torch.as_tensor(hand.faces)

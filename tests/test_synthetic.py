@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.nets.renderer import DepthRenderer
+from common.renderer.depth_renderer import DepthRenderer
 from common.utils.hand_model import load_hand_model
 from common.utils.safe_pickle import load_depthmap
 from data.dataset import DeepHandMeshDataset, read_krt, read_pts

@@ -1,4 +1,4 @@
-"""Timing of :class:`common.nets.renderer.DepthRenderer`.
+"""Timing of :class:`common.renderer.depth_renderer.DepthRenderer`.
 
 Renders a hand template seen by ``views`` cameras placed around it (as the training loop does:
 B = 1 sample, N views, one rasteriser call), each view cropped to its bounding box and warped to
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from main.benchmarks.timing import median_seconds
-from common.nets.renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
+from common.renderer.depth_renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
 # The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
 _IMG_H, _IMG_W = 512, 334
@@ -106,17 +106,23 @@ def _call(renderer: DepthRenderer, vertices: torch.Tensor, cams, backward: bool)
 
 # The variants a benchmark compares: label → DepthRenderer options.
 def variant(name: str, tile_size: Optional[int] = DEFAULT_TILE_SIZE) -> Tuple[str, Dict]:
-    """``('native', …)``: the project's rasteriser; ``('pytorch3d', …)``: PyTorch3D's kernel
-    (``tile_size`` 0: each view whole); ``('auto', …)``: what ``renderer_backend: auto`` runs
-    (with PyTorch3D on the CPU: the vectorised rasteriser where it equals PyTorch3D)."""
+    """``('native', …)``: the project's rasteriser (on CUDA its binned Triton kernel, on the CPU its
+    tensor operations); ``native-tensor`` / ``native-triton``: either one explicitly (``nat/ten``,
+    ``nat/tri``; the kernel on the CPU runs in Triton's interpreter); ``('pytorch3d', …)``:
+    PyTorch3D's kernel (``tile_size`` 0: each view whole); ``('auto', …)``: what
+    ``renderer_backend: auto`` runs (with PyTorch3D on the CPU: the vectorised rasteriser where it
+    equals PyTorch3D)."""
     if name == "native":
         return "native", {"backend": "native"}
+    if name in ("native-tensor", "native-triton"):
+        kind = name.split("-")[1]
+        return f"nat/{kind[:3]}", {"backend": "native", "native_rasteriser": kind}
     if name == "pytorch3d":
         return f"p3d/t{int(tile_size or 0)}", {"backend": "pytorch3d", "cpu_rasteriser": "pytorch3d",
                                                 "tile_size": tile_size}
     if name == "auto":
         return "auto", {"backend": "auto"}
-    raise ValueError(f"variant: expected native, pytorch3d or auto, got {name!r}")
+    raise ValueError(f"variant: expected native, native-tensor, native-triton, pytorch3d or auto, got {name!r}")
 
 
 def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
@@ -197,12 +203,13 @@ def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device
 def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views: int = 6, repeats: int = 5,
                       variants: Sequence[Tuple[str, Dict]] = (variant("native"), variant("pytorch3d")),
                       num_threads: Optional[int] = None, device: Optional[str] = None, clock: str = "wall",
-                      print_fn=print) -> List[Dict]:
+                      print_fn=print, batch: int = 1) -> List[Dict]:
     """Time forward and forward + backward for each ``(label, options)`` variant (see
     :func:`variant`), the variants' calls interleaved (``clock``: see :func:`_interleaved_ms`), and print one row per (hand, size,
     variant), with how many times faster the first variant is than each other one.
 
-    ``hands``: ``(name, hand_model)`` pairs.  Returns the rows as dicts (``hand``, ``size``,
+    ``hands``: ``(name, hand_model)`` pairs; ``batch``: samples per call (copies of the template,
+    each seen by the ``views`` cameras).  Returns the rows as dicts (``hand``, ``size``,
     ``variant``, ``faces``, ``ms_per_view``, ``ms_per_view_backward``, ``coverage``).
     """
     device = torch.device(device or "cpu")
@@ -211,7 +218,7 @@ def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), vi
         torch.set_num_threads(int(num_threads))
     if clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
         raise ValueError("clock 'thread' measures the CPU time of one thread: use it on the CPU with --threads 1")
-    print_fn(f"depth renderer on {device}, {torch.get_num_threads()} threads; B=1 sample x {views} views in one "
+    print_fn(f"depth renderer on {device}, {torch.get_num_threads()} threads; B={batch} sample(s) x {views} views in one "
              f"call; median of {repeats} runs ({'CPU time of the thread' if clock == 'thread' else 'wall time'}), "
              f"the variants' calls interleaved; p3d/tN = PyTorch3D's kernel, "
              f"N-pixel tiles (0: untiled)")
@@ -222,9 +229,11 @@ def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), vi
     try:
         for name, hand in hands:
             verts = torch.tensor(np.asarray(hand.vertices), dtype=torch.float32, device=device)[None]
+            verts = verts.repeat(batch, 1, 1)
             faces = torch.as_tensor(np.asarray(hand.faces), dtype=torch.int64)
             for size in sizes:
-                cams = [t.to(device) for t in ring_cameras(hand.vertices, views, int(size))]
+                cams = [t.to(device).expand(batch, *t.shape[1:]).contiguous()
+                        for t in ring_cameras(hand.vertices, views, int(size))]
                 renderers = {label: DepthRenderer(faces, image_size=(int(size), int(size)), **options).to(device)
                              for label, options in variants}
                 ms = {}
@@ -234,13 +243,13 @@ def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), vi
                     ms[backward] = _interleaved_ms(calls, repeats, device, clock)
                 coverage = float((_call(renderers[first], verts, cams, False) > 0).float().mean())
                 for label, _ in variants:
-                    fwd, bwd = ms[False][label] / views, ms[True][label] / views
+                    fwd, bwd = ms[False][label] / (batch * views), ms[True][label] / (batch * views)
                     gain = ""
                     if label != first:
-                        gain = (f"{fwd / (ms[False][first] / views):>17.1f}x "
-                                f"{bwd / (ms[True][first] / views):>5.1f}x")
-                    print_fn(f"{name:<12} {faces.shape[0]:>6} {size:>4}x{size:<4} {label:>8} | {fwd:>8.1f} "
-                             f"{ms[False][label]:>8.1f} | {bwd:>17.1f} | {gain}")
+                        gain = (f"{ms[False][label] / ms[False][first]:>17.1f}x "
+                                f"{ms[True][label] / ms[True][first]:>5.1f}x")
+                    print_fn(f"{name:<12} {faces.shape[0]:>6} {size:>4}x{size:<4} {label:>8} | {fwd:>8.3f} "
+                             f"{ms[False][label]:>8.2f} | {bwd:>17.3f} | {gain}")
                     out.append({"hand": name, "size": int(size), "variant": label, "faces": int(faces.shape[0]),
                                 "ms_per_view": fwd, "ms_per_view_backward": bwd, "coverage": coverage})
     finally:
@@ -327,3 +336,41 @@ def memory_growth(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views:
             out.append({"hand": name, "faces": int(len(hand.faces)), "size": int(size), "mb": mb})
         print_fn(f"{name:<12} {len(hand.faces):>6} " + " ".join(f"{mb:>9.0f}" for mb in row))
     return out
+
+
+def kernel_tiles(hand, size: int = 256, views: int = 6, batch: int = 8, repeats: int = 20,
+                 tiles: Sequence[Tuple[int, int, int]] = ((8, 8, 2), (16, 16, 4), (16, 16, 8), (32, 32, 8), (8, 32, 4)),
+                 device: str = "cuda", print_fn=print) -> List[Dict]:
+    """The binned kernel's rasterisation alone (no gradient) of ``batch`` × ``views`` views of
+    ``hand``, per ``(tile height, tile width, warps)``; and of the whole forward the part before
+    the kernel (clipping, per-face values, binning). Median ms of ``repeats`` calls."""
+    from common.renderer.rasterizer import check_screen_vertices, clip_near, prepare_faces
+    from common.renderer.triton_rasterizer import bin_faces, rasterize_depth_binned
+
+    device = torch.device(device)
+    faces = torch.as_tensor(np.asarray(hand.faces), dtype=torch.int64, device=device)
+    cams = [t.to(device).expand(batch, *t.shape[1:]).contiguous() for t in ring_cameras(hand.vertices, views, size)]
+    verts = torch.tensor(np.asarray(hand.vertices), dtype=torch.float32, device=device)[None].repeat(batch, 1, 1)
+    renderer = DepthRenderer(faces.cpu(), (size, size), backend="native").to(device)
+    screen = renderer.screen_vertices(verts, *cams).reshape(batch * views, -1, 3).contiguous()
+    M, F = screen.shape[0], faces.shape[0]
+
+    def before_kernel():
+        check_screen_vertices(screen, faces)
+        fv = screen[:, faces].permute(3, 2, 0, 1).reshape(3, 3, M * F)
+        fv, owner = clip_near(fv, torch.arange(M * F, device=device), renderer.near)
+        values, ranges, owner = prepare_faces(fv, owner, size, size)
+        return bin_faces(ranges, torch.div(owner, F, rounding_mode="floor"), (size, size), M)
+
+    rows = []
+    prep = 1000 * median_seconds(before_kernel, repeats, device=device)
+    start, pairs = before_kernel()
+    print_fn(f"binned kernel on {device}: {batch} x {views} views of {size}x{size}, {F} faces; "
+             f"{len(pairs)} (tile, face) pairs at 16x16; before the kernel (clip, faces, binning): {prep:.3f} ms")
+    for h, w, warps in tiles:
+        fn = lambda: rasterize_depth_binned(screen, faces, (size, size), renderer.near, (h, w), warps)  # noqa: E731
+        fn()
+        ms = 1000 * median_seconds(fn, repeats, device=device)
+        print_fn(f"  tile {h:>2}x{w:<2} {warps} warps: {ms:.3f} ms per call (all views), {ms / M * 1000:.1f} us per view")
+        rows.append({"tile": (h, w), "warps": warps, "ms": ms})
+    return rows

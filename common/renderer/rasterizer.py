@@ -68,7 +68,7 @@ _CHUNK_FACES = {"cpu": 1 << 21, "cuda": 1 << 22}
 _RANGE_MARGIN_PX = 1e-3
 
 # The empty key: no fragment (larger than any packed (depth, face)).
-_EMPTY_KEY = torch.iinfo(torch.int64).max
+EMPTY_KEY = torch.iinfo(torch.int64).max
 
 
 def default_chunks(device: torch.device | str) -> Tuple[int, int]:
@@ -187,14 +187,16 @@ def _grid_fragments(face_values, face_ranges, shape, x_ndc, y_ndc):
     return i[covered], row[i, a][covered], col[i, b][covered], depth[covered]
 
 
-def _prepare(fv: torch.Tensor, owner: torch.Tensor, H: int, W: int):
+def prepare_faces(fv: torch.Tensor, owner: torch.Tensor, H: int, W: int):
     """Per-triangle data of the kernel's tests, for the triangles that can cover a pixel centre.
 
     Args:
         fv: ``[3, 3, T]`` float32 screen vertices (in front of the near plane); owner ``[T]``.
     Returns:
-        ``(values [14, C], ranges [4, C], owner [C], group [C])`` (see :func:`_grid_fragments`;
-        ``group`` encodes the power-of-two grid of each triangle's pixel box).
+        ``(values [14, C], ranges [4, C], owner [C])``: rows ``x0, y0, x1, y1, x2, y2`` (screen
+        corners), ``x_lo, x_hi, y_lo, y_hi`` (box), the barycentric denominator (non-zero) and
+        ``z0, z1, z2`` (mm); the first row, first column, number of rows and of columns (≥ 1) of
+        each triangle's range of pixel centres; the owners kept.
     """
     S = float(min(H, W))
     x, y, z = fv.unbind(0)
@@ -222,11 +224,18 @@ def _prepare(fv: torch.Tensor, owner: torch.Tensor, H: int, W: int):
     kept = torch.nonzero(values[10] != 0).squeeze(1)
     candidates, values = candidates[kept], values[:, kept]
     ranges = torch.stack((r_lo, c_lo, rows, cols))[:, candidates]          # [4, C]
-    # Triangles are handled in groups by the size of their pixel box, as [faces, h, w] grids of
-    # (face, pixel) pairs (h, w the next powers of two): the face's values then broadcast over
-    # its pixels instead of being gathered for each pair, and most work is on small arrays.
+    return values, ranges, owner[candidates]
+
+
+def _prepare(fv: torch.Tensor, owner: torch.Tensor, H: int, W: int):
+    """:func:`prepare_faces` and each triangle's ``group``, the power-of-two grid of its pixel box.
+
+    Triangles are handled in groups by the size of their pixel box, as [faces, h, w] grids of
+    (face, pixel) pairs (h, w the next powers of two): the face's values then broadcast over its
+    pixels instead of being gathered for each pair, and most work is on small arrays."""
+    values, ranges, owner = prepare_faces(fv, owner, H, W)
     group = torch.ceil(torch.log2(ranges[2:].float())).long()
-    return values, ranges, owner[candidates], group[0] * 64 + group[1]
+    return values, ranges, owner, group[0] * 64 + group[1]
 
 
 def _fragments(prepared, H: int, W: int, F: int, chunk_pairs: int,
@@ -251,9 +260,9 @@ def _pack(depth: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
     return (bits << 32) | face
 
 
-def _unpack(key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def unpack_keys(key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Keys → ``(face int64, depth float32)``, ``(−1, −1.0)`` for the empty key."""
-    empty = key == _EMPTY_KEY
+    empty = key == EMPTY_KEY
     face = torch.where(empty, -1, key & 0xFFFFFFFF)
     depth = (key >> 32).to(torch.int32).view(torch.float32)
     return face, torch.where(empty, torch.full_like(depth, -1.0), depth)
@@ -282,22 +291,12 @@ def rasterize_depth(verts: torch.Tensor, faces: torch.Tensor, image_size: Tuple[
     H, W = int(image_size[0]), int(image_size[1])
     M, F, K = int(verts.shape[0]), int(faces.shape[0]), int(faces_per_pixel)
     device = verts.device
-    if verts.dtype != torch.float32:
-        raise ValueError(f"verts: expected float32 screen vertices, got {verts.dtype}")
-    if F >= 1 << 31:
-        raise ValueError(f"faces: at most 2^31 - 1 faces, got {F}")
     default_pairs, default_faces = default_chunks(device)
     chunk_pairs = int(chunk_pairs or default_pairs)
     chunk_faces = int(chunk_faces or default_faces)
-    used = torch.zeros(verts.shape[1], dtype=torch.bool, device=device)
-    used[faces.reshape(-1)] = True
-    bad = ~torch.isfinite(verts).all(-1) & used                          # [M, V]
-    if bool(bad.any()):
-        m, v = (int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"verts: non-finite screen coordinates {verts[m, v].tolist()} at view {m}, vertex {v} "
-                         f"({int(bad.sum())} such vertices); expected finite (x_ndc, y_ndc, z)")
+    check_screen_vertices(verts, faces)
     x_ndc, y_ndc = pixel_ndc(W, H).to(device), pixel_ndc(H, W).to(device)
-    keys = torch.full((K, M * H * W), _EMPTY_KEY, dtype=torch.int64, device=device)
+    keys = torch.full((K, M * H * W), EMPTY_KEY, dtype=torch.int64, device=device)
     views_per_group = max(1, chunk_faces // max(F, 1))
     for m0 in range(0, M, views_per_group):
         m1 = min(M, m0 + views_per_group)
@@ -319,9 +318,25 @@ def rasterize_depth(verts: torch.Tensor, faces: torch.Tensor, image_size: Tuple[
                         above &= face != (group_keys[j, pixel] & 0xFFFFFFFF)
                     pixel, key = pixel[above], key[above]
                 group_keys[k].scatter_reduce_(0, pixel, key, "amin")
-    face, zbuf = _unpack(keys)
+    face, zbuf = unpack_keys(keys)
     return (face.view(K, M, H, W).permute(1, 2, 3, 0).contiguous(),
             zbuf.view(K, M, H, W).permute(1, 2, 3, 0).contiguous())
+
+
+def check_screen_vertices(verts: torch.Tensor, faces: torch.Tensor) -> None:
+    """A clear error unless ``verts [M, V, 3]`` is float32, every vertex a face uses is finite and
+    ``faces [F, 3]`` has fewer than 2³¹ faces (the packed keys hold a face in 32 bits)."""
+    if verts.dtype != torch.float32:
+        raise ValueError(f"verts: expected float32 screen vertices, got {verts.dtype}")
+    if faces.shape[0] >= 1 << 31:
+        raise ValueError(f"faces: at most 2^31 - 1 faces, got {faces.shape[0]}")
+    used = torch.zeros(verts.shape[1], dtype=torch.bool, device=verts.device)
+    used[faces.reshape(-1)] = True
+    bad = ~torch.isfinite(verts).all(-1) & used                          # [M, V]
+    if bool(bad.any()):
+        m, v = (int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"verts: non-finite screen coordinates {verts[m, v].tolist()} at view {m}, vertex {v} "
+                         f"({int(bad.sum())} such vertices); expected finite (x_ndc, y_ndc, z)")
 
 
 def cuts_near_plane(verts: torch.Tensor, faces: torch.Tensor, near: float) -> bool:

@@ -4,7 +4,7 @@ and PyTorch3D's rasterisation of whole views.
 
 With PyTorch3D (0.7.9), each view's vertices are handed to
 :func:`pytorch3d.renderer.mesh.rasterize_meshes` already in its screen space
-(:func:`common.nets.camera.screen_vertices`) rather than through a PyTorch3D camera:
+(:func:`common.renderer.camera.screen_vertices`) rather than through a PyTorch3D camera:
 
 * Screen coordinates are a projective function of camera coordinates (``u' · z_c`` is linear
   in ``x_c``, affine included), so along a planar triangle ``1/z_c`` — not ``z_c`` — is linear
@@ -90,7 +90,7 @@ def resolve_backend(name: str = "auto") -> str:
     if chosen not in _ANNOUNCED:
         _ANNOUNCED.add(chosen)
         log.info("renderer backend: %s (%s)", "PyTorch3D's rasteriser" if chosen == "pytorch3d"
-                 else "the project's own rasteriser (common/nets/rasterizer.py)", why)
+                 else "the project's own rasteriser (common/renderer/rasterizer.py)", why)
     return chosen
 
 
@@ -110,9 +110,9 @@ def rasterize_whole_views(verts: torch.Tensor, faces: torch.Tensor, image_size: 
     Args:
         verts: ``[M, V, 3]`` float32 screen vertices of ``M`` views.
         faces: ``[F, 3]`` int64 vertex indices.
-        image_size, near, faces_per_pixel: as :class:`common.nets.renderer.DepthRenderer`.
+        image_size, near, faces_per_pixel: as :class:`common.renderer.depth_renderer.DepthRenderer`.
         bin_size, max_faces_per_bin: PyTorch3D's binning, on CUDA only (``None``: see
-            :class:`~common.nets.renderer.DepthRenderer`).
+            :class:`~common.renderer.depth_renderer.DepthRenderer`).
     Returns:
         ``face`` (int64, index into ``faces``, −1 for none) and ``zbuf`` (mm, −1 for none),
         both ``[M, H, W, faces_per_pixel]``.

@@ -40,8 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from common.nets.backend import pytorch3d_api, pytorch3d_raster_settings
-from common.nets.rasterizer import PYTORCH3D_EPS, edge_function
+from common.renderer.backend import pytorch3d_api, pytorch3d_raster_settings
+from common.renderer.rasterizer import PYTORCH3D_EPS, edge_function
 
 # Default tile size of the CPU path (pixels), chosen by measurement (main/bench.py renderer).
 DEFAULT_TILE_SIZE = 16
@@ -166,7 +166,7 @@ def rasterize_tiled(verts: torch.Tensor, faces: torch.Tensor, image_size: Tuple[
                     near: float, faces_per_pixel: int = 1) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """All non-empty tiles of all views in one PyTorch3D ``rasterize_meshes`` call.
 
-    Same arguments and result as :func:`common.nets.backend.rasterize_whole_views` (``face``,
+    Same arguments and result as :func:`common.renderer.backend.rasterize_whole_views` (``face``,
     ``zbuf`` ``[M, H, W, faces_per_pixel]``), or None when tiling does not pay."""
     H, W = image_size
     h, w, nty, ntx = tile_layout(image_size, tile_size)

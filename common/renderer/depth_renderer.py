@@ -1,14 +1,14 @@
 """Differentiable depth rendering of posed hand meshes (DESIGN §6): :class:`DepthRenderer`.
 
 The camera convention (OpenCV-style, millimetres, pixel centres at integer coordinates) and
-the screen space the rasterisers read are in :mod:`common.nets.camera`; a pixel whose nearest
+the screen space the rasterisers read are in :mod:`common.renderer.camera`; a pixel whose nearest
 surface lies beyond ``far`` reads 0 (with one depth per pixel this is the same as discarding
 every fragment beyond ``far``), and 0 where nothing is seen.
 
 Two backends (``backend=`` / config ``renderer_backend``: ``auto``, ``pytorch3d``, ``native``;
-:func:`common.nets.backend.resolve_backend`).  ``pytorch3d`` is PyTorch3D's rasteriser
-(:mod:`common.nets.backend`, imported on first use, with the CPU tiling of
-:mod:`common.nets.tiling`); ``native`` is the project's own (:mod:`common.nets.rasterizer`),
+:func:`common.renderer.backend.resolve_backend`).  ``pytorch3d`` is PyTorch3D's rasteriser
+(:mod:`common.renderer.backend`, imported on first use, with the CPU tiling of
+:mod:`common.renderer.tiling`); ``native`` is the project's own (:mod:`common.renderer.rasterizer`),
 which takes PyTorch3D's kernel's decisions (near-plane clipping into one or two triangles,
 sample points, box test, zero-area and depth skips, coverage by perspective-corrected
 barycentrics > 0, the nearest face with the lowest index on a tie) for all (face, pixel) pairs
@@ -42,12 +42,16 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from common.nets.backend import (BACKENDS, RendererBackendError, pytorch3d_available, rasterize_whole_views,
+from common.renderer.backend import (BACKENDS, RendererBackendError, pytorch3d_available, rasterize_whole_views,
                                  resolve_backend)
-from common.nets.camera import check_finite, project_points, screen_vertices, validate_cameras
-from common.nets.rasterizer import cuts_near_plane, rasterize_depth
-from common.nets.tiling import DEFAULT_TILE_SIZE, rasterize_tiled
+from common.renderer.camera import check_finite, project_points, screen_vertices, validate_cameras
+from common.renderer.rasterizer import cuts_near_plane, rasterize_depth
+from common.renderer.triton_rasterizer import rasterize_depth_binned, triton_available
+from common.renderer.tiling import DEFAULT_TILE_SIZE, rasterize_tiled
 from common.utils.shapes import shape_of
+
+# The native backend's rasterisers (DepthRenderer's ``native_rasteriser``).
+NATIVE_RASTERISERS = ("auto", "tensor", "triton")
 
 __all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE", "BACKENDS", "resolve_backend",
            "pytorch3d_available", "RendererBackendError", "plane_depth"]
@@ -70,12 +74,12 @@ class DepthRenderer(nn.Module):
     """Render depth maps of a batch of meshes seen from several cameras each.
 
     All ``B·N`` (sample, view) pairs are rasterised in one call.  With the ``native``
-    backend by :func:`common.nets.rasterizer.rasterize_depth` (PyTorch3D's kernel's
+    backend by :func:`common.renderer.rasterizer.rasterize_depth` (PyTorch3D's kernel's
     rules, vectorised, clipping included) on the CPU and on CUDA; with ``pytorch3d``, on
     the CPU by the same function where it equals PyTorch3D bit for bit (no face cut by
     the near plane, one face per pixel) and else by PyTorch3D, on CUDA as a batch of
     ``B·N`` meshes sharing ``faces`` (or with ``tile_size`` off), on the CPU as a batch
-    of the non-empty tiles of all views (:mod:`common.nets.tiling`).  Runs on the
+    of the non-empty tiles of all views (:mod:`common.renderer.tiling`).  Runs on the
     device of its inputs (move the module with ``.to(device)`` so ``faces`` follows).
 
     Args:
@@ -105,16 +109,22 @@ class DepthRenderer(nn.Module):
             near plane or ``faces_per_pixel > 1``; ``'pytorch3d'``: always PyTorch3D.
         backend: ``'auto'`` (default: PyTorch3D where it imports, else the project's own
             rasteriser), ``'pytorch3d'`` or ``'native'`` (config option ``renderer_backend``;
-            see :func:`common.nets.backend.resolve_backend`).  ``tile_size``, ``bin_size``,
+            see :func:`common.renderer.backend.resolve_backend`).  ``tile_size``, ``bin_size``,
             ``max_faces_per_bin`` and ``cpu_rasteriser`` are PyTorch3D's; the native
             rasteriser bounds its memory by its own chunk sizes.
+        native_rasteriser: how the ``native`` backend rasterises: ``'auto'`` (default): on CUDA
+            with one face per pixel the binned Triton kernel
+            (:mod:`common.renderer.triton_rasterizer`) where Triton imports, else the tensor
+            operations of :mod:`common.renderer.rasterizer`; ``'tensor'``: always the latter;
+            ``'triton'``: always the kernel (on CPU tensors in Triton's interpreter: slow, for
+            tests). The maps are equal bit for bit either way.
     """
 
     def __init__(self, faces: torch.Tensor, image_size: Union[int, Sequence[int]] = (256, 256),
                  near: float = 1.0, far: float = 99999.0, faces_per_pixel: int = 1,
                  bin_size: Optional[int] = None, max_faces_per_bin: Optional[int] = None,
                  tile_size: Optional[int] = DEFAULT_TILE_SIZE, cpu_rasteriser: str = "vectorised",
-                 backend: str = "auto"):
+                 backend: str = "auto", native_rasteriser: str = "auto"):
         super().__init__()
         if not isinstance(faces, torch.Tensor):
             faces = torch.as_tensor(faces)
@@ -147,6 +157,13 @@ class DepthRenderer(nn.Module):
         if cpu_rasteriser not in ("vectorised", "pytorch3d"):
             raise ValueError(f"cpu_rasteriser: expected 'vectorised' or 'pytorch3d', got {cpu_rasteriser!r}")
         self.cpu_rasteriser = cpu_rasteriser
+        if native_rasteriser not in NATIVE_RASTERISERS:
+            raise ValueError(f"native_rasteriser: expected one of {', '.join(NATIVE_RASTERISERS)}, "
+                             f"got {native_rasteriser!r}")
+        if native_rasteriser == "triton" and not triton_available():
+            raise ValueError("native_rasteriser 'triton': Triton does not import here (it ships with PyTorch's "
+                             "CUDA wheels); use 'auto' or 'tensor'")
+        self.native_rasteriser = native_rasteriser
         self.backend = resolve_backend(backend)
         self.register_buffer("faces", faces.detach().to(torch.int64).clone(), persistent=False)
         self._min_vertex_num = int(faces.max()) + 1
@@ -154,13 +171,14 @@ class DepthRenderer(nn.Module):
     def extra_repr(self) -> str:
         return (f"faces={self.faces.shape[0]}, image_size={self.image_size}, near={self.near}, "
                 f"far={self.far}, faces_per_pixel={self.faces_per_pixel}, tile_size={self.tile_size}, "
-                f"cpu_rasteriser={self.cpu_rasteriser!r}, backend={self.backend!r}")
+                f"cpu_rasteriser={self.cpu_rasteriser!r}, backend={self.backend!r}, "
+                f"native_rasteriser={self.native_rasteriser!r}")
 
     def screen_vertices(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
                         focal: torch.Tensor, princpt: torch.Tensor,
                         affine: Optional[torch.Tensor]) -> torch.Tensor:
         """Vertices in PyTorch3D's screen space for every view: ``[B, N, V, 3]``
-        (:func:`common.nets.camera.screen_vertices` at this renderer's image size)."""
+        (:func:`common.renderer.camera.screen_vertices` at this renderer's image size)."""
         return screen_vertices(vertices, camrot, campos, focal, princpt, affine, self.image_size)
 
     def forward(self, vertices: torch.Tensor, camrot: torch.Tensor, campos: torch.Tensor,
@@ -236,7 +254,10 @@ class DepthRenderer(nn.Module):
         # The PyTorch3D kernels are float32 only.
         verts = verts.reshape(M, V, 3).to(torch.float32)
         if self.backend == "native":
-            face, zbuf = rasterize_depth(verts.detach(), self.faces, self.image_size, self.near, K)
+            if self.uses_kernel(verts.device):
+                face, zbuf = rasterize_depth_binned(verts.detach(), self.faces, self.image_size, self.near)
+            else:
+                face, zbuf = rasterize_depth(verts.detach(), self.faces, self.image_size, self.near, K)
             face, zbuf = face.reshape(B, N, H, W, K), zbuf.reshape(B, N, H, W, K)
             if torch.is_grad_enabled() and verts.requires_grad:
                 covered = torch.nonzero(face >= 0, as_tuple=True)
@@ -258,15 +279,26 @@ class DepthRenderer(nn.Module):
         return face.reshape(B, N, H, W, K), zbuf.reshape(B, N, H, W, K)
 
 
+    def uses_kernel(self, device: torch.device) -> bool:
+        """Whether the native backend rasterises with the binned Triton kernel on ``device``."""
+        if self.native_rasteriser == "auto":
+            return device.type == "cuda" and self.faces_per_pixel == 1 and triton_available()
+        if self.native_rasteriser == "triton":
+            if self.faces_per_pixel != 1:
+                raise ValueError(f"native_rasteriser 'triton' keeps one face per pixel; faces_per_pixel is "
+                                 f"{self.faces_per_pixel} (use 'auto' or 'tensor')")
+            return True
+        return False
+
     def rasterize_whole(self, verts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """PyTorch3D on whole views with this renderer's settings: ``[M, V, 3]`` float32 screen
         vertices (:meth:`screen_vertices`) → ``face``, ``zbuf`` ``[M, H, W, K]``
-        (:func:`common.nets.backend.rasterize_whole_views`)."""
+        (:func:`common.renderer.backend.rasterize_whole_views`)."""
         return rasterize_whole_views(verts, self.faces, self.image_size, self.near, self.faces_per_pixel,
                                      self.bin_size, self.max_faces_per_bin)
 
     def rasterize_tiled(self, verts: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """PyTorch3D on this renderer's CPU tiles (:func:`common.nets.tiling.rasterize_tiled`): the
+        """PyTorch3D on this renderer's CPU tiles (:func:`common.renderer.tiling.rasterize_tiled`): the
         same result as :meth:`rasterize_whole`, or None when tiling does not pay."""
         return rasterize_tiled(verts, self.faces, self.image_size, self.tile_size, self.near, self.faces_per_pixel)
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU check: one command that prints the GPU, the CUDA tests' results, the native renderer's
+# kernel and renderer tables on CUDA, the training iteration's stage table at batch 8 and 32 (the
+# released configuration on a synthetic set at the released 512 x 334), and the whole suite's summary
+# under pytest-xdist with the failing tests' names. Under 8 minutes on one GPU; each step has a time
+# limit, so a hang costs its step only. Tests whose packages are missing (PyTorch3D, viser,
+# playwright) skip with their reason.
+#
+#   bash tools/gpu_check.sh              # everything
+#   bash tools/gpu_check.sh --no-train   # leave out the synthetic set and the training iterations
+#   bash tools/gpu_check.sh --no-suite   # leave out the whole suite
+#
+# PYTHON (default python3) is the interpreter; full logs go to $OUT (default output/gpu_check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG=${OUT:-output/gpu_check}
+mkdir -p "$LOG"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+export PYTHONUNBUFFERED=1
+TRAIN=1
+SUITE=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-train) TRAIN=0 ;;
+    --no-suite) SUITE=0 ;;
+    *) echo "gpu_check.sh: unknown option $arg (expected --no-train, --no-suite)"; exit 2 ;;
+  esac
+done
+CORES=$(nproc)
+
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, output in $LOG/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  local start
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" >"$LOG/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $(($(date +%s) - start)) s (limit $limit s)" | tee -a "$LOG/steps.log"
+}
+
+: >"$LOG/steps.log"
+step environment 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+  $PY -c \"import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', \
+torch.version.cuda, '| device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); \
+import importlib.util as u; print('installed:', {m: u.find_spec(m) is not None for m in \
+('triton', 'pytorch3d', 'viser', 'playwright', 'xdist', 'pytest_timeout', 'tensorboard')})\""
+step cuda_tests 300 "$PY" -m pytest -q -rA -p no:cacheprovider --timeout 240 tests/test_rasterizer_native.py -k cuda
+step kernel 120 "$PY" main/bench.py kernel --device cuda
+step renderer 180 "$PY" main/bench.py renderer --device cuda --sizes 64 256 --subdivide 0 2 --batch 8 \
+  --backends native-triton native-tensor --no-memory --repeats 10
+if [ "$TRAIN" = 1 ]; then
+  step synthetic 180 "$PY" data/make_synthetic.py --out "$WORK/synth" --sequences 2 --frames 16 --cameras 12
+  for batch in 8 32; do
+    step "train_b$batch" 180 "$PY" main/bench.py train --gpu 0 --data_dir "$WORK/synth" --iterations 20 --warmup 5 \
+      --set train_batch_size=$batch
+  done
+fi
+if [ "$SUITE" = 1 ]; then
+  step suite 330 "$PY" -m pytest -q -p no:cacheprovider -n "$CORES" --timeout 300 -rfE
+fi
+
+echo
+echo "================================================================ summary"
+cat "$LOG/environment.log"
+echo "---- CUDA tests"
+grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|: cpu .*cuda" "$LOG/cuda_tests.log" | tail -40
+echo "---- kernel"
+tail -n 12 "$LOG/kernel.log"
+echo "---- renderer"
+tail -n 8 "$LOG/renderer.log"
+if [ "$TRAIN" = 1 ]; then
+  for batch in 8 32; do
+    echo "---- training iteration, batch $batch"
+    tail -n 25 "$LOG/train_b$batch.log"
+  done
+fi
+if [ "$SUITE" = 1 ]; then
+  echo "---- suite"
+  grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$LOG/suite.log" | tail -40
+fi
+echo "---- steps"
+cat "$LOG/steps.log"
