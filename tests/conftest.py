@@ -1,5 +1,6 @@
 """Shared fixtures. The real MakeHuman hand lives outside the project (../shared); tests that
 need it skip with the reason when it is absent."""
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,11 @@ from main.config import Config
 REPO = Path(__file__).resolve().parents[1]
 MAKEHUMAN_DIR = REPO.parent / "shared" / "hand_models" / "makehuman_right"
 
+# Two threads per test process, and per script a test starts (OMP_NUM_THREADS is inherited): under
+# pytest-xdist on a many-core machine, every worker and subprocess taking all cores would
+# oversubscribe the machine many times over.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")

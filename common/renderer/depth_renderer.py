@@ -46,7 +46,7 @@ from common.renderer.backend import (BACKENDS, RendererBackendError, pytorch3d_a
                                  resolve_backend)
 from common.renderer.camera import check_finite, project_points, screen_vertices, validate_cameras
 from common.renderer.rasterizer import cuts_near_plane, rasterize_depth
-from common.renderer.triton_rasterizer import rasterize_depth_binned, triton_available
+from common.renderer.triton_rasterizer import interpreting, rasterize_depth_binned, triton_available
 from common.renderer.tiling import DEFAULT_TILE_SIZE, rasterize_tiled
 from common.utils.shapes import shape_of
 
@@ -116,8 +116,9 @@ class DepthRenderer(nn.Module):
             with one face per pixel the binned Triton kernel
             (:mod:`common.renderer.triton_rasterizer`) where Triton imports, else the tensor
             operations of :mod:`common.renderer.rasterizer`; ``'tensor'``: always the latter;
-            ``'triton'``: always the kernel (on CPU tensors in Triton's interpreter: slow, for
-            tests). The maps are equal bit for bit either way.
+            ``'triton'``: always the kernel (on the CPU only in Triton's interpreter,
+            ``TRITON_INTERPRET=1``: slow, for tests). The faces are the same either way, the depths
+            equal to float32 rounding.
     """
 
     def __init__(self, faces: torch.Tensor, image_size: Union[int, Sequence[int]] = (256, 256),
@@ -282,11 +283,15 @@ class DepthRenderer(nn.Module):
     def uses_kernel(self, device: torch.device) -> bool:
         """Whether the native backend rasterises with the binned Triton kernel on ``device``."""
         if self.native_rasteriser == "auto":
-            return device.type == "cuda" and self.faces_per_pixel == 1 and triton_available()
+            return device.type == "cuda" and self.faces_per_pixel == 1 and triton_available() and not interpreting()
         if self.native_rasteriser == "triton":
             if self.faces_per_pixel != 1:
                 raise ValueError(f"native_rasteriser 'triton' keeps one face per pixel; faces_per_pixel is "
                                  f"{self.faces_per_pixel} (use 'auto' or 'tensor')")
+            if interpreting() == (device.type == "cuda"):
+                raise ValueError(f"native_rasteriser 'triton' on {device.type}: the kernel runs "
+                                 + ("in Triton's interpreter (TRITON_INTERPRET=1), on CPU tensors only" if interpreting()
+                                    else "on CUDA only (TRITON_INTERPRET=1 set before Python starts runs it on the CPU)"))
             return True
         return False
 

@@ -11,15 +11,17 @@ the faces rendered faster). Here the same decisions are taken in one kernel:
    denominator, depths; faces the kernel skips are dropped).
 2. Binning: each face goes to every tile of ``TILE_H × TILE_W`` pixels that its range of pixel
    centres reaches; the (tile, face) pairs are sorted by tile.
-3. The kernel: one program per tile. It walks its faces and, for the tile's pixels at once,
-   evaluates the box test, the three edge tests, the perspective-corrected barycentrics and the
+3. The kernel: one program per tile. It walks its faces, a few at a time, and, for the tile's
+   pixels at once, evaluates the box test, the three edge tests, the perspective-corrected barycentrics and the
    depth in exactly the float32 operations of :mod:`common.renderer.rasterizer` (no fused
    multiply-add, IEEE division), keeping per pixel the smallest packed ``(depth, face)`` key:
    the nearest face, the lowest index on equal depth.
 
-So the work grows with pixels × overlapping faces, and the result equals the tensor path's bit
-for bit. The kernel runs natively on CUDA tensors and, for the tests, in Triton's interpreter on
-CPU tensors (the same kernel source, evaluated with NumPy). One face per pixel only: the
+So the work grows with pixels × overlapping faces. The kernel runs natively on CUDA tensors and,
+with ``TRITON_INTERPRET=1`` set before Python starts, in Triton's interpreter on CPU tensors (the
+same kernel source evaluated with NumPy: how the CPU tests and CI check it). In the interpreter
+the maps equal the tensor path's bit for bit; compiled for CUDA, the faces are the same and the
+depths equal to float32 rounding (tests/test_triton_kernel.py). One face per pixel only: the
 renderer's depth maps need no more, and ``faces_per_pixel > 1`` stays on the tensor path.
 
 Triton ships with PyTorch's CUDA wheels; where it does not import, :func:`triton_available` is
@@ -28,73 +30,81 @@ False and the renderer uses the tensor path.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Tuple
 
 import torch
 
+try:  # Triton ships with PyTorch's CUDA wheels; the project runs without it (the tensor path).
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a broken install
+    triton = None
+
 from common.renderer.rasterizer import (EMPTY_KEY, check_screen_vertices, clip_near, pixel_ndc, prepare_faces,
                                         unpack_keys)
 
-# Tile of one program (pixels). 16 × 16 measured fastest on an H200 among 8 … 32 (main/bench.py renderer).
-TILE_H = 16
-TILE_W = 16
+# One program's tile (pixels) and faces evaluated at once (main/bench.py kernel; BENCHMARKS.md).
+TILE_H = 8
+TILE_W = 8
+FACES_PER_STEP = 8
 _NUM_WARPS = 4
 
 # Per-face values the kernel reads, one row of _FACE_STRIDE float32 per face (padded).
 _FACE_STRIDE = 16
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether Triton imports here (it ships with PyTorch's CUDA wheels)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-        return True
-    except Exception:  # ImportError, or a broken install
-        return False
+    return triton is not None
 
 
-def _kernel_source():
-    """The kernel as a plain Python function (decorated by :func:`_kernel`)."""
-    import triton.language as tl
+def interpreting() -> bool:
+    """Whether the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` when Triton was
+    imported): then it takes CPU tensors, and only CPU tensors; else it is compiled for CUDA."""
+    return triton is not None and type(depth_tile_kernel).__name__ == "InterpretedFunction"
 
-    def depth_tile_kernel(values_ptr, face_ptr, start_ptr, pair_ptr, x_ndc_ptr, y_ndc_ptr, keys_ptr,
+
+if triton is not None:
+    @triton.jit
+    def depth_tile_kernel(values_ptr, face_ptr, start_ptr, x_ndc_ptr, y_ndc_ptr, keys_ptr,
                           H, W, tiles_down, tiles_across,
-                          TILE_H: tl.constexpr, TILE_W: tl.constexpr, STRIDE: tl.constexpr):
+                          TILE_H: tl.constexpr, TILE_W: tl.constexpr, FACES: tl.constexpr, STRIDE: tl.constexpr):
+        # One program per tile; ``FACES`` of the tile's faces at a time, for all its pixels at once
+        # (a [FACES, TILE_H·TILE_W] block), each pixel keeping its smallest packed key.
         tile = tl.program_id(0)
         per_view = tiles_down * tiles_across
         view = tile // per_view
         ty = (tile % per_view) // tiles_across
         tx = tile % tiles_across
-        rows = ty * TILE_H + tl.arange(0, TILE_H)[:, None]                 # [TILE_H, 1]
-        cols = tx * TILE_W + tl.arange(0, TILE_W)[None, :]                 # [1, TILE_W]
+        pixel = tl.arange(0, TILE_H * TILE_W)
+        rows = ty * TILE_H + pixel // TILE_W
+        cols = tx * TILE_W + pixel % TILE_W
         in_image = (rows < H) & (cols < W)
-        py = tl.load(y_ndc_ptr + rows, mask=rows < H, other=0.0)
-        px = tl.load(x_ndc_ptr + cols, mask=cols < W, other=0.0)
-        empty = tl.full([TILE_H, TILE_W], 0x7FFFFFFFFFFFFFFF, tl.int64)
-        best = empty
+        py = tl.load(y_ndc_ptr + rows, mask=rows < H, other=0.0)[None, :]       # [1, P]
+        px = tl.load(x_ndc_ptr + cols, mask=cols < W, other=0.0)[None, :]
+        empty = 0x7FFFFFFFFFFFFFFF
+        best = tl.full([TILE_H * TILE_W], empty, tl.int64)
         first = tl.load(start_ptr + tile)
         last = tl.load(start_ptr + tile + 1)
-        for i in range(first, last):
-            c = tl.load(pair_ptr + i).to(tl.int64)
-            row = values_ptr + c * STRIDE
-            x0 = tl.load(row + 0)
-            y0 = tl.load(row + 1)
-            x1 = tl.load(row + 2)
-            y1 = tl.load(row + 3)
-            x2 = tl.load(row + 4)
-            y2 = tl.load(row + 5)
-            x_lo = tl.load(row + 6)
-            x_hi = tl.load(row + 7)
-            y_lo = tl.load(row + 8)
-            y_hi = tl.load(row + 9)
-            den = tl.load(row + 10)
-            z0 = tl.load(row + 11)
-            z1 = tl.load(row + 12)
-            z2 = tl.load(row + 13)
-            face = tl.load(face_ptr + c)
+        for i in range(first, last, FACES):
+            pair = i + tl.arange(0, FACES)                                       # [F]
+            listed = pair < last
+            row = values_ptr + pair.to(tl.int64) * STRIDE
+            x0 = tl.load(row + 0, mask=listed, other=0.0)[:, None]              # [F, 1]
+            y0 = tl.load(row + 1, mask=listed, other=0.0)[:, None]
+            x1 = tl.load(row + 2, mask=listed, other=0.0)[:, None]
+            y1 = tl.load(row + 3, mask=listed, other=0.0)[:, None]
+            x2 = tl.load(row + 4, mask=listed, other=0.0)[:, None]
+            y2 = tl.load(row + 5, mask=listed, other=0.0)[:, None]
+            x_lo = tl.load(row + 6, mask=listed, other=0.0)[:, None]
+            x_hi = tl.load(row + 7, mask=listed, other=0.0)[:, None]
+            y_lo = tl.load(row + 8, mask=listed, other=0.0)[:, None]
+            y_hi = tl.load(row + 9, mask=listed, other=0.0)[:, None]
+            den = tl.load(row + 10, mask=listed, other=1.0)[:, None]
+            z0 = tl.load(row + 11, mask=listed, other=1.0)[:, None]
+            z1 = tl.load(row + 12, mask=listed, other=1.0)[:, None]
+            z2 = tl.load(row + 13, mask=listed, other=1.0)[:, None]
+            face = tl.load(face_ptr + pair, mask=listed, other=0).to(tl.int64)[:, None]
             sign = tl.where(den > 0.0, 1.0, -1.0)          # den is never 0 (prepare_faces)
             # Edge functions e(p, a, b) = (px − ax)(by − ay) − (py − ay)(bx − ax) of edges
             # (v1, v2), (v2, v0), (v0, v1), kept as their two products (the tensor path's test).
@@ -104,7 +114,7 @@ def _kernel_source():
             s1 = (py - y2) * (x0 - x2)
             f2 = (px - x0) * (y1 - y0)
             s2 = (py - y0) * (x1 - x0)
-            inside = (py >= y_lo) & (py <= y_hi) & (px >= x_lo) & (px <= x_hi)
+            inside = (py >= y_lo) & (py <= y_hi) & (px >= x_lo) & (px <= x_hi) & listed[:, None]
             inside = inside & (f0 * sign > s0 * sign) & (f1 * sign > s1 * sign) & (f2 * sign > s2 * sign)
             b0 = tl.math.div_rn(f0 - s0, den)
             b1 = tl.math.div_rn(f1 - s1, den)
@@ -120,22 +130,10 @@ def _kernel_source():
             covered = inside & (w0 > 0.0) & (w1 > 0.0) & (w2 > 0.0) & (depth >= 0.0)
             depth = tl.where(depth == 0.0, 0.0, depth)     # −0 → +0: the packed keys order as floats
             key = (depth.to(tl.int32, bitcast=True).to(tl.int64) << 32) | face
-            best = tl.minimum(best, tl.where(covered, key, empty))
+            best = tl.minimum(best, tl.min(tl.where(covered, key, empty), axis=0))
         offsets = (view * H + rows).to(tl.int64) * W + cols
         tl.store(keys_ptr + offsets, best, mask=in_image)
 
-    return depth_tile_kernel
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(interpret: bool):
-    """The kernel compiled for CUDA, or wrapped for Triton's interpreter (CPU tensors)."""
-    import triton
-    source = _kernel_source()
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(source)
-    return triton.jit(source)
 
 
 def bin_faces(ranges: torch.Tensor, view: torch.Tensor, image_size: Tuple[int, int], views: int,
@@ -179,6 +177,7 @@ def bin_faces(ranges: torch.Tensor, view: torch.Tensor, image_size: Tuple[int, i
 @torch.no_grad()
 def rasterize_depth_binned(verts: torch.Tensor, faces: torch.Tensor, image_size: Tuple[int, int],
                            near: float, tile: Tuple[int, int] = (TILE_H, TILE_W),
+                           faces_per_step: int = FACES_PER_STEP,
                            num_warps: int = _NUM_WARPS) -> Tuple[torch.Tensor, torch.Tensor]:
     """The nearest face and its depth at every pixel: :func:`common.renderer.rasterizer.rasterize_depth`
     with ``faces_per_pixel = 1``, computed by the binned kernel.
@@ -187,7 +186,8 @@ def rasterize_depth_binned(verts: torch.Tensor, faces: torch.Tensor, image_size:
         verts: ``[M, V, 3]`` float32 screen vertices ``(x_ndc, y_ndc, z)`` (z in mm), on CUDA
             (compiled kernel) or the CPU (Triton's interpreter: slow, for tests).
         faces: ``[F, 3]`` int64 vertex indices; image_size: ``(H, W)``; near: mm (> 0).
-        tile: ``(h, w)`` pixels of one program (powers of two); num_warps: of one program.
+        tile: ``(h, w)`` pixels of one program, faces_per_step: faces it evaluates at once (powers
+            of two); num_warps: of one program.
     Returns:
         ``(face [M, H, W, 1] int64, zbuf [M, H, W, 1] float32)``, −1 where no face covers the
         pixel centre.
@@ -203,17 +203,23 @@ def rasterize_depth_binned(verts: torch.Tensor, faces: torch.Tensor, image_size:
     values, ranges, owner = prepare_faces(fv, owner, H, W)
     del fv
     view = torch.div(owner, F, rounding_mode="floor")
-    face_values = torch.zeros(values.shape[1], _FACE_STRIDE, dtype=torch.float32, device=device)
-    face_values[:, :values.shape[0]] = values.t()
     start, pairs = bin_faces(ranges, view, (H, W), M, tile)
+    # The faces' values in the order the tiles read them, each pair's row contiguous: the kernel's
+    # loads are then plain strided reads, not an index followed by a dependent gather.
+    pair_values = torch.zeros(len(pairs), _FACE_STRIDE, dtype=torch.float32, device=device)
+    pair_values[:, :values.shape[0]] = values.t()[pairs.long()]
+    pair_faces = (owner - view * F).to(torch.int32)[pairs.long()]
+    del values, ranges, owner, view
     keys = torch.empty(M * H * W, dtype=torch.int64, device=device)
     tiles_down, tiles_across = -(-H // tile[0]), -(-W // tile[1])
-    kernel = _kernel(not verts.is_cuda)
+    if interpreting() == verts.is_cuda:
+        where = ("in Triton's interpreter (TRITON_INTERPRET=1): CPU tensors only" if interpreting() else
+                 "compiled for CUDA: CUDA tensors only (TRITON_INTERPRET=1 before Python starts runs it on the CPU)")
+        raise ValueError(f"verts: on {device}, but the kernel runs {where}")
     with torch.cuda.device(device) if verts.is_cuda else contextlib.nullcontext():
-        kernel[(M * tiles_down * tiles_across,)](
-            face_values, (owner - view * F).contiguous(), start, pairs,
-            pixel_ndc(W, H).to(device), pixel_ndc(H, W).to(device), keys,
-            H, W, tiles_down, tiles_across, TILE_H=tile[0], TILE_W=tile[1], STRIDE=_FACE_STRIDE,
-            num_warps=num_warps, enable_fp_fusion=False)
+        depth_tile_kernel[(M * tiles_down * tiles_across,)](
+            pair_values, pair_faces, start, pixel_ndc(W, H).to(device), pixel_ndc(H, W).to(device), keys,
+            H, W, tiles_down, tiles_across, TILE_H=tile[0], TILE_W=tile[1], FACES=faces_per_step,
+            STRIDE=_FACE_STRIDE, num_warps=num_warps, enable_fp_fusion=False)
     face, zbuf = unpack_keys(keys)
     return face.view(M, H, W, 1), zbuf.view(M, H, W, 1)

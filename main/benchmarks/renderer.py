@@ -339,13 +339,14 @@ def memory_growth(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views:
 
 
 def kernel_tiles(hand, size: int = 256, views: int = 6, batch: int = 8, repeats: int = 20,
-                 tiles: Sequence[Tuple[int, int, int]] = ((8, 8, 2), (16, 16, 4), (16, 16, 8), (32, 32, 8), (8, 32, 4)),
+                 tiles: Sequence[Tuple[int, int, int, int]] = ((16, 16, 1, 4), (8, 8, 1, 2), (8, 8, 4, 2), (8, 8, 8, 4),
+                                                                (8, 8, 16, 4), (16, 16, 4, 4), (16, 16, 8, 8), (8, 16, 8, 4)),
                  device: str = "cuda", print_fn=print) -> List[Dict]:
     """The binned kernel's rasterisation alone (no gradient) of ``batch`` × ``views`` views of
-    ``hand``, per ``(tile height, tile width, warps)``; and of the whole forward the part before
-    the kernel (clipping, per-face values, binning). Median ms of ``repeats`` calls."""
+    ``hand``, per ``(tile height, tile width, faces per step, warps)``; and the part before the
+    kernel (clipping, per-face values, binning). Median ms of ``repeats`` calls."""
     from common.renderer.rasterizer import check_screen_vertices, clip_near, prepare_faces
-    from common.renderer.triton_rasterizer import bin_faces, rasterize_depth_binned
+    from common.renderer.triton_rasterizer import TILE_H, TILE_W, bin_faces, rasterize_depth_binned
 
     device = torch.device(device)
     faces = torch.as_tensor(np.asarray(hand.faces), dtype=torch.int64, device=device)
@@ -366,11 +367,12 @@ def kernel_tiles(hand, size: int = 256, views: int = 6, batch: int = 8, repeats:
     prep = 1000 * median_seconds(before_kernel, repeats, device=device)
     start, pairs = before_kernel()
     print_fn(f"binned kernel on {device}: {batch} x {views} views of {size}x{size}, {F} faces; "
-             f"{len(pairs)} (tile, face) pairs at 16x16; before the kernel (clip, faces, binning): {prep:.3f} ms")
-    for h, w, warps in tiles:
-        fn = lambda: rasterize_depth_binned(screen, faces, (size, size), renderer.near, (h, w), warps)  # noqa: E731
+             f"{len(pairs)} (tile, face) pairs at {TILE_H}x{TILE_W}; before the kernel (clip, faces, binning): "
+             f"{prep:.3f} ms; the whole rasterisation per tile, faces per step, warps:")
+    for h, w, step, warps in tiles:
+        fn = lambda: rasterize_depth_binned(screen, faces, (size, size), renderer.near, (h, w), step, warps)  # noqa: E731
         fn()
         ms = 1000 * median_seconds(fn, repeats, device=device)
-        print_fn(f"  tile {h:>2}x{w:<2} {warps} warps: {ms:.3f} ms per call (all views), {ms / M * 1000:.1f} us per view")
-        rows.append({"tile": (h, w), "warps": warps, "ms": ms})
+        print_fn(f"  tile {h:>2}x{w:<2} {step:>2} faces {warps} warps: {ms:.3f} ms per call, {ms / M * 1000:.1f} us per view")
+        rows.append({"tile": (h, w), "faces_per_step": step, "warps": warps, "ms": ms})
     return rows
