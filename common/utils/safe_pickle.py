@@ -25,8 +25,8 @@ to ``_reconstruct`` (calling it would allocate whatever shape the file asks for)
 pickle is read, the recorded description is validated: a dtype from :data:`ALLOWED_TYPES`
 (float, signed and unsigned integers) with a byte order ``<`` or ``>`` (``|``, "none", only for
 one-byte types) and no fields, subarray or flags; a shape of non-negative integers; and a byte
-string of exactly ``prod(shape) x itemsize`` bytes. Only then is the array built, from a dtype made from our own
-type string and ``np.frombuffer`` of those bytes.
+string of exactly ``prod(shape) x itemsize`` bytes. Only then is the array built, from a dtype
+made from our own type string and ``np.frombuffer`` of those bytes.
 
 Python 2 pickles (``str`` payloads) are read with ``encoding='latin1'``, the setting numpy
 documents for them; it changes nothing for Python 3 pickles.
