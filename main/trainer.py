@@ -8,8 +8,12 @@ Layout of the outputs (``cfg.output_dir``, default ``output/``), as the original
     result/subject_<N>/                                test crops (.png), meshes (.obj), metrics.json
 
 Reproducibility and resuming. The model is initialised under ``torch.manual_seed(seed)``; the
-order of the training samples in epoch ``e`` is a permutation drawn from a generator seeded with
-``(seed, e)``, and the data set's target views are a function of ``(seed, e, sample)``
+order of the training samples in epoch ``e`` is (one process)::
+
+    torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+
+(:meth:`Trainer.epoch_seed`), a new permutation every epoch, and the data set's target views are
+a function of ``(seed, e, sample)``
 (:meth:`data.dataset.DeepHandMeshDataset.set_epoch`). Nothing of an epoch therefore depends on
 the epochs before it except the weights and the optimizer state, which a snapshot holds: a run
 stopped after epoch ``k`` and resumed with ``--continue`` computes what the uninterrupted run
@@ -161,9 +165,10 @@ class Trainer:
         self.dataset = DeepHandMeshDataset.from_config(cfg, "train", self.hand_model, seed=self.seed)
         self.batch_size = cfg.train_batch_size * max(1, len(self.gpu_ids))  # per GPU, as the original
         workers = loader_workers(cfg)
-        # One sampler for one process and for many: epoch e's permutation is drawn from
-        # seed + e = epoch_seed(e) (set_epoch) and dealt out in turn to the processes, so the
-        # samples of a step do not depend on how many processes share it.
+        # One sampler for one process and for many: DistributedSampler draws epoch e's permutation
+        # from its seed epoch_seed(0) + e = epoch_seed(e) (set_epoch in prepare_epoch) and deals
+        # it out in turn to the processes, so the samples of a step do not depend on how many
+        # processes share it.
         self.sampler = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=0 if self.context is None else self.context.rank,
             shuffle=True, seed=self.epoch_seed(0), drop_last=False)
@@ -257,6 +262,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def epoch_seed(self, epoch: int) -> int:
+        """The seed of epoch ``epoch``'s sample order: ``seed * 1_000_003 + epoch``.
+
+        Epoch ``e`` visits the samples in the order
+        ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch_seed(e)))``;
+        with ``N`` processes, rank ``r`` takes its positions ``r, r + N, ...`` (the permutation
+        repeated from its start to fill a last incomplete step). The factor keeps the seeds of
+        nearby ``--seed`` values apart (seed 1's epoch 0 is not seed 0's epoch 1)."""
         return self.seed * 1_000_003 + int(epoch)
 
     def prepare_epoch(self, epoch: int) -> None:

@@ -286,7 +286,9 @@ def corrupt_set(data_set, tmp_path, default_hand):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_one_corrupt_file_of_each_kind_costs_only_its_samples(corrupt_set, tmp_path, workers):
+def test_one_corrupt_file_of_each_kind_costs_only_its_samples(corrupt_set, tmp_path, workers, caplog):
+    """One epoch with three corrupt files: only their samples are skipped, and the epoch's log
+    names every file with its count (one line per epoch, whatever the workers)."""
     from main.trainer import Trainer
     from tests.test_train import tiny_config
 
@@ -296,10 +298,19 @@ def test_one_corrupt_file_of_each_kind_costs_only_its_samples(corrupt_set, tmp_p
     trainer = Trainer(config, seed=0)
     trainer.make_batch_generator()
     trainer.make_model()
-    means = trainer.train_epoch(0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deephandmesh"):
+        means = trainer.train_epoch(0)
     assert all(np.isfinite(v) for v in means.values())
     report = trainer.skip_report
     expected = expected_skips(bad, n)
+    # The end-of-epoch summary: the total, then each file with its count (the dataset's own
+    # warning names only the first failure, and only in the process that met it).
+    (summary,) = [r.getMessage() for r in caplog.records
+                  if r.name == "deephandmesh" and r.getMessage().startswith("epoch 0: ")]
+    assert f"{sum(expected.values())} sample(s) skipped, {len(files)} file(s): " in summary, summary
+    for path, count in expected.items():
+        assert f"{report.files[str(path)][1]} ({count}x)" in summary, (path, count, summary)
     assert {Path(p): count for p, (count, _msg) in report.files.items()} == expected
     assert set(expected) == set(files) and report.count == sum(expected.values())
     for path, (_count, message) in report.files.items():

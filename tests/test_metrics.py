@@ -146,6 +146,24 @@ def test_pruned_search_equals_every_triangle_on_a_hand(shift_mm):
     assert metrics.FACE_BLOCK < faces.shape[0] // 100  # the blocks are many, not one
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_pruning_keeps_large_triangles_of_several_blocks(seed):
+    """Random triangles as large as the cloud itself (60 vertices, 80 faces: 5 blocks of 16),
+    points near them and around: a block's sphere must hold its triangles whole, not just their
+    centroids, or a block whose large triangle passes near a point is dropped."""
+    rng = np.random.default_rng(seed)
+    vertices = rng.normal(0, 20, (60, 3))
+    faces = np.array([rng.choice(60, 3, replace=False) for _ in range(80)])
+    on_faces = np.einsum("pk,pkc->pc", rng.dirichlet(np.ones(3), 60), vertices[faces[rng.integers(80, size=60)]])
+    points = np.concatenate([on_faces + rng.normal(0, 2, (60, 3)), rng.normal(0, 25, (40, 3))])
+    assert faces.shape[0] > 4 * metrics.FACE_BLOCK  # several blocks
+    points, vertices, faces = torch.tensor(points), torch.tensor(vertices), torch.tensor(faces)
+    every = surface_distance_every_triangle(points, vertices, faces)
+    for max_pairs in (metrics.MAX_PAIRS, 500):
+        got = metrics.point_surface_distance(points, vertices, faces, max_pairs=max_pairs)
+        torch.testing.assert_close(got, every, rtol=0, atol=1e-12)
+
+
 def test_face_blocks_cover_every_face_in_compact_groups():
     rng = np.random.default_rng(3)
     centres = torch.tensor(rng.uniform(-50, 50, (1000, 3)))

@@ -127,3 +127,33 @@ def test_truncated_and_garbage_files(tmp_path):
         load_depthmap(path)
     with pytest.raises(FileNotFoundError):
         load_depthmap(tmp_path / "missing.pkl")
+
+
+# The byte order in a pickled dtype's state, as numpy writes it at protocols 0, 2 and 4/5.
+ORDER_IN_STATE = {0: b"(I3\nV{}\n", 2: b"(K\x03X\x01\x00\x00\x00{}", 5: b"(K\x03\x8c\x01{}"}
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_multibyte_dtype_without_byte_order_is_refused(tmp_path, dtype, protocol):
+    """'|' (no byte order) is numpy's mark for one-byte types. On a big-endian float32 map it
+    would make the loader read the bytes in the machine's order: garbage depths."""
+    depth = np.array([[0, 512.5, 600], [700.25, 0, 1000]]).astype(dtype)
+    big_endian = depth.astype(depth.dtype.newbyteorder(">"))
+    data = pickle.dumps(big_endian, protocol=protocol)
+    state = ORDER_IN_STATE[protocol]
+    assert data.count(state.replace(b"{}", b">")) == 1
+    path = tmp_path / "depthmap400266.pkl"
+    path.write_bytes(data)  # as written: loads with its values
+    np.testing.assert_array_equal(load_depthmap(path), depth.astype(np.float32))
+    path.write_bytes(data.replace(state.replace(b"{}", b">"), state.replace(b"{}", b"|")))
+    with pytest.raises(DepthmapError, match=r"has no byte order \('\|'\)") as err:
+        load_depthmap(path)
+    assert str(err.value).startswith(f"{path}: refused a dtype {np.dtype(dtype).str[1:]} ")
+
+
+def test_one_byte_dtype_has_no_byte_order_and_loads(tmp_path):
+    depth = np.array([[0, 12, 250]], np.uint8)
+    data = pickle.dumps(depth, protocol=2)
+    assert b"X\x01\x00\x00\x00|" in data  # numpy writes '|' for one-byte types
+    np.testing.assert_array_equal(load_depthmap(dump(tmp_path / "d.pkl", depth, 2)), depth)

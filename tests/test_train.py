@@ -328,6 +328,27 @@ def test_resume_after_interruption_matches_uninterrupted_run(trained, tiny_set, 
             assert torch.equal(got["optimizer"]["state"][pid][name], value), (pid, name)
 
 
+def test_each_epoch_visits_the_samples_in_its_documented_permutation(tiny_set, tmp_path):
+    """Epoch e's order is torch.randperm(n) under the seed ``seed * 1_000_003 + e`` (main/trainer.py's
+    notes): a new order every epoch, reproducible from the seed and e alone (resuming relies on it)."""
+    seed = 5
+    config = tiny_config(tiny_set).update({"output_dir": str(tmp_path)})
+    trainer = Trainer(config, seed=seed)
+    trainer.make_batch_generator()
+    trainer.make_model()  # prepare_epoch sets the learning rate too
+    n = len(trainer.dataset)
+    orders = []
+    for epoch in (0, 1, 2):
+        trainer.prepare_epoch(epoch)
+        order = [int(i) for batch in trainer.batch_generator for i in batch["index"]]
+        documented = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        assert order == documented, (epoch, order, documented)
+        orders.append(order)
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    trainer.prepare_epoch(1)  # out of sequence, as after --continue: epoch 1's order again
+    assert [int(i) for batch in trainer.batch_generator for i in batch["index"]] == orders[1]
+
+
 def test_bad_arguments_exit_2_without_traceback(tiny_set, tmp_path, capsys):
     # No snapshot for that epoch.
     assert test_script.main(["--test_epoch", "7", *tiny_args(tiny_set, tmp_path)]) == 2

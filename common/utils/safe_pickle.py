@@ -23,10 +23,10 @@ name in the pickle                                      written by
 Any other name is refused *before* it is imported or called; ``numpy.ndarray`` can only be handed
 to ``_reconstruct`` (calling it would allocate whatever shape the file asks for). After the
 pickle is read, the recorded description is validated: a dtype from :data:`ALLOWED_TYPES`
-(float, signed and unsigned integers) with a byte order ``<``, ``>`` or ``|`` and no fields,
-subarray or flags; a shape of non-negative integers; and a byte string of exactly
-``prod(shape) x itemsize`` bytes. Only then is the array built, from a dtype made from our own
-type string and ``np.frombuffer`` of those bytes.
+(float, signed and unsigned integers) with a byte order ``<`` or ``>`` (``|``, "none", only for
+one-byte types) and no fields, subarray or flags; a shape of non-negative integers; and a byte
+string of exactly ``prod(shape) x itemsize`` bytes. Only then is the array built, from a dtype
+made from our own type string and ``np.frombuffer`` of those bytes.
 
 Python 2 pickles (``str`` payloads) are read with ``encoding='latin1'``, the setting numpy
 documents for them; it changes nothing for Python 3 pickles.
@@ -216,7 +216,10 @@ def _valid_dtype(desc) -> np.dtype:
     if order not in ("<", ">", "|", "="):
         raise _Refused(f"refused a dtype {spec} with byte order {shown_value(order)}")
     if order == "|" and spec[1:] != "1":
-        raise _Refused(f"refused a dtype {spec} without a byte order")
+        # '|' means "byte order does not apply", true only of one-byte types: read in the
+        # machine's order, a big-endian map would load as garbage.
+        raise _Refused(f"refused a dtype {spec} that has no byte order ('|'); a {spec[1:]}-byte "
+                       "number needs '<' or '>'")
     if (subarray, names, fields) != (None, None, None) or (elsize, alignment) != (-1, -1) or flags != 0:
         raise _Refused(f"refused a dtype {spec} with fields, a subarray or flags (numpy writes none "
                        "for a plain numeric dtype)")
