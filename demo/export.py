@@ -21,6 +21,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import List, NamedTuple, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -29,9 +30,11 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.export.fbx import glb_to_fbx  # noqa: E402
+from common.export.fbx import glb_to_fbx, import_bpy  # noqa: E402
 from common.export.gltf import export_glb  # noqa: E402
 from common.export.sequence import read_fit  # noqa: E402
+from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
+from common.utils.io import atomic_write_bytes  # noqa: E402
 from common.utils.pose_io import build_pose, preset_names  # noqa: E402
 from demo.demo import add_model_args, check_model_args, load_model, run_cli  # noqa: E402
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
@@ -46,31 +49,59 @@ def file_extras(hand_model, ckpt_text: str, what: str) -> dict:
                              "units": "metres (the model's millimetres x 0.001)"}}
 
 
-def pose_glb(model, euler: torch.Tensor, extras: dict | None = None) -> bytes:
-    """The ``.glb`` of one pose ``euler [1, J, 3]`` (radians, as ``demo.py`` decodes it)."""
-    return export_glb(model, euler, extras=extras, names=["pose"])
+class Request(NamedTuple):
+    """What to write, read and checked before the model is built: ``euler [K, J, 3]`` radians (as
+    ``demo.py`` decodes them), ``root [K, 4, 4]`` mm or None (decode mode), ``times`` (s) or None for
+    one static pose, the keyframes' names and a description."""
+
+    euler: torch.Tensor
+    root: Optional[torch.Tensor]
+    times: Optional[List[float]]
+    names: List[str]
+    what: str
 
 
-def keyframes_glb(model, keyframes_deg: np.ndarray, seconds_per_pose: float, names=None,
-                  extras: dict | None = None) -> bytes:
-    """The ``.glb`` animation through ``keyframes_deg [K, J, 3]`` (degrees, as pose files hold them),
-    one every ``seconds_per_pose``; each keyframe's angles are the demo's (float32 radians)."""
-    euler = euler_tensor(keyframes_deg)
-    times = [k * seconds_per_pose for k in range(len(euler))]
-    return export_glb(model, euler, times=times, names=names, extras=extras)
+def pose_request(hand_model, pose: Optional[str], overrides=()) -> Request:
+    """One pose, a file or preset with ``--euler`` overrides, as ``demo.py`` reads it (None: the rest pose)."""
+    euler = build_pose(hand_model, pose, overrides)
+    what = f"pose {pose}" if pose else "the rest pose"
+    if overrides:
+        what += " with " + " ".join(f"--euler {e}" for e in overrides)
+    return Request(euler, None, None, ["pose"], what)
 
 
-def fit_glb(model, path, fps: float | None, extras: dict | None = None) -> tuple:
-    """``(bytes, frames, fps)``: the ``.glb`` of a fitted sequence (``fit.npz``), every frame a
-    keyframe; ``fps`` (None: the file's, else 30) sets the times."""
-    fit = read_fit(path, model.joint_num)
+def keyframes_request(keyframes_deg: np.ndarray, seconds_per_pose: float, names: Sequence[str]) -> Request:
+    """An animation through ``keyframes_deg [K, J, 3]`` (degrees, as pose files hold them), one every
+    ``seconds_per_pose``; each keyframe's angles are the demo's (float32 radians)."""
+    times = [k * seconds_per_pose for k in range(len(keyframes_deg))]
+    return Request(euler_tensor(keyframes_deg), None, times, list(names),
+                   f"an animation of {len(keyframes_deg)} keyframes, {seconds_per_pose:g} s apart")
+
+
+def fit_request(hand_model, path, fps: Optional[float]) -> Request:
+    """A fitted sequence (``fit.npz``), every frame a keyframe; ``fps`` (None: the file's, else 30)."""
+    fit = read_fit(path, hand_model.joint_num)
     rate = fps or fit.fps or DEFAULT_FIT_FPS
-    euler = torch.from_numpy(fit.euler).float()
-    root = torch.from_numpy(fit.root).float()
-    names = [f"{Path(path).name} frame {t}" for t in range(len(euler))]
-    data = export_glb(model, euler, root=root, times=[t / rate for t in range(len(euler))], names=names,
+    frames = len(fit.euler)
+    return Request(torch.from_numpy(fit.euler).float(), torch.from_numpy(fit.root).float(),
+                   [t / rate for t in range(frames)], [f"{Path(path).name} frame {t}" for t in range(frames)],
+                   f"an animation of {frames} fitted frames at {rate:g} fps")
+
+
+def request_of(args, hand_model) -> Request:
+    """The :class:`Request` the command line asks for."""
+    if args.poses and is_fit_file(args.poses[0]):
+        return fit_request(hand_model, args.poses[0], args.fps)
+    if args.poses:
+        keyframes = np.stack([pose_degrees(hand_model, pose) for pose in args.poses])
+        return keyframes_request(keyframes, args.seconds_per_pose, [Path(p).stem for p in args.poses])
+    return pose_request(hand_model, args.pose, args.euler)
+
+
+def request_glb(model, request: Request, extras: Optional[dict] = None) -> bytes:
+    """The ``.glb`` bytes of ``request`` for ``model`` (its checkpoint loaded or correctives zeroed)."""
+    return export_glb(model, request.euler, root=request.root, times=request.times, names=request.names,
                       extras=extras)
-    return data, len(euler), rate
 
 
 def is_fit_file(pose: str) -> bool:
@@ -118,46 +149,25 @@ def parse_args(argv=None):
     return args
 
 
-def make_glb(args, hand_model, model, ckpt_text: str) -> tuple:
-    """``(bytes, one-line description)`` of the file the arguments ask for."""
-    if args.poses and is_fit_file(args.poses[0]):
-        extras = file_extras(hand_model, ckpt_text, f"fitted sequence {args.poses[0]}")
-        data, frames, fps = fit_glb(model, args.poses[0], args.fps, extras)
-        return data, f"an animation of {frames} fitted frames at {fps:g} fps"
-    if args.poses:
-        keyframes = np.stack([pose_degrees(hand_model, pose) for pose in args.poses])
-        extras = file_extras(hand_model, ckpt_text, f"keyframes {' '.join(args.poses)}")
-        names = [Path(p).stem for p in args.poses]
-        data = keyframes_glb(model, keyframes, args.seconds_per_pose, names, extras)
-        return data, f"an animation of {len(keyframes)} keyframes, {args.seconds_per_pose:g} s apart"
-    euler = build_pose(hand_model, args.pose, args.euler)
-    what = f"pose {args.pose}" if args.pose else "the rest pose"
-    if args.euler:
-        what += " with " + " ".join(f"--euler {e}" for e in args.euler)
-    return pose_glb(model, euler, file_extras(hand_model, ckpt_text, what)), what
-
-
 def run(args) -> Path:
     out = Path(args.out)
     if args.format == "fbx":
-        from common.export.fbx import import_bpy
-
         import_bpy()  # before any work: says in one line how to install it where it is missing
+    # The poses are read and checked first: a bad file fails before the model is built.
+    request = request_of(args, resolve_hand_model(args.hand_model))
     hand_model, model, _device, ckpt_text = load_model(args)
     print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
     print(ckpt_text)
-    model.cpu()  # the file is made from a few decodes: the CPU is exact and quick
-    data, what = make_glb(args, hand_model, model, ckpt_text)
+    model.cpu()  # a few decodes: the CPU is quick, and exact
+    data = request_glb(model, request, file_extras(hand_model, ckpt_text, request.what))
     if args.format == "glb":
-        from common.utils.io import atomic_write_bytes
-
         atomic_write_bytes(out, data)
     else:
         with tempfile.TemporaryDirectory(prefix="export_") as folder:
             glb = Path(folder) / "hand.glb"
             glb.write_bytes(data)
             glb_to_fbx(glb, out)
-    print(f"wrote {out}: {what} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {out}: {request.what} ({out.stat().st_size / 1e6:.1f} MB)")
     return out
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from common.export.gltf import ExportError
+from common.export.gltf import ExportError, check_rigid
 
 # A fitted sequence larger than this is not a hand's (a 10-minute 60 fps fit is ~70 MB of float64).
 MAX_FIT_BYTES = 2 ** 30
@@ -61,6 +61,7 @@ def read_fit(path, joint_num: int) -> FittedSequence:
         bad = np.argwhere(~np.isfinite(value))
         if len(bad):
             raise ExportError(f"{path}: '{key}' has a non-finite value at frame {int(bad[0][0])}")
+    check_rigid(root, [f"{path}: 'root' of frame {t}" for t in range(len(root))])
     fps = None
     if "fps" in arrays:
         value = arrays["fps"]
