@@ -70,6 +70,11 @@ def pose_request(hand_model, pose: Optional[str], overrides=()) -> Request:
     return Request(euler, None, None, ["pose"], what)
 
 
+def pose_request_degrees(euler_deg: np.ndarray, what: str) -> Request:
+    """One pose given in degrees ``[J, 3]`` (the editor's), as ``demo.py`` converts it."""
+    return Request(euler_tensor(euler_deg), None, None, ["pose"], what)
+
+
 def keyframes_request(keyframes_deg: np.ndarray, seconds_per_pose: float, names: Sequence[str]) -> Request:
     """An animation through ``keyframes_deg [K, J, 3]`` (degrees, as pose files hold them), one every
     ``seconds_per_pose``; each keyframe's angles are the demo's (float32 radians)."""

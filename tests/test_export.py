@@ -315,3 +315,11 @@ def test_option_errors(capsys):
             export_script.parse_args(argv)
         assert stop.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+def test_animate_writes_the_same_glb(tmp_path):
+    """``animate.py --out FILE.glb`` is ``export.py --poses``'s file, byte for byte."""
+    poses = ["open", "fist", "ok"]
+    assert animate.main(["--poses", *poses, "--seconds-per-pose", "0.5", "--out", str(tmp_path / "a.glb")]) == 0
+    assert export_script.main(["--poses", *poses, "--seconds-per-pose", "0.5", "--out", str(tmp_path / "e.glb")]) == 0
+    assert (tmp_path / "a.glb").read_bytes() == (tmp_path / "e.glb").read_bytes()

@@ -99,3 +99,52 @@ def test_three_js_plays_the_animation_and_skins_as_glTF(server, browser, tmp_pat
     assert all(h.mean() > 0.03 for h in hands), [h.mean() for h in hands]  # the hand is drawn
     assert (hands[0] != hands[1]).mean() > 0.02  # and it moved
     page.close()
+
+
+# ------------------------------------------------------------------ the editor's downloads
+@pytest.fixture(scope="module")
+def editor():
+    pytest.importorskip("viser", reason="the editor needs viser (requirements.txt)")
+    from demo import editor as editor_module
+
+    ed = editor_module.Editor(editor_module.parse_args(["--port", "0", "--pose", "open"]))
+    yield ed
+    ed.stop()
+
+
+def test_editor_downloads_the_pose_and_keyframes_as_glb(browser, editor, tmp_path):
+    from demo.pose_edit import pose_degrees
+    from tests.test_editor_browser import open_page, wait_for
+
+    page, session, _ = open_page(browser, editor)
+    hand = editor.hand
+    page.get_by_role("button", name="fist", exact=True).click()
+    wait_for(lambda: np.array_equal(session.deg, pose_degrees(hand, "fist")), what="the preset")
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name="Save the rigged hand (.glb)").click()
+    assert download.value.suggested_filename == "hand.glb"
+    download.value.save_as(tmp_path / "hand.glb")
+    f = GltfFile((tmp_path / "hand.glb").read_bytes())
+    _, verts = editor.decode(session.deg)
+    assert np.abs(f.skinned(f.node_trs()) * 1e3 - verts[model_vertices(f, hand)]).max() < 1e-3
+
+    # The recorded keyframes as an animation, "seconds per pose" apart (1 s).
+    page.get_by_text("Animation", exact=True).click()  # the folder starts closed
+    page.get_by_role("button", name="Record keyframe").click()
+    wait_for(lambda: len(session.keyframes.poses) == 1, what="keyframe 1")
+    page.get_by_role("button", name="ok", exact=True).click()
+    wait_for(lambda: np.array_equal(session.deg, pose_degrees(hand, "ok")), what="the preset")
+    page.get_by_role("button", name="Record keyframe").click()
+    wait_for(lambda: len(session.keyframes.poses) == 2, what="keyframe 2")
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name="Download the rigged animation (.glb)").click()
+    assert download.value.suggested_filename == "animation.glb"
+    download.value.save_as(tmp_path / "animation.glb")
+    f = GltfFile((tmp_path / "animation.glb").read_bytes())
+    mesh_node = next(i for i, n in enumerate(f.doc.nodes) if n.skin is not None)
+    for t, pose in ((0.0, "fist"), (1.0, "ok")):
+        trs, weights = f.sample(0, t)
+        _, verts = editor.decode(pose_degrees(hand, pose))
+        got = f.skinned(trs, weights.get(mesh_node)) * 1e3
+        assert np.abs(got - verts[model_vertices(f, hand)]).max() < 1e-3, pose
+    page.close()
