@@ -323,3 +323,19 @@ def test_animate_writes_the_same_glb(tmp_path):
     assert animate.main(["--poses", *poses, "--seconds-per-pose", "0.5", "--out", str(tmp_path / "a.glb")]) == 0
     assert export_script.main(["--poses", *poses, "--seconds-per-pose", "0.5", "--out", str(tmp_path / "e.glb")]) == 0
     assert (tmp_path / "a.glb").read_bytes() == (tmp_path / "e.glb").read_bytes()
+
+
+def test_four_influence_loss_is_what_the_first_set_gives(tmp_path, any_hand):
+    """``bench.py influences`` measures what a reader of the first set alone (renormalised) shows:
+    here computed from the file by glTF's formula with only JOINTS_0/WEIGHTS_0."""
+    from main.benchmarks.influences import four_influence_error
+
+    folder = tmp_path / "hand"
+    save_hand_model(any_hand, folder)
+    f = export(tmp_path, "--hand_model", folder, "--pose", "fist")
+    model = get_model("test", any_hand)
+    model.zero_correctives()
+    expected = decoded(model.eval(), build_pose(any_hand, "fist"))[0][model_vertices(f, any_hand)]
+    first_set = np.linalg.norm(f.skinned(f.node_trs(), max_influences=4) * 1e3 - expected, axis=1).max()
+    measured = four_influence_error(any_hand, build_pose(any_hand, "fist"))[0]
+    assert measured > 0.05 and abs(measured - first_set) < 1e-3, (measured, first_set)
