@@ -339,3 +339,14 @@ def test_four_influence_loss_is_what_the_first_set_gives(tmp_path, any_hand):
     first_set = np.linalg.norm(f.skinned(f.node_trs(), max_influences=4) * 1e3 - expected, axis=1).max()
     measured = four_influence_error(any_hand, build_pose(any_hand, "fist"))[0]
     assert measured > 0.05 and abs(measured - first_set) < 1e-3, (measured, first_set)
+
+
+def test_bench_influences_prints_the_table():
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "main" / "bench.py"), "influences", "--hands", "default",
+                           "--random", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.splitlines()[-1].split()
+    assert row[:4] == ["default", "4932", "8", "5"], done.stdout
+    assert all(0 <= float(x) < 2 for x in row[4:]), done.stdout
