@@ -3,6 +3,7 @@
     python demo/animate.py --poses open fist point ok --out output/poses.gif
     python demo/animate.py --poses open my_pose.yaml --seconds-per-pose 2 --fps 30 --out output/a.mp4
     python demo/animate.py --poses open fist --views palm --size 384 --out output/fist.gif
+    python demo/animate.py --poses open fist point ok --out output/poses.glb   # rigged glTF (demo/export.py)
 
 Between two poses each joint turns along the shortest rotation from one to the other (a spherical
 interpolation of its rotation ``Rz·Ry·Rx``, not of the raw Euler triples, which can take the long
@@ -34,7 +35,7 @@ from common.utils.vis import VIEWS, fit_views  # noqa: E402
 from demo.demo import add_model_args, check_model_args, decode_pose, load_model, render_pose, run_cli  # noqa: E402
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
 
-FORMATS = (".gif", ".mp4")
+FORMATS = (".gif", ".mp4", ".glb")
 DEFAULT_VIEWS = ("palm", "side", "back")
 
 
@@ -154,7 +155,7 @@ def render_frames(hand_model: HandModel, model, device, keyframes_deg: np.ndarra
 def check_format(path: Path, image_size: int, panels: int) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"--out {path}: expected a .gif or .mp4 file")
+        raise ValueError(f"--out {path}: expected a .gif, .mp4 or .glb file")
     if suffix == ".mp4" and (image_size % 2 or (image_size * panels) % 2):
         raise ValueError(f"--size {image_size}: an MP4 needs an even frame size")
     return suffix
@@ -186,7 +187,8 @@ def parse_args(argv=None):
                         help=f"two or more pose files or presets ({', '.join(preset_names())}), in order")
     parser.add_argument("--seconds-per-pose", type=float, default=1.0, help="time from one pose to the next (1)")
     parser.add_argument("--fps", type=float, default=20.0, help="frames per second (20)")
-    parser.add_argument("--out", default=str(ROOT / "output" / "animation.gif"), help="FILE.gif or FILE.mp4")
+    parser.add_argument("--out", default=str(ROOT / "output" / "animation.gif"),
+                        help="FILE.gif, FILE.mp4, or FILE.glb: a rigged glTF animation (see demo/export.py)")
     parser.add_argument("--views", nargs="+", default=list(DEFAULT_VIEWS), choices=sorted(VIEWS),
                         help="panels of each frame (default: palm side back, as render.png)")
     parser.add_argument("--size", type=int, default=256, help="side of a panel in pixels (256)")
@@ -213,10 +215,24 @@ def run(args) -> Path:
     print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
     print(ckpt_text)
     keyframes = np.stack([pose_degrees(hand_model, pose) for pose in args.poses])
+    if suffix == ".glb":
+        return write_glb(args, out, hand_model, model, ckpt_text, keyframes)
     frames = render_frames(hand_model, model, device, keyframes, frames_per_pose(args.seconds_per_pose, args.fps),
                            views=args.views, image_size=args.size)
     atomic_write_bytes(out, encode_animation(frames, args.fps, suffix))
     print(f"wrote {out} ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}, {args.fps:g} fps)")
+    return out
+
+
+def write_glb(args, out: Path, hand_model, model, ckpt_text: str, keyframes: np.ndarray) -> Path:
+    """``--out FILE.glb``: the keyframes as a rigged glTF animation, ``--seconds-per-pose`` apart
+    (``demo/export.py --poses`` writes the same file; ``--fps``, ``--views`` and ``--size`` are for
+    the rendered formats: a glTF player interpolates between the keyframes itself)."""
+    from demo.export import file_extras, keyframes_request, request_glb
+
+    request = keyframes_request(keyframes, args.seconds_per_pose, [Path(p).stem for p in args.poses])
+    atomic_write_bytes(out, request_glb(model, request, file_extras(hand_model, ckpt_text, request.what)))
+    print(f"wrote {out}: rigged glTF, {request.what}")
     return out
 
 

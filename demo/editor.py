@@ -9,8 +9,9 @@ shows the posed mesh and one slider per degree of freedom, grouped by finger, in
 the joint limits of :mod:`demo.joint_limits` (a switch lifts them). Every change re-decodes the
 mesh with the model, exactly as ``demo.py`` does. The page also has the presets, reset, a random
 pose, copying one finger's angles to the others, saving the pose (YAML that ``demo.py --pose``
-reads), the mesh (OBJ) and ``render.png``, loading a pose file, and keyframes for an animation
-(:mod:`demo.animate`). Each browser tab has its own pose.
+reads), the mesh (OBJ), ``render.png`` and the rigged hand (``.glb``, :mod:`demo.export`), loading a
+pose file, and keyframes for an animation (:mod:`demo.animate`: GIF, MP4, or a rigged ``.glb``).
+Each browser tab has its own pose.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch  # noqa: E402
 from common.utils.hand_model import save_obj  # noqa: E402
 from common.utils.pose_io import PoseError, preset_names  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
-from demo import animate  # noqa: E402
+from demo import animate, export  # noqa: E402
 from demo.demo import (USER_ERRORS, check_model_args, decode_pose, load_model, model_and_pose_parser,  # noqa: E402
                        render_pose)
 from demo.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
@@ -310,6 +311,9 @@ class Session:
                 lambda _: self._guarded(self.save_mesh))
             gui.add_button("Save render.png", hint="the demo's picture: palm, side and back").on_click(
                 lambda _: self._guarded(self.save_render))
+            gui.add_button("Save the rigged hand (.glb)",
+                           hint="glTF for Blender, game engines, web pages: skeleton posed, skin, pose corrective "
+                                "(as demo/export.py --pose)").on_click(lambda _: self._guarded(self.save_glb))
             upload = gui.add_upload_button("Load a pose file", mime_type="*/*",
                                            hint="YAML or JSON {joint: [x, y, z]} in degrees, as demo.py --pose")
             upload.on_upload(lambda event: self.load_file(event.target.value.name, event.target.value.content))
@@ -324,6 +328,9 @@ class Session:
             self.gui_format = gui.add_dropdown("Format", ("GIF", "MP4"), initial_value="GIF")
             self.gui_views = gui.add_dropdown("Panels", ("palm, side, back", "palm"), initial_value="palm, side, back")
             gui.add_button("Download animation").on_click(lambda _: self._guarded(self.download_animation))
+            gui.add_button("Download the rigged animation (.glb)",
+                           hint="glTF: the keyframes as a skeletal animation, seconds per pose apart "
+                                "(as demo/export.py --poses)").on_click(lambda _: self._guarded(self.download_glb))
             self.progress = gui.add_progress_bar(0.0, visible=False)
 
     def _info_text(self) -> str:
@@ -438,6 +445,19 @@ class Session:
         self._send("render.png", self._file_bytes("render.png", lambda p: save_image(p, image)))
         self.say("picture saved as render.png")
 
+    def glb_extras(self, what: str) -> dict:
+        return export.file_extras(self.hand, self.editor.ckpt_text, f"pose editor: {what}")
+
+    def save_glb(self) -> None:
+        """The current pose as ``demo/export.py --pose`` writes it (the same decode input)."""
+        with self.lock:
+            deg = self.deg.copy()
+        request = export.pose_request_degrees(deg, "the editor's pose")
+        with self.editor.model_lock:
+            data = export.request_glb(self.editor.model, request, self.glb_extras(request.what))
+        self._send("hand.glb", data)
+        self.say("rigged hand saved as hand.glb")
+
     def load_file(self, name: str, content: bytes) -> None:
         try:
             deg = read_uploaded_pose(self.hand, name, content)
@@ -474,6 +494,20 @@ class Session:
                                        views=views, image_size=size, progress=False, on_frame=on_frame,
                                        lock=self.editor.model_lock)
         return "animation" + suffix, animate.encode_animation(frames, fps, suffix)
+
+    def glb_animation_bytes(self) -> bytes:
+        """The recorded keyframes as a rigged ``.glb`` animation (``demo/export.py --poses``)."""
+        poses = list(self.keyframes.poses)
+        if len(poses) < 2:
+            raise ValueError("record at least two keyframes first (the animation moves from one to the next)")
+        request = export.keyframes_request(np.stack(poses), float(self.gui_seconds.value),
+                                           [f"keyframe {k + 1}" for k in range(len(poses))])
+        with self.editor.model_lock:
+            return export.request_glb(self.editor.model, request, self.glb_extras(request.what))
+
+    def download_glb(self) -> None:
+        self._send("animation.glb", self.glb_animation_bytes())
+        self.say(f"rigged animation of {len(self.keyframes.poses)} keyframes saved as animation.glb")
 
     def download_animation(self) -> None:
         self.progress.visible = True

@@ -9,6 +9,7 @@
     python main/bench.py kernel [--size 256 --views 6 --batch 8] [--device cuda]
     python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
     python main/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
+    python main/bench.py influences [--hands default makehuman] [--random 1000]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
 
@@ -18,7 +19,8 @@ in Python, LBS summed over joints); ``losses`` the penetration and Laplacian los
 original's loops and dense matrix; ``renderer`` times the depth renderer's backends per view
 against image size and face count, and the native one's peak memory; ``data`` the data loader;
 ``surface`` the exact point-to-surface distance of ``test.py``'s surface metric against evaluating
-every triangle; ``train`` takes a training iteration apart (one
+every triangle; ``influences`` is no timing: what a glTF reader limited to four skinning influences
+per vertex (three.js) loses on the exported hand (mm); ``train`` takes a training iteration apart (one
 process, or each process of a ``torchrun`` launch); ``scaling`` runs ``train`` under ``torchrun``
 with 1, 2, … processes and compares samples/s. The references are in ``tests/reference.py``.
 """
@@ -253,6 +255,12 @@ def bench_scaling(args) -> int:
     return 0
 
 
+def bench_influences(args) -> None:
+    from main.benchmarks import influences
+
+    influences.run(load_hands(args.hands), args.random, args.seed)
+
+
 def main(argv=None) -> int:
     from main.options import add_config_args
     from common.renderer.depth_renderer import DEFAULT_TILE_SIZE
@@ -315,6 +323,11 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=0, help="only the first N vertices as points (0: all)")
     p.add_argument("--repeats", type=int, default=5)
 
+    p = sub.add_parser("influences", help="what a 4-influence glTF reader (three.js) loses on the exported hand, mm")
+    p.add_argument("--hands", nargs="+", default=["default", "makehuman"], help=hands_help)
+    p.add_argument("--random", type=int, default=1000, help="random poses within the joint limits")
+    p.add_argument("--seed", type=int, default=0)
+
     for name, text in (("train", "a training iteration taken apart (works under torchrun)"),
                        ("scaling", "samples/s of torchrun (gloo) with 1, 2, ... processes")):
         p = sub.add_parser(name, help=text)
@@ -337,8 +350,7 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be at least 1")
     torch.manual_seed(0)
     run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "kernel": bench_kernel,
-           "data": bench_data,
-           "surface": bench_surface,
+           "data": bench_data, "surface": bench_surface, "influences": bench_influences,
            "train": bench_train, "scaling": bench_scaling}[args.what]
     return run(args) or 0
 

@@ -127,7 +127,7 @@ def test_cli_gif_and_mp4(tmp_path):
 
 def test_cli_errors(tmp_path, capsys):
     assert animate.main(["--poses", "open", "fist", "--out", str(tmp_path / "a.avi")]) == 2
-    assert "expected a .gif or .mp4 file" in capsys.readouterr().err
+    assert "expected a .gif, .mp4 or .glb file" in capsys.readouterr().err
     assert animate.main(["--poses", "open", "fistt", "--out", str(tmp_path / "a.gif")]) == 2
     assert "not a preset name" in capsys.readouterr().err
     assert animate.main(["--poses", "open", "fist", "--size", "65", "--views", "palm",
