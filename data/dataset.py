@@ -1,4 +1,5 @@
-"""Reader for the released DeepHandMesh data (DESIGN §5) and the training samples built from it.
+"""Reader for the released DeepHandMesh data (docs/design.md, "Data set files"; docs/data.md) and the
+training samples built from it.
 
 Layout, relative to ``data_dir``::
 
@@ -34,7 +35,7 @@ as pixel centres, so the patch is ``x1 - x0 + 1`` wide, centred on ``(x0 + x1 + 
 
 * the render ``affine`` ``[2, 3]`` (float32) is that patch of the cameras' pixel space mapped onto
   the ``rendered_img_shape`` crop (its centre to the crop's centre, no aspect preservation): apply
-  it to ``(u, v, 1)`` of projected vertices before rasterising (DESIGN §6);
+  it to ``(u, v, 1)`` of projected vertices before rasterising (docs/renderer.md, "Conventions");
 * the input crop scales the box to the image file's resolution first (``x * w / W``, ``y * h /
   H``) and takes the patch there, in image pixels; the picture (0-255) is warped bilinearly to
   ``input_img_shape`` and divided by 255. ``img_affine`` maps the cameras' pixel space to the input
@@ -42,7 +43,7 @@ as pixel centres, so the patch is ``x1 - x0 + 1`` wide, centred on ``(x0 + x1 + 
 * a depth map of any resolution is warped with the render affine composed with depth-map pixels
   -> the cameras' pixels by the centre-aligned rule ``k = (r + 0.5) * W / w - 0.5`` (that of
   ``cv2.resize``), nearest neighbour, so that target and rendering are registered. This is a
-  deliberate difference (see the README): the original scales the box to the depth map and warps
+  deliberate difference (docs/differences.md): the original scales the box to the depth map and warps
   bilinearly, which puts its ``+1`` in depth-map pixels and invents depths on the silhouette and
   across depth edges by mixing foreground, background and the 0 of empty pixels. Outside the
   source: 0 (image black, depth "no depth").

@@ -1,4 +1,4 @@
-"""Write a synthetic data set in exactly the released DeepHandMesh layout (DESIGN §5).
+"""Write a synthetic data set in exactly the released DeepHandMesh layout (docs/design.md, "Data set files").
 
     python data/make_synthetic.py --out data/synthetic                 # 2 x 3 frames, 6 cameras
     python data/make_synthetic.py --out data/synth_big --frames 50 --sequences 4 --cameras 12

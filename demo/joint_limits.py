@@ -1,8 +1,9 @@
 """Joint limits for hand-edited poses: the range of each Euler angle of each joint type, in degrees.
 
-Axes are the hand model's joint frames (DESIGN §2): ``x`` along the bone (**twist**), ``y`` towards
-the palm side, so a rotation about it moves the bone sideways (**spread**, abduction/adduction),
-``z = x × y`` (**flexion**: positive curls towards the palm, negative is hyperextension).
+Axes are the hand model's joint frames (docs/design.md, "Joints, angles and degrees of freedom"):
+``x`` along the bone (**twist**), ``y`` towards the palm side, so a rotation about it moves the bone
+sideways (**spread**, abduction/adduction), ``z = x × y`` (**flexion**: positive curls towards the
+palm, negative is hyperextension).
 
 Source: the American Academy of Orthopaedic Surgeons' average ranges of motion (*Joint Motion:
 Method of Measuring and Recording*, AAOS 1965; the table reproduced in Norkin & White, *Measurement

@@ -1,4 +1,5 @@
-"""The single configuration object, ``cfg``, with the original DeepHandMesh defaults (DESIGN §7).
+"""The single configuration object, ``cfg``, with the original DeepHandMesh defaults
+(docs/design.md, "Defaults").
 
 Every option can be overridden from a YAML file (``cfg.update_from_yaml(path)``) and from
 ``key=value`` strings (``cfg.update_from_strings(["train_batch_size=2", "resnet_type=18"])``).

@@ -1,6 +1,6 @@
 """The DeepHandMesh model: encoder, pose decoder, identity/pose correctives, FK and LBS.
 
-Entry points (DESIGN §10): ``get_model(mode, hand_model)`` and ``model.decode(euler)``; the
+Entry points (docs/design.md, "Entry points"): ``get_model(mode, hand_model)`` and ``model.decode(euler)``; the
 training forward (``model(inputs, targets, meta_info, 'train')``) returns the per-element losses.
 The template, the renderer's faces and the losses' tables live in non-persistent buffers, so a
 state dict holds exactly the original's keys
@@ -86,7 +86,7 @@ class Model(nn.Module):
 
         # Training: root alignment, the depth renderer and the losses. A submodule, so that
         # ``.to(device)`` and DataParallel's replication carry their tables; their buffers are
-        # non-persistent, so the state dict keeps exactly the original's keys (DESIGN §8).
+        # non-persistent, so the state dict keeps exactly the original's keys (docs/design.md, "Checkpoints").
         self.objective = TrainingObjective(hand_model, self.faces, config)
 
     # ---------------------------------------------------------------- pieces

@@ -1,5 +1,6 @@
-"""The training objective (DESIGN §3, §5): the hand placed on the captured keypoints, rendered into
-the target views, and the original's four losses.
+"""The training objective: the hand placed on the captured keypoints
+(docs/design.md, "Training-mode root"), rendered into the target views, and the original's four
+losses (docs/design.md, "Losses").
 
 :class:`TrainingObjective` consumes the model's :class:`main.model.PosedHand`; the tester uses its
 :meth:`~TrainingObjective.render` for the depth metric. Its renderer and losses keep their tables in
@@ -30,7 +31,7 @@ def align_to_keypoints(source: torch.Tensor, target: torch.Tensor, valid: torch.
 
     Only the valid correspondences count (a weighted Kabsch with 0/1 weights), so a keypoint the
     annotation lacks (its coordinates are 0 in the data set) cannot pull the hand towards the
-    origin (README, differences from the original). It is computed by
+    origin (docs/differences.md). It is computed by
     :func:`common.utils.kinematics.rigid_align` on the points with every invalid pair replaced by
     the centroids of the valid ones: those pairs then change neither the centroids nor the
     cross-covariance, which makes the result exactly the Kabsch solution of the valid pairs.
@@ -111,7 +112,7 @@ class TrainingObjective(nn.Module):
 
     def root_alignment(self, template_pose: torch.Tensor, joint_world: torch.Tensor,
                        joint_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The training-mode root: ``[R|t] · G'_root`` (DESIGN §3).
+        """The training-mode root: ``[R|t] · G'_root`` (docs/design.md, "Training-mode root").
 
         ``[R|t]`` is the Kabsch alignment of the refined template's alignment joints
         ``G'[align, :3, 3]`` onto the ground-truth keypoints of the same joints, per sample, over

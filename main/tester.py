@@ -34,7 +34,7 @@ log = logging.getLogger("deephandmesh")
 class Tester:
     """Runs the test-mode model over the data set, writes crops, meshes and ``metrics.json``.
 
-    Metrics (DESIGN §3; all in mm). The test-mode output lives in the wrist's frame (root at
+    Metrics (docs/training.md, "Metrics"; all in mm). The test-mode output lives in the wrist's frame (root at
     identity); it is placed in the world by the training's rigid alignment: Kabsch of the predicted
     alignment joints onto the valid ground-truth keypoints of the same joints
     (:func:`main.objective.align_to_keypoints`). Then:

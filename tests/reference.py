@@ -1,8 +1,9 @@
-"""Plain loop references written straight from DESIGN §3 and §4, as the original computes them:
-per sample, forward kinematics down the tree with 4x4 products, and LBS as a sum over joints of
-weight × transformed vertices (batched over samples); the penetration loss with Python loops over
-bone points, bone pairs and samples; the Laplacian loss with a dense ``[V, V]`` matrix. They are
-the yardstick of the tests and of ``main/bench.py``; they are deliberately simple, not fast."""
+"""Plain loop references written straight from docs/design.md, "Decoding" and "Losses", as the
+original computes them: per sample, forward kinematics down the tree with 4x4 products, and LBS as a
+sum over joints of weight × transformed vertices (batched over samples); the penetration loss with
+Python loops over bone points, bone pairs and samples; the Laplacian loss with a dense ``[V, V]``
+matrix. They are the yardstick of the tests and of ``main/bench.py``; they are deliberately simple,
+not fast."""
 import math
 
 import numpy as np
@@ -61,7 +62,7 @@ def fk_recursive(children, joint, local, global_pose):
 
 def decode_reference(hand_model, euler, skeleton_corrective=None, pose_corrective=None, id_corrective=None,
                      root_transform=None):
-    """DESIGN §3 step by step in float64, one sample at a time.
+    """docs/design.md, "Decoding", step by step in float64, one sample at a time.
 
     Args:
         euler: ``[B, J, 3]`` radians.
@@ -146,9 +147,10 @@ def bone_paths(children, root):
 
 def penet_loss_loop(hand_model, template_pose, rest_mesh, joint_out, mesh_out, step=0.1,
                     rigid_weight=1.0, non_rigid_weight=5.0):
-    """DESIGN §4's penetration loss the way the original computes it, in torch: the radius of every
-    bone point found one point at a time (batched over samples), every bone pair in a Python loop,
-    every (non-rigid joint, path) pair in a loop with the collision search one sample at a time.
+    """The penetration loss (docs/design.md, "Losses") the way the original computes it, in torch:
+    the radius of every bone point found one point at a time (batched over samples), every bone pair
+    in a Python loop, every (non-rigid joint, path) pair in a loop with the collision search one
+    sample at a time.
 
     Args:
         template_pose: ``[J, 4, 4]`` refined rest poses (mm).

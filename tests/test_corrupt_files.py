@@ -409,7 +409,7 @@ def test_fuzzer_classifies_outcomes(tmp_path):
 
 
 def test_fuzzer_run_finds_no_unclear_failure(tmp_path):
-    """250 seeded cases of every kind through the scripts' readers (the README has a 10,000-case run)."""
+    """250 seeded cases of every kind through the scripts' readers (BENCHMARKS.md has a 10,000-case run)."""
     out = tmp_path / "fuzz.json"
     result = subprocess.run([sys.executable, str(REPO / "main" / "fuzz.py"), "--cases", "2000", "--seed", "17",
                              "--hand_vertices", "300", "--json", str(out), "--keep", str(tmp_path / "kept")],

@@ -1,4 +1,4 @@
-"""The data-set reader on a tiny hand-made data folder (DESIGN §5).
+"""The data-set reader on a tiny hand-made data folder (docs/design.md, "Data set files").
 
 The folder has 2 usable RT sequences, an RT ROM one and an LT one; three colour cameras (``40..``)
 and one other; 64x48 images with a bright blob where a known keypoint projects, and depth maps

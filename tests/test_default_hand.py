@@ -22,7 +22,7 @@ ARRAYS = ["vertices_cm", "uvs", "faces", "face_uvs", "skinning_weights", "local_
           "global_pose_inv", "parents"]
 
 
-# ------------------------------------------------------------------ a plain reference of DESIGN §3
+# ------------------------------------------- a plain reference of docs/design.md, "Decoding"
 def euler_matrices(theta):
     """``R = Rz · Ry · Rx`` for ``theta [J, 3]`` (radians)."""
     out = []
@@ -37,7 +37,7 @@ def euler_matrices(theta):
 def pose(model, theta, root=None):
     """FK down the tree and LBS (no correctives). Returns ``(joints, vertices, blended [V, 4, 4])``.
 
-    ``root`` is the root's global transform (identity in decode mode, as DESIGN §3 says).
+    ``root`` is the root's global transform (the identity in decode mode: the output in the wrist's frame).
     """
     J = model.joint_num
     R = np.tile(np.eye(4), (J, 1, 1))

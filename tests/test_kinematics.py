@@ -1,4 +1,4 @@
-"""Vectorised kinematics and decode against the plain loop reference of DESIGN §3."""
+"""Vectorised kinematics and decode against the plain loop reference of docs/design.md, "Decoding"."""
 import math
 
 import numpy as np
@@ -39,8 +39,8 @@ def test_euler_to_matrix_matches_rz_ry_rx():
 
 
 def test_euler_z_is_flexion_towards_palm(any_hand):
-    # DESIGN §2: a positive z angle at index1 curls the finger towards the palm, which is the
-    # +y side of the wrist frame (y = z × x, x towards the fingers).
+    # A positive z angle at index1 curls the finger towards the palm, which is the +y side of the
+    # wrist frame (y = z × x, x towards the fingers): docs/design.md, "Joints, angles and degrees of freedom".
     e = torch.zeros(1, any_hand.joint_num, 3, dtype=torch.float64)
     rest, _ = pose_hand(any_hand, e)
     tip = any_hand.joint_index("index_null")

@@ -1,4 +1,4 @@
-"""The training losses against plain loop references written here straight from DESIGN §4:
+"""The training losses against plain loop references written here straight from docs/design.md, "Losses":
 nested Python loops over samples, bones, bone pairs and points (the nearest-vertex search of one
 point is a numpy min), and a dense Laplacian filled by loops over faces and rows."""
 import math
@@ -56,7 +56,7 @@ def depth_reference(out, gt):
 
 def penet_reference(names, parents, segmentation, root, non_rigid, template_joints, rest_mesh, joints, mesh,
                     step=0.1, rigid_weight=1.0, non_rigid_weight=5.0):
-    """DESIGN §4 penetration loss, one sample, one bone pair, one point at a time.
+    """The penetration loss (docs/design.md, "Losses"), one sample, one bone pair, one point at a time.
 
     Arrays are numpy float64: template_joints ``[B, J, 3]``, rest_mesh/mesh ``[B, V, 3]``,
     joints ``[B, J, 3]``. A non-rigid joint without vertices: its pairs count, contribute 0.
@@ -226,7 +226,7 @@ def test_penetration_bones_pairs_and_paths(default_hand):
     assert frozenset([wrist_index, (name("index1"), name("index2"))]) not in pairs
     assert sorted(loss.last_bones) == sorted((name(f + "3"), name(f + "_null"))
                                              for f in ("index", "middle", "ring", "pinky"))
-    # Index tables never enter a state dict (DESIGN §8).
+    # Index tables never enter a state dict (docs/design.md, "Checkpoints").
     assert loss.state_dict() == {} and LaplacianLoss.from_hand_model(default_hand).state_dict() == {}
     assert {"segmentation", "steps"} <= {n for n, _ in loss.named_buffers()}
 

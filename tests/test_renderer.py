@@ -1,4 +1,4 @@
-"""Tests of the differentiable depth renderer (common/renderer/depth_renderer.py, DESIGN §6).
+"""Tests of the differentiable depth renderer (common/renderer/depth_renderer.py, docs/renderer.md).
 
 The references here are independent of PyTorch3D: analytic planes, a numpy
 ray/triangle brute force through every pixel centre, and ``cv2.projectPoints``.
@@ -32,7 +32,7 @@ def backend(request):
     return request.param
 
 
-# Full-size camera of the data set (DESIGN §5: 512 high, 334 wide).
+# Full-size camera of the data set (the KRT_512 pixel space: 512 high, 334 wide).
 IMG_H, IMG_W = 512, 334
 FOCAL = (1210.0, 1195.0)
 PRINCPT = (170.3, 251.8)
@@ -61,7 +61,7 @@ def look_at(campos, target, up):
 def crop_affine(uv, out_h, out_w, scale=1.5, img_h=IMG_H, img_w=IMG_W):
     """2x3 affine taking the bounding box of ``uv`` (enlarged ``scale``× about its centre and
     clipped to the image) onto an ``out_h × out_w`` image, box edges onto image edges, as the
-    data pipeline's crop (DESIGN §5), in the pixel-centre-at-integer convention."""
+    data pipeline's crop (docs/data.md, "Crops"), in the pixel-centre-at-integer convention."""
     lo, hi = uv.min(0), uv.max(0)
     c, half = (lo + hi) / 2, (hi - lo) / 2 * scale
     x0, y0 = max(c[0] - half[0], -0.5), max(c[1] - half[1], -0.5)
@@ -272,7 +272,7 @@ def _check_against_brute_force(verts, faces, backend, size=48, views=((20.0, 10.
         cov, cov_ref = depth > 0, ref > 0
         iou = (cov & cov_ref).sum() / (cov | cov_ref).sum()
         assert cov_ref.sum() > 0.2 * size * size, "the hand should fill a good part of the crop"
-        # The README's claims: coverage IoU 1.0 (every pixel, edge pixels included) and depth
+        # docs/renderer.md's claims: coverage IoU 1.0 (every pixel, edge pixels included) and depth
         # within 0.001 mm of the ray caster's.
         assert iou == 1.0, f"view az={az} el={el}: coverage IoU {iou:.6f}, {int((cov != cov_ref).sum())} pixels differ"
         both = cov & cov_ref

@@ -1,10 +1,10 @@
-"""Training losses of DeepHandMesh (DESIGN §4).
+"""Training losses of DeepHandMesh (docs/design.md, "Losses").
 
 Every loss returns per-element values; the trainer takes ``.mean()`` of each and sums them, as the
 original does. All lengths are millimetres. Everything is vectorised over the batch; the index
 tables the penetration and Laplacian losses need are built once, at construction, and kept in
 non-persistent buffers (they move with ``.to()`` but never enter a state dict, so checkpoints keep
-exactly the original's keys, DESIGN §8).
+exactly the original's keys, docs/design.md, "Checkpoints").
 
 Corner cases the original leaves undefined (it raises or divides by zero) and what happens here:
 
@@ -251,7 +251,7 @@ class _BoneOverlap(torch.autograd.Function):
 
 
 class PenetLoss(nn.Module):
-    """Penetration loss ``rigid_weight · rigid + non_rigid_weight · non_rigid`` (DESIGN §4).
+    """Penetration loss ``rigid_weight · rigid + non_rigid_weight · non_rigid`` (docs/design.md, "Losses").
 
     Bone sample points are taken, depth first from the root as the original, at
     ``t = 0, step, 2·step, … < 1`` along every parent→child bone, plus one point at each leaf
@@ -569,7 +569,7 @@ def uniform_laplacian(faces, vertex_num: int, dtype: torch.dtype = torch.float32
 
 
 class LaplacianLoss(nn.Module):
-    """Squared norm of the uniform Laplacian of the posed mesh, per vertex (DESIGN §4).
+    """Squared norm of the uniform Laplacian of the posed mesh, per vertex (docs/design.md, "Losses").
 
     The Laplacian is a sparse ``[V, V]`` buffer (``laplacian``, non-persistent): a dense one would be
     V² floats. The trainer multiplies the mean by ``loss_lap_weight`` (5), as the original.

@@ -1,4 +1,5 @@
-"""The networks of DeepHandMesh (DESIGN §1). Attribute names fix the state-dict keys (DESIGN §8)."""
+"""The networks of DeepHandMesh (docs/design.md, "Networks"). Attribute names fix the state-dict keys
+(docs/design.md, "Checkpoints")."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""Differentiable depth rendering of posed hand meshes (DESIGN §6): :class:`DepthRenderer`.
+"""Differentiable depth rendering of posed hand meshes: :class:`DepthRenderer` (docs/renderer.md,
+"Conventions").
 
 The camera convention (OpenCV-style, millimetres, pixel centres at integer coordinates) and
 the screen space the rasterisers read are in :mod:`common.renderer.camera`; a pixel whose nearest

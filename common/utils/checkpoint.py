@@ -1,4 +1,4 @@
-"""Loading and saving snapshots in the original layout (DESIGN §8).
+"""Loading and saving snapshots in the original layout (docs/design.md, "Checkpoints").
 
 A snapshot is ``{'epoch', 'network': state_dict, 'optimizer': state_dict}``; the original's
 ``network`` comes from a ``DataParallel`` model, so its keys carry a ``module.`` prefix, and its

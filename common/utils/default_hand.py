@@ -18,22 +18,24 @@ the fingers slightly spread:
 Looking at the palm (from ``+z``) with the fingers up, the thumb is on the viewer's right, as for
 any right hand seen palm-on (from the back it is on the left).
 
-Joint frames (DESIGN §2): ``x`` along the bone towards the child, ``y`` towards the palm side (the
-side a digit curls to), ``z = x × y`` the flexion axis, so a positive ``z`` angle at ``X1/X2/X3``
-curls a finger towards the palm and at the thumb joints curls the thumb across it; a ``_null``
-tip keeps its parent's orientation. The wrist's ``x`` points at the middle knuckle (world ``+y``),
-its ``y`` out of the palm (``+z``) and its ``z`` to the thumb (``+x``): positive ``z`` flexes the
-hand palm-wards. These are the conventions of the released model (and of ``makehuman_right``).
-Thumb joints: ``thumb0`` inside the palm between the wrist and the CMC joint, ``thumb1`` the CMC
-joint, ``thumb2`` the MCP joint, ``thumb3`` the IP joint, ``thumb_null`` the tip.
+Joint frames (docs/design.md, "Joints, angles and degrees of freedom"): ``x`` along the bone towards
+the child, ``y`` towards the palm side (the side a digit curls to), ``z = x × y`` the flexion axis,
+so a positive ``z`` angle at ``X1/X2/X3`` curls a finger towards the palm and at the thumb joints
+curls the thumb across it; a ``_null`` tip keeps its parent's orientation. The wrist's ``x`` points
+at the middle knuckle (world ``+y``), its ``y`` out of the palm (``+z``) and its ``z`` to the thumb
+(``+x``): positive ``z`` flexes the hand palm-wards. These are the conventions of the released model
+(and of ``makehuman_right``). Thumb joints: ``thumb0`` inside the palm between the wrist and the CMC
+joint, ``thumb1`` the CMC joint, ``thumb2`` the MCP joint, ``thumb3`` the IP joint, ``thumb_null``
+the tip.
 
-Proportions (DESIGN §2): wrist crease to middle fingertip 187 mm; wrist to middle knuckle 95 mm;
-breadth across the index-little knuckles 80 mm; knuckles on an arc (index 92, middle 95, ring
-91.5, little 83 mm from the wrist); phalanges (proximal / middle / distal) index 40/23/18, middle
-45/27/19, ring 42/26/19, little 33/18/17 mm, thumb metacarpal 45, proximal 32, distal 27 mm;
-fingers 17-19.5 mm wide at the base tapering to 13.5-15 mm at the tip; the thumb's CMC joint on
-the radial side a third of the way from the wrist to the index knuckle, the thumb pointing 40° away
-from the index and rotated 45° towards the palm.
+Proportions (approximate adult figures from anthropometric studies of the hand's bones): wrist
+crease to middle fingertip 187 mm; wrist to middle knuckle 95 mm; breadth across the index-little
+knuckles 80 mm; knuckles on an arc (index 92, middle 95, ring 91.5, little 83 mm from the wrist);
+phalanges (proximal / middle / distal) index 40/23/18, middle 45/27/19, ring 42/26/19, little
+33/18/17 mm, thumb metacarpal 45, proximal 32, distal 27 mm; fingers 17-19.5 mm wide at the base
+tapering to 13.5-15 mm at the tip; the thumb's CMC joint on the radial side a third of the way from
+the wrist to the index knuckle, the thumb pointing 40° away from the index and rotated 45° towards
+the palm.
 
 Mesh: one closed, consistently outward-oriented, genus-0 triangle surface built from quad grids: a
 palm tube whose top rim is split into the four finger tubes (neighbouring fingers share a short

@@ -1,4 +1,4 @@
-"""Reading, writing and validating DeepHandMesh hand-model folders (DESIGN §2).
+"""Reading, writing and validating DeepHandMesh hand-model folders (docs/design.md, "Hand-model files").
 
 A hand-model folder holds six text files::
 

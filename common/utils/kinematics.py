@@ -1,4 +1,4 @@
-"""Euler angles, forward kinematics, linear blend skinning and rigid alignment (DESIGN §3).
+"""Euler angles, forward kinematics, linear blend skinning and rigid alignment (docs/design.md, "Decoding").
 
 Small pure functions, vectorised over the batch. Units: angles in radians, lengths in mm.
 Transforms are 4x4 homogeneous matrices acting on column vectors.

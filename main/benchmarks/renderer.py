@@ -23,7 +23,7 @@ import torch
 from main.benchmarks.timing import median_seconds
 from common.renderer.depth_renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
-# The data set's camera (DESIGN §5): 512 high, 334 wide; focal length of that order.
+# The data set's cameras' pixel space (KRT_512): 512 high, 334 wide; focal length of that order.
 _IMG_H, _IMG_W = 512, 334
 _FOCAL = (1200.0, 1200.0)
 _PRINCPT = (167.0, 256.0)

@@ -12,7 +12,7 @@ import torch
 from common.utils.device import usable_cpus
 
 REPO = Path(__file__).resolve().parents[2]
-# The MakeHuman hand sits beside the repository (see README); never part of it.
+# The MakeHuman hand sits beside the repository (docs/tests.md); never part of it.
 MAKEHUMAN = REPO.parent / "shared" / "hand_models" / "makehuman_right"
 
 
