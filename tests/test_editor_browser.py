@@ -234,8 +234,9 @@ def test_display_toggles_limits_copy_and_render(browser, editor, tmp_path):
     # lifting the limits widens every slider; putting them back clamps the pose
     index1, index2 = hand.joint_index("index1"), hand.joint_index("index2")
     page.get_by_text("Lift the joint limits").click()
-    wait_for(lambda: session.sliders[(index1, 2)].max == FREE_RANGE_DEG, what="the wider ranges")
-    assert all(s.min == -FREE_RANGE_DEG for s in session.sliders.values())
+    # The server widens the sliders one after another: wait for the last, not the first.
+    wait_for(lambda: all(s.min == -FREE_RANGE_DEG and s.max == FREE_RANGE_DEG for s in session.sliders.values()),
+             what="the wider ranges")
     session.sliders[(index2, 2)].value = 150.0  # as if typed into the slider's box
     wait_for(lambda: session.deg[index2, 2] == 150.0, what="150°")
     page.get_by_text("Lift the joint limits").click()
