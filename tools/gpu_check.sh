@@ -10,7 +10,8 @@
 #   bash tools/gpu_check.sh --no-train   # leave out the synthetic set and the training iterations
 #   bash tools/gpu_check.sh --no-suite   # leave out the whole suite
 #
-# PYTHON (default python3) is the interpreter; full logs go to $OUT (default output/gpu_check).
+# PYTHON (default python3) is the interpreter; full logs go to $OUT (default output/gpu_check);
+# SUITE_LIMIT (default 330) bounds the whole suite's seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -58,7 +59,10 @@ if [ "$TRAIN" = 1 ]; then
   done
 fi
 if [ "$SUITE" = 1 ]; then
-  step suite 330 "$PY" -m pytest -q -p no:cacheprovider -n "$CORES" --timeout 300 -rfE
+  # -v: each test's outcome is printed as it ends, so a run cut by the step's limit still names
+  # the tests that failed; --durations: where the time goes.
+  step suite "${SUITE_LIMIT:-330}" "$PY" -m pytest -v -p no:cacheprovider -n "$CORES" --timeout 150 -rfE \
+    --durations=15
 fi
 
 echo
@@ -78,7 +82,8 @@ if [ "$TRAIN" = 1 ]; then
 fi
 if [ "$SUITE" = 1 ]; then
   echo "---- suite"
-  grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$LOG/suite.log" | tail -40
+  grep -E " (FAILED|ERROR) |^(FAILED|ERROR)|passed|failed|Timeout" "$LOG/suite.log" | tail -40
+  grep -A16 "slowest 15" "$LOG/suite.log" | tail -16
 fi
 echo "---- steps"
 cat "$LOG/steps.log"

@@ -318,7 +318,11 @@ def plane_depth(vertices: torch.Tensor, faces: torch.Tensor, pixels: Tuple[torch
     camera-space vertices ``a, b, c`` with normal ``n = (b − a) × (c − a)`` meets it at
     ``z = (n · a) / (n · d)``. This is the depth PyTorch3D's perspective-correct ``zbuf`` holds
     (also for a face cut by the near plane: the cut keeps the plane), as a differentiable
-    function of the vertices.
+    function of the vertices and the cameras.
+
+    What depends on the view alone is computed once per view: the vertices in each camera's frame
+    (``[B, N, V, 3]``, a few MB) and the affine map from crop pixels to ray directions
+    (``[B, N, 2, 3]``); each covered pixel then gathers its face's three corners and its view's map.
 
     Args:
         vertices: ``[B, V, 3]`` world mm; faces: ``[F, 3]``.
@@ -331,13 +335,24 @@ def plane_depth(vertices: torch.Tensor, faces: torch.Tensor, pixels: Tuple[torch
     """
     b, n, r, c = pixels
     dtype = vertices.dtype
-    corners = vertices[b[:, None], faces[pixel_faces]]                            # [P, 3, 3] world
-    rot = camrot[b, n].to(dtype)
-    xc = ((corners - campos[b, n].to(dtype)[:, None])[:, :, None, :] * rot[:, None]).sum(-1)  # [P, 3, 3]
-    uv = torch.stack((c, r), -1).to(dtype)
-    if affine is not None:
-        lin, shift = affine[b, n, :, :2].to(dtype), affine[b, n, :, 2].to(dtype)
-        uv = torch.linalg.solve(lin, uv - shift)
-    ray = torch.cat(((uv - princpt[b, n].to(dtype)) / focal[b, n].to(dtype), torch.ones_like(uv[:, :1])), -1)
-    normal = torch.linalg.cross(xc[:, 1] - xc[:, 0], xc[:, 2] - xc[:, 0])
-    return (normal * xc[:, 0]).sum(-1) / (normal * ray).sum(-1)
+    B, N = camrot.shape[:2]
+    rot = camrot.to(dtype)
+    camera = torch.einsum("bnij,bnvj->bnvi", rot, vertices[:, None] - campos.to(dtype)[:, :, None])   # [B, N, V, 3]
+    corners = camera[b[:, None], n[:, None], faces[pixel_faces]]                                    # [P, 3, 3]
+    # Crop pixel (c, r) → ray direction (x, y) = diag(1/f) · (A⁻¹ · ((c, r) − shift) − principal point):
+    # one [2, 3] map per view.
+    if affine is None:
+        to_camera = torch.eye(2, 3, dtype=dtype, device=vertices.device).expand(B, N, 2, 3)
+    else:
+        lin, shift = affine[..., :2].to(dtype), affine[..., 2:].to(dtype)                         # [B, N, 2, 2|1]
+        inverse = torch.stack((torch.stack((lin[..., 1, 1], -lin[..., 0, 1]), -1),
+                               torch.stack((-lin[..., 1, 0], lin[..., 0, 0]), -1)), -2)
+        inverse = inverse / (lin[..., 0, 0] * lin[..., 1, 1] - lin[..., 0, 1] * lin[..., 1, 0])[..., None, None]
+        to_camera = torch.cat((inverse, -inverse @ shift), -1)
+    ray_map = torch.cat((to_camera[..., :2], to_camera[..., 2:] - princpt.to(dtype)[..., None]), -1) \
+        / focal.to(dtype)[..., None]                                                                 # [B, N, 2, 3]
+    view_map = ray_map[b, n]                                                                         # [P, 2, 3]
+    ray_xy = view_map[..., 0] * c.to(dtype)[:, None] + view_map[..., 1] * r.to(dtype)[:, None] + view_map[..., 2]
+    ray = torch.cat((ray_xy, torch.ones_like(ray_xy[:, :1])), -1)                                   # [P, 3]
+    normal = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    return (normal * corners[:, 0]).sum(-1) / (normal * ray).sum(-1)
