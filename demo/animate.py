@@ -31,7 +31,9 @@ from common.utils.hand_model import HandModel  # noqa: E402
 from common.utils.io import atomic_write_bytes  # noqa: E402
 from common.utils.pose_io import preset_names  # noqa: E402
 from common.utils.vis import VIEWS, fit_views  # noqa: E402
-from demo.demo import add_model_args, check_model_args, decode_pose, load_model, render_pose, run_cli  # noqa: E402
+from common.errors import OptionError, exit_code  # noqa: E402
+from demo.demo import (add_model_args, check_model_args, decode_pose, load_model, render_pose,  # noqa: E402
+                       setup_console_logging, warn_beyond_limits)
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
 
 FORMATS = (".gif", ".mp4")
@@ -154,9 +156,9 @@ def render_frames(hand_model: HandModel, model, device, keyframes_deg: np.ndarra
 def check_format(path: Path, image_size: int, panels: int) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"--out {path}: expected a .gif or .mp4 file")
+        raise OptionError(f"--out {path}: expected a .gif or .mp4 file")
     if suffix == ".mp4" and (image_size % 2 or (image_size * panels) % 2):
-        raise ValueError(f"--size {image_size}: an MP4 needs an even frame size")
+        raise OptionError(f"--size {image_size}: an MP4 needs an even frame size")
     return suffix
 
 
@@ -213,6 +215,8 @@ def run(args) -> Path:
     print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
     print(ckpt_text)
     keyframes = np.stack([pose_degrees(hand_model, pose) for pose in args.poses])
+    for pose, degrees in zip(args.poses, keyframes):
+        warn_beyond_limits(hand_model, degrees, f"--poses {pose}")
     frames = render_frames(hand_model, model, device, keyframes, frames_per_pose(args.seconds_per_pose, args.fps),
                            views=args.views, image_size=args.size)
     atomic_write_bytes(out, encode_animation(frames, args.fps, suffix))
@@ -221,7 +225,9 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    return run_cli(run, parse_args(argv))
+    setup_console_logging()
+    args = parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":
