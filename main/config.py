@@ -50,11 +50,12 @@ class ConfigError(OptionError):
 
 # ------------------------------------------------------------------------------ option types
 class _Rejected(Exception):
-    """A value an option type refuses: ``expected`` says what it accepts, ``shown`` the value."""
+    """A value an option type refuses: ``expected`` says what it accepts; ``detail`` what is wrong
+    with the value when that helps (``unknown ['skin']``)."""
 
-    def __init__(self, expected: str, value: Any):
+    def __init__(self, expected: str, value: Any, detail: str = ""):
         super().__init__(expected)
-        self.expected, self.value = expected, value
+        self.expected, self.value, self.detail = expected, value, detail
 
 
 def _as_number(value: Any, kind: str) -> float | int:
@@ -149,13 +150,15 @@ class Flag:
 
 @dataclass(frozen=True)
 class Choice:
-    """One of a few words."""
+    """One of a few words (``as_list``: named as a Python list in messages, as the study options
+    always were: ``one of ['image', 'gt']``)."""
 
     choices: Tuple[str, ...]
+    as_list: bool = False
 
     @property
     def kind(self) -> str:
-        return "one of " + ", ".join(self.choices)
+        return "one of " + (repr(list(self.choices)) if self.as_list else ", ".join(self.choices))
 
     accepts = kind
 
@@ -254,10 +257,15 @@ class ListOf:
             items = _items(value)
         except _Rejected:
             raise _Rejected(self.kind, value) from None
-        try:
-            out = [self.item.parse(v) for v in items]
-        except _Rejected:
-            raise _Rejected(self.accepts, value) from None
+        refused = []
+        out = []
+        for v in items:
+            try:
+                out.append(self.item.parse(v))
+            except _Rejected:
+                refused.append(v)
+        if refused:
+            raise _Rejected(self.accepts, value, f"unknown {refused!r}" if isinstance(self.item, Choice) else "")
         if self.unique and len(set(out)) != len(out):
             raise _Rejected(self.accepts, value)
         return out
@@ -302,7 +310,7 @@ OPTION_TYPES: Dict[str, Any] = {
     "lr_dec_epoch": ListOf(COUNT, "[30, 32]", "epochs (integers >= 0)"), "end_epoch": POSITIVE_INT,
     "lr": POSITIVE, "lr_dec_factor": POSITIVE, "train_batch_size": POSITIVE_INT,
     "loss_penet_r_weight": WEIGHT, "loss_penet_nr_weight": WEIGHT, "loss_lap_weight": WEIGHT,
-    "pose_source": Choice(POSE_SOURCES),
+    "pose_source": Choice(POSE_SOURCES, as_list=True),
     "correctives": ListOf(Choice(CORRECTIVES), "[skeleton, pose]", "some of " + ", ".join(CORRECTIVES), unique=True),
     "keep_last": COUNT, "keep_every": COUNT,
     "test_batch_size": POSITIVE_INT,
@@ -471,7 +479,9 @@ def parse_option(name: str, value: Any, source: str = "code") -> Any:
         return kind.parse(value)
     except _Rejected as refused:
         text = f"{source}: option '{name}' expects {refused.expected}, got {shown(_as_given(value))}"
-        if refused.expected != kind.accepts:
+        if refused.detail:
+            text += f" ({refused.detail})"
+        elif refused.expected != kind.accepts:
             text += f" (it accepts {kind.accepts})"
         raise ConfigError(text) from None
 
