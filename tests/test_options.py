@@ -79,15 +79,19 @@ def test_yaml_syntax_errors_in_the_projects_words(tmp_path):
     path.write_text("resnet_type: 18\n\tlr: 1e-3\n")
     with pytest.raises(ConfigError) as err:
         Config().update_from_yaml(path)
-    assert str(err.value) == (f"{path}:2: not valid YAML: a tab (column 1); tabs are not allowed in YAML: "
+    assert str(err.value) == (f"{path}: not valid YAML: line 2, column 1: a tab; tabs are not allowed in YAML: "
                               "indent with spaces")
     path.write_text("resnet_type: 18\n  lr: 1e-3\n")
-    with pytest.raises(ConfigError, match=r"c.yaml:2: not valid YAML: a ':' where none can be \(column 5\): is this "
-                                          r"line indented deeper than the one before"):
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: line 2, column 5: a ':' where none can be: is "
+                                          r"this line indented deeper than the one before"):
         Config().update_from_yaml(path)
     path.write_text("lr_dec_epoch: [3, 4\nlr: 1e-3\n")
-    with pytest.raises(ConfigError, match=r"c.yaml:2: not valid YAML: expected ',' or '\]' \(column 3\) in the "
-                                          r"'\[' opened at line 1, column 15 \(a missing '\]'\?\)"):
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: line 2, column 3: expected ',' or '\]' in the "
+                                          r"'\[' opened at line 1, column 15 \(a missing '\]'\?\)$"):
+        Config().update_from_yaml(path)
+    path.write_text("lr_dec_epoch: [3, 4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: line 1, column 15: this '\[' is never closed "
+                                          r"with '\]'$"):
         Config().update_from_yaml(path)
 
 

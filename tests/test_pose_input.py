@@ -92,15 +92,16 @@ def test_the_demo_prints_warnings_as_warnings(tmp_path):
 
 @pytest.mark.parametrize("content, needle", [
     ("index1: [0, 0, 30]\n\tmiddle1: [0, 0, 1]\n",
-     "p.yaml:2: not valid YAML: a tab (column 1); tabs are not allowed in YAML: indent with spaces"),
+     "p.yaml: not valid YAML: line 2, column 1: a tab; tabs are not allowed in YAML: indent with spaces"),
     ("index1: [0, 0, 30]\n  middle1: [0, 0, 1]\n",
-     "p.yaml:2: not valid YAML: this line is indented differently from the entries above it (column 3)"),
+     "p.yaml: not valid YAML: line 2, column 3: this line is indented differently from the entries above it"),
     ("index1: [0, 0, 30\nmiddle1: [0, 0, 1]\n",
-     "p.yaml:2: not valid YAML: expected ',' or ']' (column 8) in the '[' opened at line 1, column 9"),
+     "p.yaml: not valid YAML: line 2, column 8: expected ',' or ']' in the '[' opened at line 1, column 9"),
+    ("index1: [0, 0, 30\n", "p.yaml: not valid YAML: line 1, column 9: this '[' is never closed with ']'"),
     ("index1: [0, 0, 30]\nmiddle1 [0, 0, 1]\nring1: [0, 0, 1]\n",
-     "p.yaml:2: not valid YAML: expected 'name: value' on this line: is its ':' (or the space after it) missing?"),
+     "p.yaml: not valid YAML: line 2: expected 'name: value': is the ':' (or the space after it) missing?"),
     ("index1: [0, 0, 30]\nmiddle1:[0, 0, 1]\n",
-     "p.yaml:2: not valid YAML: expected 'name: value' on this line: is its ':' (or the space after it) missing?"),
+     "p.yaml: not valid YAML: line 2: expected 'name: value': is the ':' (or the space after it) missing?"),
 ])
 def test_yaml_errors_in_the_projects_words(default_hand, tmp_path, capsys, content, needle):
     path = tmp_path / "p.yaml"

@@ -10,8 +10,9 @@ as editors number them: ``\\n`` ends a line (a ``\\r`` before it is dropped).
 that a problem with one entry can name its line) and the keys given more than once. YAML is read
 with :class:`YamlLoader`: PyYAML's safe loader with numbers as people write them (YAML 1.2's
 forms: ``1e-3``, ``1E-3``, ``.5``, ``5.``, ``1_000``; ``010`` is ten, not eight, and ``1:30`` is
-text, not ninety). :func:`yaml_error_message` words a YAML syntax error for the user: file, line,
-what is wrong and what to do (``tabs are not allowed in YAML; indent with spaces``).
+text, not ninety). :func:`yaml_error_message` words a YAML syntax error for the user: the file, the
+line and column, what is wrong and what to do (``p.yaml: not valid YAML: line 2, column 1: a tab;
+tabs are not allowed in YAML: indent with spaces``).
 """
 from __future__ import annotations
 
@@ -139,69 +140,67 @@ def key_lines_yaml(text: str) -> Tuple[object, Dict[str, int]]:
     return data, lines
 
 
-def _yaml_problem(err: yaml.YAMLError) -> Tuple[Optional[int], str]:
-    """``(line or None, what is wrong and what to do)`` of a PyYAML error, in the project's words."""
+def _yaml_problem(err: yaml.YAMLError) -> Tuple[str, str]:
+    """``(where, what is wrong and what to do)`` of a PyYAML error, in the project's words;
+    ``where`` is ``'line L, column C'`` (or ``''`` when PyYAML gives no place)."""
     problem = " ".join(str(getattr(err, "problem", None) or err).split())
     context = " ".join(str(getattr(err, "context", None) or "").split())
     mark = getattr(err, "problem_mark", None)
     opened = getattr(err, "context_mark", None)
-    line = mark.line + 1 if mark is not None else None
-    column = f" (column {mark.column + 1})" if mark is not None else ""
+    at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     opened_at = f"line {opened.line + 1}, column {opened.column + 1}" if opened is not None else "above"
     if "found character '\\t'" in problem:  # PyYAML shows the tab as backslash-t
-        return line, f"a tab{column}; tabs are not allowed in YAML: indent with spaces"
+        return at, "a tab; tabs are not allowed in YAML: indent with spaces"
     found_char = re.search(r"found character '(.+?)' that cannot start any token", problem)
     if found_char:
-        return line, (f"'{found_char.group(1)}'{column} cannot start a value; put the value in quotes "
-                      f"(e.g. \"{found_char.group(1)}...\")")
+        return at, f"'{found_char.group(1)}' cannot start a value; put the value in quotes (\"{found_char.group(1)}...\")"
     if "expected <block end>, but found '<block mapping start>'" in problem:
-        return line, (f"this line is indented differently from the entries above it{column}; "
-                      "entries of one mapping start in the same column (indent with spaces)")
+        return at, ("this line is indented differently from the entries above it; entries of one mapping "
+                    "start in the same column (indent with spaces)")
     if "expected <block end>" in problem:
-        return line, (f"this line does not continue what is above it{column}: entries of one level start "
-                      "in the same column, and a level is either a list ('- item') or a mapping ('name: value')")
+        return at, ("this line does not continue what is above it: entries of one level start in the same "
+                    "column, and a level is either a list ('- item') or a mapping ('name: value')")
     bracket = re.search(r"expected ',' or '([\]}])', but got '(.+?)'", problem)
     if bracket:
         close = bracket.group(1)
         open_ = "[" if close == "]" else "{"
         if bracket.group(2) == "<stream end>":
-            return line, f"the '{open_}' opened at {opened_at} is never closed with '{close}'"
-        return line, (f"expected ',' or '{close}'{column} in the '{open_}' opened at {opened_at} "
-                      f"(a missing '{close}'?)")
+            return (opened_at if opened is not None else at), f"this '{open_}' is never closed with '{close}'"
+        return at, f"expected ',' or '{close}' in the '{open_}' opened at {opened_at} (a missing '{close}'?)"
     if "mapping values are not allowed here" in problem:
-        return line, (f"a ':' where none can be{column}: is this line indented deeper than the one before "
-                      "(entries of one mapping start in the same column), or is the ':' of the line before "
-                      "missing? Quote a value that holds ': '")
+        return at, ("a ':' where none can be: is this line indented deeper than the one before (entries of "
+                    "one mapping start in the same column), or is the ':' of the line before missing? "
+                    "Quote a value that holds ': '")
     if "could not find expected ':'" in problem:
         if opened is not None:  # the entry that lacks its ':' starts there
-            return opened.line + 1, "expected 'name: value' on this line: is its ':' (or the space after it) missing?"
-        return line, f"expected 'name: value'{column}: is the ':' missing, or the line wrongly indented?"
+            return f"line {opened.line + 1}", "expected 'name: value': is the ':' (or the space after it) missing?"
+        return at, "expected 'name: value': is the ':' missing, or the line wrongly indented?"
     if "end of stream" in problem and "quoted scalar" in context:
-        return line, f"the quote opened at {opened_at} is never closed"
+        return (opened_at if opened is not None else at), "this quote is never closed"
     alias = re.search(r"found undefined alias '(.*?)'", problem)
     if alias:
-        return line, (f"'*{alias.group(1)}'{column} refers to no anchor '&{alias.group(1)}'; "
-                      "quote a value that starts with '*'")
+        return at, f"'*{alias.group(1)}' refers to no anchor '&{alias.group(1)}'; quote a value that starts with '*'"
     if "but found another document" in problem:
-        return line, "a second document ('---'); the file holds one mapping"
-    return line, f"{problem}{column}" + (f" ({context})" if context else "")
+        return at, "a second document ('---'); the file holds one mapping"
+    return at, problem + (f" ({context})" if context else "")
 
 
 def yaml_error_message(path: os.PathLike | str, err: BaseException, kind: str = "YAML") -> str:
-    """One line for a file that does not parse: ``path:line: not valid YAML: <what, hint>``.
+    """One line for a file that does not parse: ``path: not valid YAML: line L, column C: <what,
+    hint>`` (``not valid JSON`` with ``kind='JSON'``).
 
-    ``err``: a ``yaml.YAMLError`` (worded by the table above, with the line), a
-    ``json.JSONDecodeError`` (with ``kind='JSON'``), or another error of the parser (a date
-    ``2001-13-45``, a 5000-digit integer; no line known), given in its own words."""
+    ``err``: a ``yaml.YAMLError`` (worded by the table above), a ``json.JSONDecodeError``, or
+    another error of the parser (a date ``2001-13-45``, a 5000-digit integer; no place known),
+    given in its own words."""
     if isinstance(err, yaml.YAMLError):
-        line, text = _yaml_problem(err)
+        at, text = _yaml_problem(err)
     elif isinstance(err, json.JSONDecodeError):
-        line, text = err.lineno, f"{err.msg} (column {err.colno})"
+        at, text = f"line {err.lineno}, column {err.colno}", err.msg
     elif isinstance(err, RecursionError):
-        line, text = None, "nested too deeply"
+        at, text = "", "nested too deeply"
     else:
-        line, text = None, " ".join(str(err).split())
-    return f"{path}{f':{line}' if line else ''}: not valid {kind}: {text}"
+        at, text = "", " ".join(str(err).split())
+    return f"{path}: not valid {kind}: {at + ': ' if at else ''}{text}"
 
 
 def key_lines_json(text: str, data: object) -> Dict[str, int]:
