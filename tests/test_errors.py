@@ -67,6 +67,7 @@ SCRIPTS = [
      "study_options"),
     ("data.make_synthetic", ["--out", "{tmp}"], "generate"),
     ("data.show_sample", ["--data", "{tmp}", "--out", "{tmp}/s.png"], "show_sample"),
+    ("common.utils.default_hand", ["--out", "{tmp}/hand"], "make_default_hand"),
 ]
 
 

@@ -54,45 +54,45 @@ def test_training_keeps_what_the_options_say(tiny_set, tmp_path):
 
 
 def test_a_failed_write_never_costs_the_snapshot_a_resume_needs(tiny_set, tmp_path, monkeypatch, capsys):
-    """The disk fills while epoch 2's snapshot is written: epoch 1's stays whole (retention runs only
-    after a snapshot is safely in place), the run ends with one line and exit code 2, and
-    --continue resumes from epoch 1."""
+    """The disk fills while epoch 1's snapshot is written: with keep_last=1, epoch 0's stays whole
+    (retention runs only after a snapshot is safely in place), the run ends with one line and exit
+    code 2, and --continue resumes from epoch 0."""
     out = tmp_path / "out"
-    args = tiny_args(tiny_set, out) + ONE_ITERATION + ["--set", "keep_last=1", "--end_epoch", "3"]
+    args = tiny_args(tiny_set, out) + ONE_ITERATION + ["--set", "keep_last=1", "--end_epoch", "2"]
     real_save = torch.save
     calls = []
 
-    def disk_full_at_epoch_2(obj, fp, *a, **k):
+    def disk_full_at_epoch_1(obj, fp, *a, **k):
         calls.append(obj["epoch"])
-        if obj["epoch"] == 2:
+        if obj["epoch"] == 1:
             fp.write(b"half a snapshot")
             raise OSError(28, "No space left on device")
         return real_save(obj, fp, *a, **k)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full_at_epoch_2)
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full_at_epoch_1)
     assert train_script.main(args) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if " error: " in line]
-    assert len(lines) == 1 and lines[0].endswith("snapshot_2.pth.tar: cannot write (No space left on device)"), err
-    assert calls == [0, 1, 2] and snapshot_names(out) == ["snapshot_1.pth.tar"]  # no .tmp left either
-    assert read_checkpoint(out / "model_dump" / "subject_4" / "snapshot_1.pth.tar")["epoch"] == 1
+    assert len(lines) == 1 and lines[0].endswith("snapshot_1.pth.tar: cannot write (No space left on device)"), err
+    assert calls == [0, 1] and snapshot_names(out) == ["snapshot_0.pth.tar"]  # no .tmp left either
+    assert read_checkpoint(out / "model_dump" / "subject_4" / "snapshot_0.pth.tar")["epoch"] == 0
 
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert train_script.main(args + ["--continue"]) == 0
-    assert snapshot_names(out) == ["snapshot_2.pth.tar"]
-    assert "snapshot_1.pth.tar" in (out / "log" / "train_logs.txt").read_text().split("--continue")[-1]
+    assert snapshot_names(out) == ["snapshot_1.pth.tar"]  # written, then epoch 0's deleted
+    assert "snapshot_0.pth.tar" in (out / "log" / "train_logs.txt").read_text().split("--continue")[-1]
 
 
-def test_a_new_run_over_an_earlier_runs_snapshots_warns(tiny_set, tmp_path, caplog):
+def test_a_new_run_over_an_earlier_runs_snapshots_warns(tiny_set, tmp_path):
     out = tmp_path / "out"
-    args = tiny_args(tiny_set, out) + ONE_ITERATION + ["--end_epoch", "2"]
+    args = tiny_args(tiny_set, out) + ONE_ITERATION + ["--end_epoch", "1"]
     assert train_script.main(args) == 0
     assert "earlier run" not in (out / "log" / "train_logs.txt").read_text()
-    assert train_script.main(args[:-1] + ["1"]) == 0
+    assert train_script.main(args) == 0
     log = (out / "log" / "train_logs.txt").read_text().split("train.py")[-1]
     folder = out / "model_dump" / "subject_4"
-    assert (f"WARNING deephandmesh: {folder} already holds 2 snapshot(s) of an earlier run (epochs 0 to 1). "
+    assert (f"WARNING deephandmesh: {folder} already holds 1 snapshot(s) of an earlier run (epochs 0 to 0). "
             "This new run (no --continue) writes over them") in log
     assert "--set output_dir=" in log and "add --continue" in log
-    assert train_script.main(args[:-1] + ["3", "--continue"]) == 0  # resuming it: no warning
+    assert train_script.main(args[:-1] + ["2", "--continue"]) == 0  # resuming it: no warning
     assert "earlier run" not in (out / "log" / "train_logs.txt").read_text().split("train.py")[-1]
