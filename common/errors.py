@@ -51,8 +51,8 @@ def print_error(line: str) -> None:
 
 def exit_code(action: Callable[[], Optional[int]], report: Callable[[str], None] = print_error) -> int:
     """Run a script's work: ``action()``'s exit code (an int; anything else, such as None or the
-    path it wrote, counts as 0), or, when it raises a
-    :class:`DeepHandMeshError`, ``report('error: <message>')`` and :data:`USER_ERROR_EXIT_CODE`.
+    path it wrote, counts as 0), or, when it raises a :class:`DeepHandMeshError`,
+    ``report('error: <message>')`` and :data:`USER_ERROR_EXIT_CODE`.
 
     Every other exception propagates: it is a bug, and its traceback is what a report needs.
 
