@@ -17,6 +17,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from common.utils.io import cannot_write, make_folder
+
 LOGGER_NAME = "deephandmesh"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONSOLE_FORMAT = "%(asctime)s %(message)s"
@@ -66,8 +68,11 @@ def setup_logging(log_dir: Optional[str | os.PathLike] = None, log_name: str = "
     root.setLevel(level)
     if log_dir is not None:
         path = Path(log_dir) / log_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        make_folder(path.parent)
+        try:
+            file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        except OSError as err:
+            raise cannot_write(path, err) from None
         file_handler.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
         setattr(file_handler, _MARK, True)
         root.addHandler(file_handler)

@@ -81,6 +81,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from common.errors import DeepHandMeshError, FileFormatError, MissingFileError, OptionError
 from common.utils.io import atomic_write_text
 from common.utils.safe_pickle import load_depthmap
 from common.utils.textio import read_text, shown, text_lines
@@ -119,11 +120,13 @@ COLOUR_CAMERA_PREFIX = "40"
 IMAGE_RE = re.compile(r"^image(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
-class DataFormatError(ValueError):
-    """A KRT or keypoint file that cannot be parsed; the message names the file and line."""
+class DataFormatError(FileFormatError):
+    """A data folder's file that cannot be used (a KRT or keypoint file that cannot be parsed, a
+    camera file without colour cameras, an image folder without images); the message names the
+    file (and line)."""
 
 
-class SampleError(RuntimeError):
+class SampleError(DeepHandMeshError, RuntimeError):
     """One sample could not be built; the message starts with the offending file's path.
 
     Raised in a ``DataLoader`` worker, torch re-raises it in the main process as
@@ -207,7 +210,7 @@ def read_krt(path: os.PathLike | str) -> Dict[str, Dict[str, np.ndarray]]:
     try:
         lines = text_lines(read_text(path, DataFormatError, "camera file", MAX_KRT_BYTES))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: camera file not found") from None
+        raise MissingFileError(f"{path}: camera file not found") from None
 
     cams: Dict[str, Dict[str, np.ndarray]] = {}
     i, n = 0, len(lines)
@@ -293,7 +296,7 @@ def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, 
     try:
         text = read_text(path, DataFormatError, "keypoint file", MAX_PTS_BYTES)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: keypoint file not found") from None
+        raise MissingFileError(f"{path}: keypoint file not found") from None
     points: Dict[int, Tuple[np.ndarray, float, float]] = {}
     for number, line in enumerate(text_lines(text), 1):
         tokens = line.split()
@@ -336,7 +339,7 @@ def pts_to_model_index(joint_names: Sequence[str]) -> np.ndarray:
         hits = [j for j, n in enumerate(names) if n in (HAND_PREFIX + pts_name, pts_name)]
         if len(hits) != 1:
             found = "none" if not hits else f"{len(hits)}"
-            raise ValueError(f"the hand model needs exactly one joint named "
+            raise FileFormatError(f"the hand model needs exactly one joint named "
                              f"'{HAND_PREFIX}{pts_name}' for keypoint {k}, found {found}; "
                              f"its joints are: {', '.join(names)}")
         index[k] = hits[0]
@@ -354,7 +357,7 @@ def hand_model_pts_index(hand_model) -> np.ndarray:
         if source is None:
             raise
         where = source if str(source).startswith("<") else Path(source) / "skeleton.txt"
-        raise ValueError(f"{where}: {err}") from None
+        raise FileFormatError(f"{where}: {err}") from None
 
 
 def read_pts(path: os.PathLike | str, joint_names: Sequence[str],
@@ -594,9 +597,9 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("stop", "skip"):
-            raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+            raise OptionError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
         if render_view_num < 1:
-            raise ValueError(f"render_view_num must be at least 1, got {render_view_num}")
+            raise OptionError(f"render_view_num must be at least 1, got {render_view_num}")
         self.data_dir = Path(data_dir)
         self.subject = int(subject)
         self.mode = mode
@@ -617,16 +620,16 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         self.keypoint_dir = self.data_dir / "annotations" / "keypoints" / subject_dir
         self.depthmap_dir = self.data_dir / "annotations" / "depthmaps" / subject_dir
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"{self.image_dir}: image folder not found")
+            raise MissingFileError(f"{self.image_dir}: image folder not found")
 
         # cameras
         krt = read_krt(self.krt_path)
         self.cameras: List[str] = [c for c in krt if c.startswith(COLOUR_CAMERA_PREFIX)]
         if not self.cameras:
-            raise ValueError(f"{self.krt_path}: no colour camera (name starting with "
+            raise DataFormatError(f"{self.krt_path}: no colour camera (name starting with "
                              f"'{COLOUR_CAMERA_PREFIX}') among {len(krt)} camera(s)")
         if self.render_view_num > len(self.cameras):
-            raise ValueError(f"{self.krt_path}: only {len(self.cameras)} colour camera(s), fewer "
+            raise DataFormatError(f"{self.krt_path}: only {len(self.cameras)} colour camera(s), fewer "
                              f"than render_view_num={self.render_view_num}")
         self.camrot = np.stack([krt[c]["camrot"] for c in self.cameras]).astype(np.float32)
         self.campos = np.stack([krt[c]["campos"] for c in self.cameras]).astype(np.float32)
@@ -639,7 +642,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         holdout = list(holdout_sequences)
         unknown = [s for s in holdout if s not in sequences]
         if unknown:
-            raise ValueError(f"holdout_sequences {unknown} are not among the selected sequences "
+            raise OptionError(f"holdout_sequences {unknown} are not among the selected sequences "
                              f"of {self.image_dir}: {sequences}")
         if holdout:
             sequences = [s for s in sequences if (s in holdout) == (mode == "test")]
@@ -659,7 +662,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
                         frames.setdefault(int(match.group(1)), name)
                 samples.extend((si, ci, f, frames[f]) for f in sorted(frames))
         if not samples:
-            raise ValueError(f"{self.image_dir}: no image of a colour camera in sequences "
+            raise DataFormatError(f"{self.image_dir}: no image of a colour camera in sequences "
                              f"{self.sequences} (of {found})")
         self._samples = samples
         self._skips = _SkipCounter()
@@ -838,9 +841,9 @@ def _image_shape(value, what: str) -> Tuple[int, int]:
     try:
         h, w = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be (height, width), got {value!r}") from None
+        raise OptionError(f"{what} must be (height, width), got {value!r}") from None
     if h < 1 or w < 1:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+        raise OptionError(f"{what} must be positive, got {value!r}")
     return h, w
 
 

@@ -12,9 +12,22 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from common.errors import FileFormatError
 from main.config import ConfigError
 
 log = logging.getLogger("deephandmesh")
+
+
+def read_arrays(path: Path, names: Tuple[str, ...]) -> Tuple[np.ndarray, ...]:
+    """The named arrays of an ``.npz`` file (no pickles); a :class:`FileFormatError` naming the file
+    when it cannot be read or lacks one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return tuple(np.asarray(data[name]) for name in names)
+    except Exception as err:  # noqa: BLE001 - a damaged file raises BadZipFile, KeyError, ValueError, OSError...
+        text = " ".join(str(err).split())[:300]
+        raise FileFormatError(f"{path}: expected an .npz file with arrays {', '.join(names)} "
+                              f"({type(err).__name__}: {text})") from None
 
 
 def load_gt_poses(data_dir, joint_num: int) -> Dict[int, np.ndarray]:
@@ -54,8 +67,7 @@ def load_gt_meshes(data_dir, vertex_num: int) -> Optional[Dict[int, np.ndarray]]
     path = Path(data_dir) / "gt" / "frames.npz"
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        frames, verts = data["frame"], data["vertices"]
+    frames, verts = read_arrays(path, ("frame", "vertices"))
     if verts.ndim != 3 or verts.shape[1] != vertex_num:
         log.warning("%s: ground-truth meshes of %s vertices do not match the hand model's %d; "
                     "no mesh error", path, verts.shape[1:2], vertex_num)
@@ -70,8 +82,7 @@ def load_gt_identity(data_dir, vertex_num: int, joint_num: int) -> Optional[Tupl
     path = Path(data_dir) / "gt" / "identity.npz"
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        gt_id, gt_skeleton = data["id_corrective"], data["skeleton_offset"]
+    gt_id, gt_skeleton = read_arrays(path, ("id_corrective", "skeleton_offset"))
     if gt_id.shape != (vertex_num, 3) or gt_skeleton.shape != (joint_num, 3):
         log.warning("%s: shapes %s, %s do not match the hand model; no identity metrics",
                     path, gt_id.shape, gt_skeleton.shape)

@@ -31,6 +31,7 @@ ground truth renders them back exactly. The output depends only on the options a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import pickle
@@ -50,7 +51,8 @@ from common.renderer.depth_renderer import DepthRenderer, project_points  # noqa
 from common.utils.hand_model import HandModel, save_hand_model  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.kinematics import pose_hand  # noqa: E402
-from common.utils.io import atomic_write_bytes  # noqa: E402
+from common.errors import exit_code  # noqa: E402
+from common.utils.io import atomic_write_bytes, make_folder  # noqa: E402
 from common.utils.vis import paint_mesh  # noqa: E402
 from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine, write_krt, write_pts  # noqa: E402
 
@@ -236,6 +238,13 @@ def render_image(vertices: np.ndarray, faces: np.ndarray, cam, kspace_hw, image_
     return cv2.resize(big, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_AREA)
 
 
+def npz_bytes(**arrays) -> bytes:
+    """The bytes of ``np.savez(file, **arrays)`` (written with :func:`atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def parse_hw(text: str):
     try:
         h, w = (int(x) for x in text.lower().split("x"))
@@ -260,7 +269,7 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
     out = Path(out)
     save_hand_model(hand_model, out / "hand_model")
     cams = dome_cameras(cameras, original_img_shape, rng)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    make_folder(out / "annotations")
     write_krt(out / "annotations" / "KRT_512", cams)
     skeleton_offset, id_corrective = make_identity(hand_model, rng, skeleton_mm, identity_mm)
     bulge = BulgeCorrective(hand_model)
@@ -302,7 +311,7 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
                 atomic_write_bytes(pkl, pickle.dumps(depth[n], protocol=2))
             valid = rng.uniform(size=hand_model.joint_num) >= drop_keypoints
             pts = out / "annotations" / "keypoints" / f"subject_{subject}" / f"keypoints{frame:04d}.pts"
-            pts.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(pts.parent)
             write_pts(pts, joints, valid, hand_model.joint_names, score=1.0, num_views=cameras)
             for key, value in (("frame", frame), ("sequence", seq), ("euler", euler[0]), ("root", root),
                                ("joints", joints), ("vertices", verts)):
@@ -310,9 +319,8 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
             bar.update(1)
     bar.close()
     gt = out / "gt"
-    gt.mkdir(parents=True, exist_ok=True)
-    np.savez(gt / "identity.npz", skeleton_offset=skeleton_offset, id_corrective=id_corrective)
-    np.savez(gt / "frames.npz", **{k: np.asarray(v) for k, v in record.items()})
+    atomic_write_bytes(gt / "identity.npz", npz_bytes(skeleton_offset=skeleton_offset, id_corrective=id_corrective))
+    atomic_write_bytes(gt / "frames.npz", npz_bytes(**{k: np.asarray(v) for k, v in record.items()}))
     meta = {"seed": seed, "subject": subject, "sequences": seq_names, "frames_per_sequence": frames,
             "cameras": list(cams), "original_img_shape": list(original_img_shape),
             "image_hw": list(image_hw), "depth_hw": list(depth_hw),
@@ -352,20 +360,17 @@ def main(argv=None) -> int:
     for name in ("sequences", "frames", "cameras"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    from common.utils.hand_model import HandModelError
+    return exit_code(lambda: make_set(args))
 
-    try:
-        hand = resolve_hand_model(args.hand_model)
-    except HandModelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def make_set(args) -> None:
+    hand = resolve_hand_model(args.hand_model)
     meta = generate(Path(args.out), hand, args.seed, args.sequences, args.frames, args.cameras,
                     args.image_size, args.depth_size, args.subject, args.drop_keypoints,
                     skeleton_mm=args.skeleton_mm, identity_mm=args.identity_mm,
                     original_img_shape=args.original_img_shape)
     print(f"wrote {args.sequences * args.frames} frames × {args.cameras} cameras to {args.out} "
           f"(ground truth in {Path(args.out) / 'gt'}; seed {meta['seed']})")
-    return 0
 
 
 if __name__ == "__main__":

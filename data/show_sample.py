@@ -23,10 +23,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.renderer.depth_renderer import DepthRenderer, project_points  # noqa: E402
-from common.utils.hand_model import HandModelError, is_hand_model_folder, load_hand_model  # noqa: E402
+from common.errors import OptionError, exit_code  # noqa: E402
+from common.utils.hand_model import is_hand_model_folder, load_hand_model  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
-from data.dataset import ORIGINAL_IMG_SHAPE, DataFormatError, DeepHandMeshDataset, SampleError  # noqa: E402
+from data.dataset import ORIGINAL_IMG_SHAPE, DeepHandMeshDataset  # noqa: E402
 from data.make_synthetic import parse_hw  # noqa: E402
 
 DIFF_FULL_SCALE_MM = 5.0
@@ -82,7 +83,7 @@ def show_sample(data_dir: Path, index: int, subject: int = 4, size: int = 128, v
                                   input_img_shape=(size, size), rendered_img_shape=(size, size),
                                   render_view_num=views, original_img_shape=original_img_shape)
     if not 0 <= index < len(dataset):
-        raise IndexError(f"--index {index}: the data set has {len(dataset)} samples (0..{len(dataset) - 1})")
+        raise OptionError(f"--index {index}: the data set has {len(dataset)} samples (0..{len(dataset) - 1})")
     sample = dataset.load_sample(index)
     cams = {k: sample[k][None].double() for k in ("camrot", "campos", "focal", "princpt", "affine")}
     joints = sample["joint_world"][None].double()
@@ -131,15 +132,14 @@ def main(argv=None) -> int:
     parser.add_argument("--original_img_shape", type=parse_hw, default=ORIGINAL_IMG_SHAPE,
                         help="HxW of the cameras' pixel space (that of KRT_512; default 512x334)")
     args = parser.parse_args(argv)
-    try:
-        img = show_sample(Path(args.data), args.index, args.subject, args.size, args.views,
-                          original_img_shape=args.original_img_shape)
-        save_image(args.out, img)
-    except (HandModelError, DataFormatError, SampleError, IndexError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: write_sample(args))
+
+
+def write_sample(args) -> None:
+    img = show_sample(Path(args.data), args.index, args.subject, args.size, args.views,
+                      original_img_shape=args.original_img_shape)
+    save_image(args.out, img)
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

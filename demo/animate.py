@@ -32,7 +32,9 @@ from common.utils.hand_model import HandModel  # noqa: E402
 from common.utils.io import atomic_write_bytes  # noqa: E402
 from common.utils.pose_io import preset_names  # noqa: E402
 from common.utils.vis import VIEWS, fit_views  # noqa: E402
-from demo.demo import add_model_args, check_model_args, decode_pose, load_model, render_pose, run_cli  # noqa: E402
+from common.errors import OptionError, exit_code  # noqa: E402
+from demo.demo import (add_model_args, check_model_args, decode_pose, load_model, render_pose,  # noqa: E402
+                       setup_console_logging, warn_beyond_limits)
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
 
 FORMATS = (".gif", ".mp4", ".glb")
@@ -155,9 +157,9 @@ def render_frames(hand_model: HandModel, model, device, keyframes_deg: np.ndarra
 def check_format(path: Path, image_size: int, panels: int) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"--out {path}: expected a .gif, .mp4 or .glb file")
+        raise OptionError(f"--out {path}: expected a .gif, .mp4 or .glb file")
     if suffix == ".mp4" and (image_size % 2 or (image_size * panels) % 2):
-        raise ValueError(f"--size {image_size}: an MP4 needs an even frame size")
+        raise OptionError(f"--size {image_size}: an MP4 needs an even frame size")
     return suffix
 
 
@@ -215,6 +217,8 @@ def run(args) -> Path:
     print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
     print(ckpt_text)
     keyframes = np.stack([pose_degrees(hand_model, pose) for pose in args.poses])
+    for pose, degrees in zip(args.poses, keyframes):
+        warn_beyond_limits(hand_model, degrees, f"--poses {pose}")
     if suffix == ".glb":
         return write_glb(args, out, hand_model, model, ckpt_text, keyframes)
     frames = render_frames(hand_model, model, device, keyframes, frames_per_pose(args.seconds_per_pose, args.fps),
@@ -237,7 +241,9 @@ def write_glb(args, out: Path, hand_model, model, ckpt_text: str, keyframes: np.
 
 
 def main(argv=None) -> int:
-    return run_cli(run, parse_args(argv))
+    setup_console_logging()
+    args = parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

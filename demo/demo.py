@@ -6,7 +6,10 @@
     python demo/demo.py --hand_model data/hand_model --euler index1=0,0,45
 
 Writes ``mesh.obj`` (v in mm, the template's vt, f v/vt), ``joints.txt`` (name x y z in mm)
-and ``render.png`` into ``--out`` (default ``output/demo``).
+and ``render.png`` into ``--out`` (default ``output/demo``). Any snapshot of this project or of the
+original decodes, whatever its backbone: only the decoder's weights are read. Bad input (a pose, a
+hand model, a snapshot for another hand) ends with a one-line message and exit code 2; a pose that
+looks wrong (radians, a joint given twice, beyond the joint limits) is decoded with a warning.
 """
 from __future__ import annotations
 
@@ -22,17 +25,36 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.utils.checkpoint import CheckpointError, load_decoder_checkpoint  # noqa: E402
+from common.errors import exit_code  # noqa: E402
+from common.utils.checkpoint import load_decoder_checkpoint  # noqa: E402
 from common.utils.device import select_device  # noqa: E402
-from common.utils.hand_model import HandModelError, save_obj  # noqa: E402
-from common.utils.io import atomic_write_text  # noqa: E402
+from common.utils.hand_model import save_obj  # noqa: E402
+from common.utils.io import atomic_write_text, make_folder  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
-from common.utils.pose_io import PoseError, build_pose, preset_names  # noqa: E402
+from common.utils.pose_io import build_pose, preset_names  # noqa: E402
 from common.utils.vis import render_mesh, save_image  # noqa: E402
-from main.config import ConfigError, cfg  # noqa: E402
-from main.model import get_model  # noqa: E402
+from demo.joint_limits import joint_limits_deg, limit_violations  # noqa: E402
+from main.config import cfg  # noqa: E402
+from main.model import get_decoder, get_model  # noqa: E402,F401 - get_model: callers of demo.get_model
 
 DEFAULT_POSE = "original"
+log = logging.getLogger("deephandmesh")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Messages as they are; warnings and errors prefixed ``warning:`` / ``error:``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def setup_console_logging() -> None:
+    """The demo scripts' console: information on stderr as plain lines, warnings prefixed (the
+    training scripts have :func:`common.logger.setup_logging` instead)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +66,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test_epoch", type=int, help="with --subject: the snapshot's epoch")
     parser.add_argument("--gpu", dest="gpu_ids", help="GPU id; the CPU when absent or no GPU exists")
     parser.add_argument("--resnet_type", type=int, default=cfg.resnet_type,
-                        help="backbone depth of the checkpoint (only its decoder is used here)")
+                        help="ignored, kept for old command lines: decoding reads no backbone weights, "
+                             "so a snapshot of any ResNet depth loads")
 
 
 def check_model_args(parser: argparse.ArgumentParser, args) -> None:
@@ -86,26 +109,38 @@ def checkpoint_path(args) -> Path | None:
 def load_model(args):
     """The hand model, the decoder (checkpoint loaded or correctives zeroed) and the device.
 
+    The model is :func:`main.model.get_decoder`'s: no encoder and no training objective (renderer,
+    penetration tables, Laplacian), none of which decoding uses.
+
     Returns:
         ``(hand_model, model, device, checkpoint_text)``; ``checkpoint_text`` says which snapshot
-        was loaded, or that the correctives are zero.
+        was loaded and which of its parts decoding does not use, or that the correctives are zero.
     """
     hand_model = resolve_hand_model(args.hand_model)
     device = select_device(args.gpu_ids)
-    config = cfg.copy()
-    config.resnet_type = args.resnet_type
-    model = get_model("test", hand_model, config)
+    model = get_decoder(hand_model, cfg)
     ckpt = checkpoint_path(args)
     if ckpt is None:
         model.zero_correctives()
         text = "no checkpoint given: skeleton and skin correctives are zero (the template as it is)"
     else:
-        info, absent = load_decoder_checkpoint(model, ckpt)
-        text = f"checkpoint: {ckpt} (epoch {info.get('epoch', '?')})"
-        if absent:
-            text += f"\nthe checkpoint holds no {', '.join(absent)}: not used for decoding"
+        loaded = load_decoder_checkpoint(model, ckpt)
+        text = f"checkpoint: {ckpt} (epoch {loaded.ckpt.get('epoch', '?')})"
+        if loaded.ignored:
+            text += f"\nignored (the encoder; decoding does not use it): {', '.join(loaded.ignored)}"
+        if loaded.absent:
+            text += f"\nthe checkpoint holds no {', '.join(loaded.absent)}: not used for decoding"
     model.to(device).eval()
     return hand_model, model, device, text
+
+
+def warn_beyond_limits(hand_model, euler_deg: np.ndarray, what: str) -> None:
+    """Log a warning naming the angles of ``euler_deg [J, 3]`` (degrees) beyond the joint limits of
+    :mod:`demo.joint_limits` (the pose is decoded as given)."""
+    beyond = limit_violations(hand_model, euler_deg, joint_limits_deg(hand_model))
+    if beyond:
+        log.warning("%s: beyond the joint limits of demo/joint_limits.py (decoded as given): %s", what,
+                    "; ".join(beyond))
 
 
 def decode_pose(model, euler: torch.Tensor, device, identity=None) -> tuple:
@@ -127,8 +162,7 @@ def render_pose(hand_model, verts, joints, **kwargs) -> np.ndarray:
 
 def write_outputs(out_dir: Path, hand_model, verts: np.ndarray, joints: np.ndarray) -> None:
     """``mesh.obj``, ``joints.txt`` and ``render.png`` of one posed mesh (``[V, 3]``, ``[J, 3]`` mm)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     save_obj(out_dir / "mesh.obj", verts, hand_model)
     lines = [f"{name} {x!r} {y!r} {z!r}" for name, (x, y, z) in zip(hand_model.joint_names, joints.tolist())]
     atomic_write_text(out_dir / "joints.txt", "\n".join(lines) + "\n")
@@ -139,6 +173,7 @@ def run(args) -> Path:
     hand_model, model, device, ckpt_text = load_model(args)
     print(f"hand model: {hand_model.source} ({hand_model.vertex_num} vertices, {hand_model.joint_num} joints)")
     euler = build_pose(hand_model, args.pose, args.euler)
+    warn_beyond_limits(hand_model, np.degrees(euler[0].double().numpy()), "the pose")
     print(ckpt_text)
     joints, verts = decode_pose(model, euler, device)
     out_dir = Path(args.out)
@@ -147,23 +182,10 @@ def run(args) -> Path:
     return out_dir
 
 
-# Errors of the user's input (files, options): one line, exit code 2, no traceback.
-USER_ERRORS = (HandModelError, CheckpointError, PoseError, ConfigError, ValueError, OSError)
-
-
-def run_cli(run_fn, args) -> int:
-    """``run_fn(args)``; a :data:`USER_ERRORS` error becomes ``error: …`` on stderr and exit code 2."""
-    try:
-        run_fn(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_cli(run, parse_args(argv))
+    setup_console_logging()
+    args = parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Each browser tab has its own pose.
 from __future__ import annotations
 
 import html
+import logging
 import socket
 import sys
 import tempfile
@@ -33,16 +34,18 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common.errors import DeepHandMeshError, exit_code, one_line  # noqa: E402
 from common.utils.hand_model import save_obj  # noqa: E402
 from common.utils.pose_io import PoseError, preset_names  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from demo import animate, export  # noqa: E402
-from demo.demo import (USER_ERRORS, check_model_args, decode_pose, load_model, model_and_pose_parser,  # noqa: E402
-                       render_pose)
+from demo.demo import (check_model_args, decode_pose, load_model, model_and_pose_parser, render_pose,  # noqa: E402
+                       setup_console_logging)
 from demo.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, pose_degrees,  # noqa: E402
                             pose_yaml, random_pose, read_uploaded_pose, tidy)
 
+log = logging.getLogger("deephandmesh")
 DEFAULT_POSE = "open"
 PRESET_ORDER = ("original", "open", "fist", "point", "ok")
 # The hand's own frame (x wrist → fingers, y out of the palm, z towards the thumb) in the page's
@@ -54,7 +57,7 @@ SKIN_RGB = (215, 170, 135)
 SLIDER_STEP = 0.1
 
 
-class EditorError(RuntimeError):
+class EditorError(DeepHandMeshError, RuntimeError):
     """The editor cannot start (e.g. the port is taken); the message says what to do."""
 
 
@@ -350,11 +353,15 @@ class Session:
             self.client.add_notification("Not done", text, color="red", auto_close_seconds=10.0)
 
     def _guarded(self, action) -> None:
-        """Run a button's action; a bad input shows the demo's one-line message and keeps the pose."""
+        """Run a button's action; a bad input shows the demo's one-line message and keeps the pose.
+        A bug shows its traceback on the console (and says so in the page)."""
         try:
             action()
-        except (PoseError, ValueError, OSError) as err:
-            self.say(f"error: {err}", error=True)
+        except DeepHandMeshError as err:
+            self.say(f"error: {one_line(err)}", error=True)
+        except Exception as err:  # noqa: BLE001 - a bug: its traceback where the developer looks
+            log.exception("pose editor: a bug in a button's action")
+            self.say(f"internal error ({type(err).__name__}; its traceback is on the editor's console)", error=True)
 
     def muted(self) -> bool:
         return getattr(self._own, "muted", False)
@@ -459,12 +466,15 @@ class Session:
         self.say("rigged hand saved as hand.glb")
 
     def load_file(self, name: str, content: bytes) -> None:
+        notes: List[str] = []
         try:
-            deg = read_uploaded_pose(self.hand, name, content)
+            deg = read_uploaded_pose(self.hand, name, content, notes)
         except PoseError as err:
             self.say(f"error: {err}", error=True)
             return
         self.set_pose(deg, f"pose file {Path(name).name} loaded")
+        if notes:  # after set_pose's own message, so that it stays in view
+            self.say(f"pose file {Path(name).name} loaded; warning: {'; '.join(notes)}")
 
     # ---------------------------------------------------------------- animation
     def record_keyframe(self) -> None:
@@ -483,7 +493,7 @@ class Session:
         """``(file name, bytes)`` of the recorded keyframes' animation, made by :mod:`demo.animate`."""
         poses = list(self.keyframes.poses)
         if len(poses) < 2:
-            raise ValueError("record at least two keyframes first (the animation moves from one to the next)")
+            raise EditorError("record at least two keyframes first (the animation moves from one to the next)")
         suffix = ".gif" if self.gui_format.value == "GIF" else ".mp4"
         views = ("palm",) if self.gui_views.value == "palm" else animate.DEFAULT_VIEWS
         size = 256
@@ -536,12 +546,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    setup_console_logging()
     args = parse_args(argv)
-    try:
-        editor = Editor(args)
-    except USER_ERRORS + (EditorError,) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: serve(args))
+
+
+def serve(args) -> None:
+    """Start the editor and serve until Ctrl+C."""
+    editor = Editor(args)
     print(f"hand model: {editor.hand.source} ({editor.hand.vertex_num} vertices, {editor.hand.joint_num} joints)")
     print(editor.ckpt_text)
     print(f"pose editor: open {editor.url} in a browser (Ctrl+C stops it)", flush=True)
@@ -552,7 +564,6 @@ def main(argv=None) -> int:
         pass
     finally:
         editor.stop()
-    return 0
 
 
 if __name__ == "__main__":

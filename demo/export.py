@@ -36,7 +36,8 @@ from common.export.sequence import read_fit  # noqa: E402
 from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.io import atomic_write_bytes  # noqa: E402
 from common.utils.pose_io import build_pose, preset_names  # noqa: E402
-from demo.demo import add_model_args, check_model_args, load_model, run_cli  # noqa: E402
+from common.errors import exit_code  # noqa: E402
+from demo.demo import add_model_args, check_model_args, load_model, setup_console_logging  # noqa: E402
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
 
 FORMATS = {".glb": "glb", ".fbx": "fbx"}
@@ -177,7 +178,9 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    return run_cli(run, parse_args(argv))
+    setup_console_logging()
+    args = parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The decoder's input is made exactly as ``demo.py --pose`` makes it (:func:`euler
 """
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from common.utils.hand_model import HandModel
 from common.utils.pose_io import PRESET_DIR, PoseError, apply_pose_file, preset_names
 from data.make_synthetic import sample_pose
 
+log = logging.getLogger("deephandmesh")
 FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 # Angles are kept to this many decimals (the sliders' resolution is far coarser): the saved YAML
 # then holds short numbers, and what is saved is exactly what was decoded.
@@ -37,11 +39,13 @@ def pose_source(pose: str) -> Path:
 
 
 def pose_degrees(model: HandModel, pose: str | None) -> np.ndarray:
-    """``[J, 3]`` float64 degrees of a pose file or preset (zeros for ``None``), checked as the demo does."""
+    """``[J, 3]`` float64 degrees of a pose file or preset (zeros for ``None``), checked as the demo
+    does; the file's warnings (a joint given twice, angles that look like radians) are logged."""
     euler_deg = np.zeros((model.joint_num, 3))
     if pose:
         path = pose_source(pose)
-        apply_pose_file(model, euler_deg, path)
+        for note in apply_pose_file(model, euler_deg, path):
+            log.warning(note)
     return euler_deg
 
 
@@ -72,11 +76,12 @@ def pose_yaml(model: HandModel, euler_deg: np.ndarray, comment: str = "") -> str
     return "\n".join(lines) + "\n"
 
 
-def read_uploaded_pose(model: HandModel, filename: str, content: bytes) -> np.ndarray:
+def read_uploaded_pose(model: HandModel, filename: str, content: bytes, notes: list | None = None) -> np.ndarray:
     """``[J, 3]`` degrees of a pose file the user sent (its name and bytes).
 
     It is read and checked exactly as ``demo.py --pose FILE`` reads it (YAML, or JSON for ``.json``),
     and a bad file raises the :class:`PoseError` the demo prints, naming the file by its own name.
+    ``notes``: a list that receives the file's warnings (a joint given twice, radians), likewise named.
     """
     name = Path(filename.replace("\\", "/")).name or "pose.yaml"
     with tempfile.TemporaryDirectory(prefix="pose_upload_") as folder:
@@ -84,9 +89,11 @@ def read_uploaded_pose(model: HandModel, filename: str, content: bytes) -> np.nd
         path.write_bytes(content)
         try:
             euler_deg = np.zeros((model.joint_num, 3))
-            apply_pose_file(model, euler_deg, path)
+            found = apply_pose_file(model, euler_deg, path)
         except PoseError as err:
             raise PoseError(str(err).replace(str(path), name)) from None
+    if notes is not None:
+        notes.extend(note.replace(str(path), name) for note in found)
     return euler_deg
 
 

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.errors import MissingFileError, exit_code  # noqa: E402
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -71,7 +73,7 @@ def launch(playwright, profile_dir: str, width: int = 1280, height: int = 800):
     """A headless Chromium context with a fresh profile in ``profile_dir`` (no network but localhost)."""
     executable = find_chromium()
     if executable is None:
-        raise RuntimeError("no Chromium found (install Debian's chromium package)")
+        raise MissingFileError("no Chromium found (install Debian's chromium package)")
     return playwright.chromium.launch_persistent_context(
         profile_dir, executable_path=executable, args=CHROMIUM_FLAGS, headless=True,
         viewport={"width": width, "height": height})
@@ -124,10 +126,6 @@ def save_screenshot(page, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from playwright.sync_api import sync_playwright
-
-    from demo.editor import Editor, parse_args as editor_args
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--hand_model")
@@ -138,6 +136,15 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=1280, help="browser window size in pixels")
     parser.add_argument("--height", type=int, default=800)
     args = parser.parse_args(argv)
+    return exit_code(lambda: measure(args))
+
+
+def measure(args) -> None:
+    """Start the editor, click the slider ``--repeats`` times in headless Chromium, print the times."""
+    from playwright.sync_api import sync_playwright
+
+    from demo.editor import Editor, parse_args as editor_args
+
     editor = Editor(editor_args(["--port", "0", "--pose", args.pose] +
                                 (["--hand_model", args.hand_model] if args.hand_model else [])))
     try:
@@ -170,7 +177,6 @@ def main(argv=None) -> int:
           f"90th percentile {q90(upload):.0f} ms")
     print(f"click -> next frame (new mesh on screen): median {statistics.median(frame):.0f} ms, "
           f"90th percentile {q90(frame):.0f} ms")
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,15 +43,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import metrics  # noqa: E402
-from main.options import resolve_paths  # noqa: E402
+from main.options import check_options, resolve_paths  # noqa: E402
 from main.tester import Tester  # noqa: E402
 from main.trainer import Trainer  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
-from common.utils.checkpoint import CheckpointError  # noqa: E402
-from common.utils.hand_model import HandModelError  # noqa: E402
+from common.errors import exit_code, print_error  # noqa: E402
 from common.utils.io import atomic_write_text  # noqa: E402
 from common.utils.vis import render_mesh, save_image  # noqa: E402
-from data.dataset import SampleError  # noqa: E402
 from main.config import Config, ConfigError  # noqa: E402
 
 # (key, label, the correctives that learn)
@@ -85,6 +83,7 @@ def train_and_test(config: Config, end_epoch: int, seed: int) -> Dict[str, objec
     """Train (resuming a run that exists) and test the last snapshot on the held-out sequence."""
     config.set("end_epoch", end_epoch, "--end_epoch")
     config.continue_train = True
+    check_options(config)
     start = time.perf_counter()
     trainer = Trainer(config, seed=seed)
     trainer.make_batch_generator()
@@ -194,70 +193,82 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out).resolve()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    keys = [v.strip() for v in args.variants.split(",") if v.strip()]
-    try:
-        bad = [m for m in modes if m not in MODES] + [k for k in keys if k not in {v[0] for v in VARIANTS}]
-        if bad or not modes or not keys:
-            raise ConfigError(f"--modes/--variants: unknown {bad}; modes are {list(MODES)}, variants a, b, c, d")
-        if args.end_epoch < 1 or (args.encoder_end_epoch is not None and args.encoder_end_epoch < 1):
-            raise ConfigError("--end_epoch and --encoder_end_epoch must be at least 1")
-        data_dir = Path(args.data_dir).resolve()
-        if not (data_dir / "gt" / "frames.npz").is_file():
-            raise ConfigError(f"{data_dir / 'gt' / 'frames.npz'}: not found; the study needs a synthetic set "
-                              f"with ground truth (python data/make_synthetic.py --out {args.data_dir})")
-        base = Config()
-        if args.cfg_file:
-            base.update_from_yaml(args.cfg_file)
-        base.update_from_strings(args.assignments)
-        base.set("data_dir", str(data_dir), "--data_dir")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    log = None
 
-    rows = []
-    log = setup_logging(out / "log", "ablation_logs.txt")
+    def report(line: str) -> None:  # into the study's log once there is one
+        log.error(line) if log is not None else print_error(line)
+
+    def study() -> None:
+        nonlocal log
+        modes, keys, data_dir, base = study_options(args)
+        log = setup_logging(Path(args.out).resolve() / "log", "ablation_logs.txt")
+        run_study(args, argv, modes, keys, data_dir, base)
+
     try:
-        log.info("ablation.py %s", " ".join(sys.argv[1:] if argv is None else argv))
-        for mode in modes:
-            for key, name, correctives in VARIANTS:
-                if key not in keys:
-                    continue
-                config = run_config(base, mode, correctives, args.holdout)
-                config.set("output_dir", str(out / f"{mode}_{key}"), "ablation")
-                resolve_paths(config)
-                setup_logging(config.log_dir, "train_logs.txt")
-                log.info("=== %s (%s) %s: correctives learning: %s", mode, key, name, ", ".join(correctives) or "none")
-                end = args.encoder_end_epoch if mode == "encoder" and args.encoder_end_epoch else args.end_epoch
-                if mode == "decoder" and not correctives:
-                    end = 1  # decoder-only plain LBS has nothing to learn: every epoch gives the same weights
-                try:
-                    run = train_and_test(config, end, args.seed)
-                except (ConfigError, CheckpointError, HandModelError, SampleError, OSError, ValueError) as err:
-                    log.error("error: %s", err)
-                    return 2
-                run.update(mode=mode, variant=key, label=name, correctives=correctives, end_epoch=end)
-                rows.append(run)
-                m = run["metrics"]
-                log.info("%s (%s): surface %.3f mm, depth %s, joint %s", mode, key, m["surface_error_mm"] or float("nan"),
-                         m["depth_error_mm"], m["joint_error_mm"])
-        setup_logging(out / "log", "ablation_logs.txt")
-        table = format_table(rows)
-        with np.load(data_dir / "gt" / "frames.npz", allow_pickle=False) as gt:
-            gt_frames = {int(f): v for f, v in zip(gt["frame"], gt["vertices"])}
-            gt_roots = {int(f): r for f, r in zip(gt["frame"], gt["root"])}
-        save_image(out / "ablation.png", make_figure(rows, gt_frames, gt_roots))
-        atomic_write_text(out / "ablation.md", table)
-        record = [{k: r[k] for k in ("mode", "variant", "label", "correctives", "end_epoch", "train_seconds",
-                                     "trained_epochs", "test_samples", "metrics")} for r in rows]
-        atomic_write_text(out / "ablation.json", json.dumps({"data_dir": str(data_dir), "holdout": args.holdout,
-                                                             "seed": args.seed, "runs": record}, indent=2) + "\n")
-        log.info("component study (held-out %s, mm):\n%s", ", ".join(args.holdout), table)
-        log.info("wrote %s, %s and %s", out / "ablation.md", out / "ablation.json", out / "ablation.png")
+        return exit_code(study, report)
     finally:
         close_logging()
-    return 0
+
+
+def study_options(args):
+    """``(modes, variant keys, data folder, base Config)`` of the arguments; ``ConfigError`` naming
+    a bad one."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    keys = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [m for m in modes if m not in MODES] + [k for k in keys if k not in {v[0] for v in VARIANTS}]
+    if bad or not modes or not keys:
+        raise ConfigError(f"--modes/--variants: unknown {bad}; modes are {list(MODES)}, variants a, b, c, d")
+    if args.end_epoch < 1 or (args.encoder_end_epoch is not None and args.encoder_end_epoch < 1):
+        raise ConfigError("--end_epoch and --encoder_end_epoch must be at least 1")
+    data_dir = Path(args.data_dir).resolve()
+    if not (data_dir / "gt" / "frames.npz").is_file():
+        raise ConfigError(f"{data_dir / 'gt' / 'frames.npz'}: not found; the study needs a synthetic set "
+                          f"with ground truth (python data/make_synthetic.py --out {args.data_dir})")
+    base = Config()
+    if args.cfg_file:
+        base.update_from_yaml(args.cfg_file)
+    base.update_from_strings(args.assignments)
+    base.set("data_dir", str(data_dir), "--data_dir")
+    return modes, keys, data_dir, base
+
+
+def run_study(args, argv, modes, keys, data_dir: Path, base: Config) -> None:
+    """Train and test every variant, then write the table, the JSON record and the figure."""
+    out = Path(args.out).resolve()
+    log = logging.getLogger("deephandmesh")
+    rows = []
+    log.info("ablation.py %s", " ".join(sys.argv[1:] if argv is None else argv))
+    for mode in modes:
+        for key, name, correctives in VARIANTS:
+            if key not in keys:
+                continue
+            config = run_config(base, mode, correctives, args.holdout)
+            config.set("output_dir", str(out / f"{mode}_{key}"), "ablation")
+            resolve_paths(config)
+            setup_logging(config.log_dir, "train_logs.txt")
+            log.info("=== %s (%s) %s: correctives learning: %s", mode, key, name, ", ".join(correctives) or "none")
+            end = args.encoder_end_epoch if mode == "encoder" and args.encoder_end_epoch else args.end_epoch
+            if mode == "decoder" and not correctives:
+                end = 1  # decoder-only plain LBS has nothing to learn: every epoch gives the same weights
+            run = train_and_test(config, end, args.seed)
+            run.update(mode=mode, variant=key, label=name, correctives=correctives, end_epoch=end)
+            rows.append(run)
+            m = run["metrics"]
+            log.info("%s (%s): surface %.3f mm, depth %s, joint %s", mode, key, m["surface_error_mm"] or float("nan"),
+                     m["depth_error_mm"], m["joint_error_mm"])
+    setup_logging(out / "log", "ablation_logs.txt")
+    table = format_table(rows)
+    with np.load(data_dir / "gt" / "frames.npz", allow_pickle=False) as gt:
+        gt_frames = {int(f): v for f, v in zip(gt["frame"], gt["vertices"])}
+        gt_roots = {int(f): r for f, r in zip(gt["frame"], gt["root"])}
+    save_image(out / "ablation.png", make_figure(rows, gt_frames, gt_roots))
+    atomic_write_text(out / "ablation.md", table)
+    record = [{k: r[k] for k in ("mode", "variant", "label", "correctives", "end_epoch", "train_seconds",
+                                 "trained_epochs", "test_samples", "metrics")} for r in rows]
+    atomic_write_text(out / "ablation.json", json.dumps({"data_dir": str(data_dir), "holdout": args.holdout,
+                                                         "seed": args.seed, "runs": record}, indent=2) + "\n")
+    log.info("component study (held-out %s, mm):\n%s", ", ".join(args.holdout), table)
+    log.info("wrote %s, %s and %s", out / "ablation.md", out / "ablation.json", out / "ablation.png")
 
 
 if __name__ == "__main__":

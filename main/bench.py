@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from main.benchmarks.timing import load_hands, machine_description, median_seconds  # noqa: E402
+from common.errors import exit_code  # noqa: E402
 from common.utils.device import usable_cpus  # noqa: E402
 
 JSON_TAG = "BENCH_JSON "
@@ -179,31 +180,20 @@ def bench_data(args) -> None:
 def bench_train(args) -> int:
     import logging
 
-    from main.options import config_from_args
+    from main.options import check_options, config_from_args
     from main.trainer import Trainer
     from main.benchmarks.iteration import format_profile, profile_iterations
     from common.logger import close_logging, setup_logging
     from common.utils import distributed
 
-    from common.utils.checkpoint import CheckpointError
-    from common.utils.hand_model import HandModelError
-    from main.config import ConfigError
-
-    try:
-        config = config_from_args(args)
-        context = distributed.context_from_env()
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    check_options(config)
+    context = distributed.context_from_env()
     setup_logging(None, level=logging.WARNING)
     try:
-        try:
-            trainer = Trainer(config, seed=0, context=context)
-            trainer.make_batch_generator()
-            trainer.make_model()
-        except (ConfigError, CheckpointError, HandModelError, OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        trainer = Trainer(config, seed=0, context=context)
+        trainer.make_batch_generator()
+        trainer.make_model()
         result = profile_iterations(trainer, args.iterations, args.warmup)
         if trainer.is_main:
             title = (f"training iteration: {machine_description()}\n"
@@ -352,7 +342,7 @@ def main(argv=None) -> int:
     run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "kernel": bench_kernel,
            "data": bench_data, "surface": bench_surface, "influences": bench_influences,
            "train": bench_train, "scaling": bench_scaling}[args.what]
-    return run(args) or 0
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

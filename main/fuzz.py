@@ -64,6 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from common.errors import OptionError, exit_code  # noqa: E402
 from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from common.utils.hand_model import (HAND_MODEL_FILES, HandModel, HandModelError,  # noqa: E402
                                      load_hand_model, save_hand_model)
@@ -574,18 +575,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return exit_code(lambda: fuzz(args))
+
+
+def fuzz(args) -> int:
+    """Run the cases, print the report (and write it as JSON); 1 when a failure was found."""
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds or args.cases < 1 or (args.hand_vertices is not None and args.hand_vertices < 3):
-        print(f"error: --kinds must be a subset of {', '.join(KINDS)} and --cases positive "
-              f"(got {args.kinds!r}, {args.cases}), --hand_vertices at least 3", file=sys.stderr)
-        return 2
-    try:
-        report = run_fuzz(args.cases, args.seed, kinds, args.hand_model, args.keep,
-                          hand_vertices=args.hand_vertices)
-    except (HandModelError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise OptionError(f"--kinds must be a subset of {', '.join(KINDS)} and --cases positive "
+                          f"(got {args.kinds!r}, {args.cases}), --hand_vertices at least 3")
+    report = run_fuzz(args.cases, args.seed, kinds, args.hand_model, args.keep, hand_vertices=args.hand_vertices)
     print(format_report(report))
     if args.refusals:
         for kind, classes in report["refusal_kinds"].items():

@@ -5,6 +5,11 @@ training forward (``model(inputs, targets, meta_info, 'train')``) returns the pe
 The template, the renderer's faces and the losses' tables live in non-persistent buffers, so a
 state dict holds exactly the original's keys
 (``id_code``, ``backbone_net.*``, ``pose_net.*``, ``skeleton_refine_net.*``, ``skin_refine_net.*``).
+
+``get_decoder(hand_model)`` builds only what decoding angles into a mesh needs (the identity code
+and the corrective networks): no encoder, and no training objective (renderer, penetration
+tables, Laplacian), which the demo, the editor and the animation never use. Its state dict holds
+the same keys as the full model's, less ``backbone_net.*`` and ``pose_net.*``.
 """
 from __future__ import annotations
 
@@ -46,14 +51,17 @@ class PosedHand(NamedTuple):
 class Model(nn.Module):
     def __init__(
         self,
-        backbone_net: BackboneNet,
-        pose_net: PoseNet,
+        backbone_net: Optional[BackboneNet],
+        pose_net: Optional[PoseNet],
         skeleton_refine_net: SkeletonRefineNet,
         skin_refine_net: SkinRefineNet,
         hand_model: HandModel,
         id_code_dim: int = 32,
         config=None,
+        objective: bool = True,
     ):
+        """``backbone_net`` and ``pose_net`` are None in a decoder (:func:`get_decoder`);
+        ``objective`` False leaves out the training objective (``self.objective`` is None)."""
         super().__init__()
         config = config or default_cfg
         self.hand_model = hand_model
@@ -87,7 +95,7 @@ class Model(nn.Module):
         # Training: root alignment, the depth renderer and the losses. A submodule, so that
         # ``.to(device)`` and DataParallel's replication carry their tables; their buffers are
         # non-persistent, so the state dict keeps exactly the original's keys (docs/design.md, "Checkpoints").
-        self.objective = TrainingObjective(hand_model, self.faces, config)
+        self.objective = TrainingObjective(hand_model, self.faces, config) if objective else None
 
     # ---------------------------------------------------------------- pieces
     def refined_local_pose(self) -> torch.Tensor:
@@ -194,7 +202,12 @@ class Model(nn.Module):
         """``[B, J, 3]`` Euler angles (radians): the encoder's reading of ``inputs['img']``, or,
         decoder-only (``cfg.pose_source='gt'``), the given ``inputs['joint_euler']``."""
         joint_euler = inputs.get("joint_euler")
-        return self.pose_net(self.backbone_net(inputs["img"])) if joint_euler is None else joint_euler
+        if joint_euler is not None:
+            return joint_euler
+        if self.backbone_net is None:
+            raise RuntimeError("this model is a decoder (get_decoder): it has no encoder to read images; "
+                               "build it with get_model")
+        return self.pose_net(self.backbone_net(inputs["img"]))
 
     def pose_on_keypoints(self, joint_euler: torch.Tensor, joint_world: torch.Tensor,
                           joint_valid: torch.Tensor) -> Tuple[PosedHand, torch.Tensor]:
@@ -229,6 +242,9 @@ class Model(nn.Module):
         """
         if mode not in ("train", "test"):
             raise ValueError(f"mode: expected 'train' or 'test', got {mode!r}")
+        if mode == "train" and self.objective is None:
+            raise RuntimeError("this model was built without its training objective (get_decoder); "
+                               "build it with get_model('train', ...)")
         joint_euler = self.angles(inputs)
         if mode == "test":
             out = self.decode(joint_euler)
@@ -276,3 +292,22 @@ def get_model(mode: str, hand_model: HandModel, config=None) -> Model:
             net.apply(init_weights)
     return Model(backbone_net, pose_net, skeleton_refine_net, skin_refine_net, hand_model, config.id_code_dim,
                  config)
+
+
+def get_decoder(hand_model: HandModel, config=None) -> Model:
+    """The decoder alone, for posing a hand from angles (the demo, the editor, the animation).
+
+    The identity code and the corrective networks, built as :func:`get_model` builds them in test
+    mode, without the encoder (``backbone_net``, ``pose_net``) and without the training objective
+    (renderer, penetration tables, Laplacian). Load a snapshot into it with
+    :func:`common.utils.checkpoint.load_decoder_checkpoint`, which reads a snapshot of any backbone.
+
+    Args:
+        hand_model: a loaded :class:`HandModel`.
+        config: a :class:`main.config.Config` (``id_code_dim``); the global ``cfg`` when None.
+    """
+    config = config or default_cfg
+    skeleton_refine_net = SkeletonRefineNet(hand_model.joint_num, config.id_code_dim)
+    skin_refine_net = SkinRefineNet(hand_model.joint_num, hand_model.vertex_num, config.id_code_dim)
+    return Model(None, None, skeleton_refine_net, skin_refine_net, hand_model, config.id_code_dim, config,
+                 objective=False)

@@ -1,4 +1,4 @@
-"""The command-line options ``train.py`` and ``test.py`` share, and the checks of the study options.
+"""The command-line options ``train.py`` and ``test.py`` share, and the checks run before any work.
 
 Path options (``data_dir``, ``output_dir``, ``hand_model_dir``, ``pretrained_backbone``) given as
 relative paths are taken from the repository root; ``--data_dir`` from the current folder.
@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import List, Optional
 
-from common.utils.checkpoint import CheckpointError
+from common.renderer.backend import pytorch3d_api
 from common.utils.device import parse_gpu_ids
-from common.utils.hand_model import HandModelError
-from main.config import ROOT_DIR, Config, ConfigError
+from main.config import CORRECTIVES, POSE_SOURCES, ROOT_DIR, Config, check_combinations  # noqa: F401
 
 log = logging.getLogger("deephandmesh")
-T = TypeVar("T")
-
-# What bad input (options, data folder, hand model, snapshot) raises while a run is set up: the
-# scripts report it in one line, without a traceback.
-SETUP_ERRORS = (ConfigError, CheckpointError, HandModelError, OSError, ValueError)
 
 # Options naming files or folders; relative values are taken from the repository root (main.config).
 PATH_OPTIONS = ("data_dir", "output_dir", "hand_model_dir", "pretrained_backbone")
@@ -49,7 +43,10 @@ def config_from_args(args, base: Optional[Config] = None) -> Config:
     """A copy of ``base`` (the global ``cfg``) with, in this order: the ``--cfg`` YAML file, the
     ``--set`` assignments, then the dedicated options (``--data_dir``, ``--subject``, ``--gpu``, …).
     ``--data_dir`` is taken from the current folder; relative paths in the configuration from the
-    repository root. Raises :class:`main.config.ConfigError` or ``ValueError`` (bad ``--gpu``)."""
+    repository root. Each value is checked as it is set; the combinations are checked by
+    :func:`check_options`, which ``Trainer.set_up`` and ``Tester.set_up`` run first (after the log is
+    open, so that the log keeps the message). Raises :class:`main.config.ConfigError`, or
+    :class:`common.errors.OptionError` (bad ``--gpu``)."""
     from main.config import cfg as global_cfg
 
     config = (base or global_cfg).copy()
@@ -66,6 +63,16 @@ def config_from_args(args, base: Optional[Config] = None) -> Config:
     return resolve_paths(config)
 
 
+def check_options(config: Config) -> None:
+    """The checks a run makes before any work (data, model): every option's value and the
+    combinations of options (:func:`main.config.check_combinations`), and that the renderer backend
+    asked for runs here. Raises :class:`main.config.ConfigError` or
+    :class:`common.renderer.backend.RendererBackendError`, each one line naming the options."""
+    check_combinations(config)
+    if config.renderer_backend == "pytorch3d":
+        pytorch3d_api()  # it imports here, or one line saying how to install it
+
+
 def log_options(config: Config) -> None:
     """Log the options that differ from the original's defaults (what makes this run this run)."""
     defaults = Config().options()
@@ -75,28 +82,6 @@ def log_options(config: Config) -> None:
              ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())) or "none")
 
 
-POSE_SOURCES = ("image", "gt")
-CORRECTIVES = ("skeleton", "identity", "pose")
-
-
-def check_study_options(config: Config) -> None:
-    """``pose_source`` and ``correctives`` hold known values (else ``ConfigError`` naming them)."""
-    if config.pose_source not in POSE_SOURCES:
-        raise ConfigError(f"option 'pose_source' expects one of {list(POSE_SOURCES)}, got {config.pose_source!r}")
-    unknown = [c for c in config.correctives if c not in CORRECTIVES]
-    if unknown:
-        raise ConfigError(f"option 'correctives' expects a list of some of {list(CORRECTIVES)}, got unknown {unknown}")
-
-
 def held_correctives(config: Config) -> List[str]:
     """The correctives held at zero: those not in ``cfg.correctives``."""
     return [c for c in CORRECTIVES if c not in config.correctives]
-
-
-def set_up_or_report(log: logging.Logger, set_up: Callable[[], T]) -> Optional[T]:
-    """``set_up()``; on bad input (:data:`SETUP_ERRORS`) its one-line error in the log and None."""
-    try:
-        return set_up()
-    except SETUP_ERRORS as err:
-        log.error("error: %s", err)
-        return None

@@ -9,7 +9,7 @@ Writes, under ``output/result/subject_<N>/``, each input crop (``<index>_<seq>_c
 the test-mode mesh (``…_mesh.obj``: root at identity, i.e. the wrist's frame, as the original) and
 ``metrics.json`` (see :class:`main.tester.Tester` for the definitions), and prints the metrics.
 Bad arguments (missing snapshot, wrong data folder, unknown option) end with a one-line message and
-exit code 2.
+exit code 2; a bug shows its traceback (exit code 1).
 """
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from main.options import add_config_args, config_from_args, set_up_or_report  # noqa: E402
+from main.options import add_config_args, config_from_args  # noqa: E402
 from main.tester import Tester  # noqa: E402
+from common.errors import exit_code, print_error  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
-from data.dataset import SampleError  # noqa: E402
-from main.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,29 +52,26 @@ def format_metrics(metrics: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    log = None
 
-    log = setup_logging(config.log_dir, "test_logs.txt")
-    try:
+    def report(line: str) -> None:  # into the log (its file keeps it) once there is one
+        log.error(line) if log is not None else print_error(line)
+
+    def test() -> None:
+        nonlocal log
+        config = config_from_args(args)
+        log = setup_logging(config.log_dir, "test_logs.txt")
         log.info("test.py %s", " ".join(sys.argv[1:] if argv is None else argv))
         epoch = None if args.init else args.test_epoch
-        tester = set_up_or_report(log, lambda: Tester(config, epoch, args.seed).set_up())
-        if tester is None:
-            return 2
-        try:
-            metrics = tester.test()
-        except SampleError as err:
-            log.error("error: %s", err)
-            return 2
+        tester = Tester(config, epoch, args.seed).set_up()
+        metrics = tester.test()
         log.info(format_metrics(metrics))
         log.info("wrote crops, meshes and metrics.json to %s", tester.result_dir)
+
+    try:
+        return exit_code(test, report)
     finally:
         close_logging()
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from common.summary import SummaryWriter
 from common.utils.checkpoint import CheckpointError, load_checkpoint, snapshot_path
 from common.utils.device import pick_device, place_model, unwrap
 from common.utils.hand_model import save_obj
-from common.utils.io import atomic_write_bytes, atomic_write_text
+from common.utils.io import atomic_write_bytes, atomic_write_text, make_folder
 from data.ground_truth import attach_gt_pose, load_gt_identity, load_gt_meshes, load_gt_poses
 from main.config import Config
 from main.model import get_model
 from main.objective import align_to_keypoints
-from main.options import check_study_options, held_correctives
+from main.options import check_options, held_correctives
 from main.trainer import loader_workers, split_batch, training_hand_model
 
 log = logging.getLogger("deephandmesh")
@@ -85,7 +85,8 @@ class Tester:
         return Path(self.cfg.result_dir) / f"subject_{self.cfg.subject}"
 
     def set_up(self) -> "Tester":
-        """The model (and its hand model), then the data; returns self."""
+        """The checks of the options, the model (and its hand model), then the data; returns self."""
+        check_options(self.cfg)
         self.make_model()
         self.make_batch_generator()
         return self
@@ -117,7 +118,6 @@ class Tester:
         from data.dataset import DeepHandMeshDataset
 
         cfg = self.cfg
-        check_study_options(cfg)
         self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
         self.dataset = DeepHandMeshDataset.from_config(cfg, "test", self.hand_model, on_error="skip", seed=0)
         batch = cfg.test_batch_size * max(1, len(self.gpu_ids))
@@ -132,7 +132,7 @@ class Tester:
         model = unwrap(self.model)
         align = model.align_joint_idx
         out_dir = self.result_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(out_dir)
         J = hand.joint_num
         joint_sum, joint_cnt = np.zeros(J), np.zeros(J)
         depth_sum, depth_cnt = 0.0, 0

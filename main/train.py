@@ -7,11 +7,13 @@
     torchrun --nproc_per_node 4 main/train.py --gpu 0-3               # one process per GPU (DDP)
 
 Writes ``output/model_dump/subject_<N>/snapshot_<epoch>.pth.tar`` after every epoch (the original's
-layout: ``{'epoch', 'network' ('module.' keys), 'optimizer'}``) and logs to
-``output/log/train_logs.txt`` and the console. Without ``--gpu`` or without CUDA it runs on the CPU.
-Bad arguments (unknown option, missing data, malformed hand model or snapshot) end with a one-line
-message and exit code 2. Started by ``torchrun`` with several processes it trains with
-``DistributedDataParallel`` (see :class:`main.trainer.Trainer`); only rank 0 logs and writes.
+layout: ``{'epoch', 'network' ('module.' keys), 'optimizer'}``; the options ``keep_last`` and
+``keep_every`` delete older ones, see docs/training.md) and logs to ``output/log/train_logs.txt``
+and the console. Without ``--gpu`` or without CUDA it runs on the CPU. Bad arguments (unknown
+option, missing data, malformed hand model or snapshot) end with a one-line message and exit code
+2; a bug shows its traceback (exit code 1). Started by ``torchrun`` with several processes it
+trains with ``DistributedDataParallel`` (see :class:`main.trainer.Trainer`); only rank 0 logs and
+writes.
 """
 from __future__ import annotations
 
@@ -24,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from main.options import add_config_args, config_from_args, set_up_or_report  # noqa: E402
+from main.options import add_config_args, config_from_args  # noqa: E402
 from main.trainer import Trainer  # noqa: E402
+from common.errors import exit_code, print_error  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
 from common.utils import distributed  # noqa: E402
-from data.dataset import SampleError  # noqa: E402
-from main.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,41 +46,40 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    log = None
+
+    def report(line: str) -> None:  # into the log (its file keeps it) once there is one
+        log.error(line) if log is not None else print_error(line)
+
+    def train() -> int:
+        nonlocal log
         config = config_from_args(args)
         if args.continue_train:
             config.continue_train = True
         if args.end_epoch is not None:
             config.set("end_epoch", args.end_epoch, "--end_epoch")
         context = distributed.context_from_env()
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    if context is None or context.is_main:
-        log = setup_logging(config.log_dir, "train_logs.txt")
-    else:  # the other processes: their warnings and errors on the console only
-        log = setup_logging(None, level=logging.WARNING, console_prefix=f"[rank {context.rank}] ")
-    try:
+        if context is None or context.is_main:
+            log = setup_logging(config.log_dir, "train_logs.txt")
+        else:  # the other processes: their warnings and errors on the console only
+            log = setup_logging(None, level=logging.WARNING, console_prefix=f"[rank {context.rank}] ")
         log.info("train.py %s", " ".join(sys.argv[1:] if argv is None else argv))
-        trainer = set_up_or_report(log, lambda: Trainer(config, seed=args.seed, context=context).set_up())
-        if trainer is None:
-            return 2
+        trainer = Trainer(config, seed=args.seed, context=context).set_up()
         try:
             trainer.train()
-        except SampleError as err:
-            log.error("error: %s", err)
-            return 2
-        except FloatingPointError as err:
+        except FloatingPointError as err:  # the run diverged: neither bad input nor a bug
             log.error("error: %s", err)
             return 1
         except KeyboardInterrupt:
             log.warning("interrupted; resume with --continue (from the last complete epoch)")
             return 130
+        return 0
+
+    try:
+        return exit_code(train, report)
     finally:
         distributed.destroy_process_group()
         close_logging()
-    return 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ from tqdm import tqdm
 from common.summary import SummaryWriter, depth_panel
 from common.utils import distributed
 from common.utils.checkpoint import (CheckpointError, latest_snapshot, load_checkpoint, network_state_dict,
-                                     read_checkpoint, save_checkpoint, snapshot_dir, snapshot_path)
+                                     read_checkpoint, run_snapshots, save_checkpoint, snapshot_dir, snapshot_path,
+                                     snapshots_to_delete)
+from common.utils.io import sync_folder
 from common.utils.device import pick_device, place_model, unwrap, usable_cpus
 from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model
 from common.utils.hand_model_source import resolve_hand_model
@@ -45,7 +47,7 @@ from data.ground_truth import attach_gt_pose, load_gt_poses
 from main.config import Config
 from main.model import INPUT_KEYS, get_model
 from main.objective import META_KEYS, TARGET_KEYS
-from main.options import check_study_options, held_correctives, log_options
+from main.options import check_options, held_correctives, log_options
 
 log = logging.getLogger("deephandmesh")
 
@@ -144,10 +146,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def set_up(self) -> "Trainer":
-        """The data, then the model and optimizer (resuming with ``continue_train``); returns self."""
+        """The checks of the options, the data, then the model and optimizer (resuming with
+        ``continue_train``); returns self."""
+        check_options(self.cfg)
+        self.announce_snapshots()
         self.make_batch_generator()
         self.make_model()
         return self
+
+    def announce_snapshots(self) -> None:
+        """Say (rank 0) what retention keeps, and warn loudly when a new run (no ``--continue``) is
+        about to write over the snapshots of an earlier run in the same folder.
+
+        A warning, not a refusal: the original writes over them silently, and scripts that re-run
+        a configuration expect that to work; the warning names the folder, what happens to the
+        old snapshots and the two ways out (another ``output_dir``, or ``--continue``)."""
+        if not self.is_main:
+            return
+        cfg = self.cfg
+        if cfg.keep_last:
+            every = (f" and one every {cfg.keep_every} epochs (snapshot_{cfg.keep_every - 1}, "
+                     f"snapshot_{2 * cfg.keep_every - 1}, …)" if cfg.keep_every else "")
+            log.info("snapshots: keeping the last %d%s; older ones are deleted once the next is written "
+                     "(keep_last, keep_every)", cfg.keep_last, every)
+        elif cfg.keep_every:
+            log.warning("keep_every=%d has no effect while keep_last=0 (every snapshot is kept); "
+                        "set keep_last too, e.g. --set keep_last=1", cfg.keep_every)
+        found = run_snapshots(cfg)
+        if found and not cfg.continue_train:
+            epochs = [e for e, _ in found]
+            log.warning(
+                "%s already holds %d snapshot(s) of an earlier run (epochs %d to %d). This new run (no --continue) "
+                "writes over them epoch by epoch; those it does not reach stay, and --continue would later resume "
+                "from the highest epoch in the folder. To keep the earlier run, stop now (Ctrl+C) and give "
+                "another output_dir (--set output_dir=...); to resume it, add --continue.",
+                snapshot_dir(cfg), len(found), min(epochs), max(epochs))
 
     def make_batch_generator(self) -> None:
         from data.dataset import DeepHandMeshDataset
@@ -157,7 +190,6 @@ class Trainer:
         self.hand_model = training_hand_model(cfg)
         log.info("hand model: %s (%d vertices, %d faces, %d joints)", self.hand_model.source,
                  self.hand_model.vertex_num, len(self.hand_model.faces), self.hand_model.joint_num)
-        check_study_options(cfg)
         self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
         if self.gt_poses is not None:
             log.info("decoder-only: ground-truth angles of %d frames from gt/frames.npz; the encoder is bypassed",
@@ -368,14 +400,36 @@ class Trainer:
         return depth_panel(inputs["img"][0], depth[0, 0], targets["depthmap"][0, 0])
 
     def save_model(self, epoch: int) -> Path:
-        """Rank 0 writes the snapshot (atomically); the others wait for it."""
+        """Rank 0 writes the snapshot (atomically, durably), then applies the retention options
+        (:meth:`prune_snapshots`); the others wait for it."""
         path = snapshot_path(self.cfg, epoch)
         if self.is_main:
             save_checkpoint({"epoch": int(epoch), "network": network_state_dict(self.model),
                              "optimizer": self.optimizer.state_dict()}, path)
             log.info("Write snapshot into %s", path)
+            self.prune_snapshots(epoch)
         distributed.barrier()
         return path
+
+    def prune_snapshots(self, written: int) -> None:
+        """Delete the snapshots ``keep_last``/``keep_every`` do not keep
+        (:func:`common.utils.checkpoint.snapshots_to_delete`). Called only after ``snapshot_<written>``
+        is written, flushed and renamed into place, so the snapshot a resume needs is never gone
+        before its successor is safely on disk."""
+        cfg = self.cfg
+        found = dict(run_snapshots(cfg))
+        doomed = snapshots_to_delete(list(found), written, cfg.keep_last, cfg.keep_every)
+        for epoch in doomed:
+            try:
+                found[epoch].unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                log.warning("%s: could not delete it (%s); it stays", found[epoch], err.strerror or err)
+        if doomed:
+            sync_folder(snapshot_dir(cfg))
+            log.info("deleted snapshot(s) of epoch(s) %s (keep_last=%d, keep_every=%d)",
+                     ", ".join(map(str, doomed)), cfg.keep_last, cfg.keep_every)
 
     def train(self) -> None:
         cfg = self.cfg

@@ -245,3 +245,56 @@ def test_decoder_only_snapshot_for_another_hand_is_refused(other, tmp_path, caps
     save_checkpoint({"epoch": 0, "network": decoder}, path)
     fails(capsys, ["--ckpt", str(path), "--out", str(tmp_path)], f"{vertices} vertices and 22 joints",
           f"{default_hand.vertex_num} vertices and 22 joints")
+
+
+# ---------------------------------------------------------------- decoding needs only the decoder
+def test_snapshot_of_a_resnet18_run_decodes(tmp_path, capsys, default_hand, small_cfg):
+    """``cpu_small.yaml`` trains a ResNet-18; the demo decodes its snapshot (it used to check the
+    backbone against ResNet-50 and refuse). Made as train.py writes it, without training."""
+    from common.utils.checkpoint import network_state_dict
+
+    torch.manual_seed(4)
+    model = get_model("train", default_hand, small_cfg)  # resnet_type 18
+    with torch.no_grad():
+        for p in list(model.skin_refine_net.parameters()) + list(model.skeleton_refine_net.parameters()):
+            p.normal_(0, 0.05)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    path = tmp_path / "model_dump" / "subject_4" / "snapshot_3.pth.tar"
+    save_checkpoint({"epoch": 3, "network": network_state_dict(model), "optimizer": optimizer.state_dict()}, path)
+    assert demo.main(["--ckpt", str(path), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "ignored (the encoder; decoding does not use it): backbone_net (ResNet-18), pose_net.fc" in printed
+    assert "holds no" not in printed
+    v, _, _ = read_obj(tmp_path / "o" / "mesh.obj")
+    with torch.no_grad():
+        ref = model.eval().decode(build_pose(default_hand, "original"))["mesh_out_refined"][0].numpy()
+    assert np.abs(v - ref).max() < 1e-4
+    _, template_mesh = expected_mesh(default_hand, "original")
+    assert np.abs(v - template_mesh).max() > 0.5  # the snapshot's correctives were used
+
+
+def test_decoding_builds_no_encoder_renderer_or_loss_tables(tmp_path, monkeypatch):
+    import main.model as model_module
+    import main.objective as objective_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built for decoding")
+
+    for module, name in ((objective_module, "DepthRenderer"), (objective_module, "TrainingObjective"),
+                         (model_module, "TrainingObjective"), (model_module, "BackboneNet"),
+                         (model_module, "PoseNet")):
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(objective_module.PenetLoss, "from_hand_model", refuse)
+    monkeypatch.setattr(objective_module.LaplacianLoss, "from_hand_model", refuse)
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    _hand, model, _device, _text = demo.load_model(demo.parse_args([]))
+    assert model.objective is None and model.backbone_net is None and model.pose_net is None
+
+
+def test_decoder_state_dict_is_the_full_models_less_the_encoder(default_hand, small_cfg):
+    from main.model import get_decoder
+
+    full = set(get_model("test", default_hand, small_cfg).state_dict())
+    decoder = set(get_decoder(default_hand, small_cfg).state_dict())
+    assert decoder == {k for k in full if not k.startswith(("backbone_net.", "pose_net."))}
+    assert decoder and all(k.startswith(DECODER_PREFIXES) for k in decoder)

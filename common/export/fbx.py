@@ -12,12 +12,17 @@ import os
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # run as a script: the repository root on the path, for common.errors
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common.errors import DeepHandMeshError  # noqa: E402 (torch-free)
+
 INSTALL_HINT = ("--format fbx needs Blender's Python module bpy, which is not installed: pip install bpy "
                 "(a Python 3.11 wheel of several hundred MB), or open the .glb in Blender and use "
                 "File > Export > FBX")
 
 
-class FbxUnavailable(ValueError):
+class FbxUnavailable(DeepHandMeshError, ValueError):
     """``bpy`` cannot be imported here; the message says how to install it."""
 
 

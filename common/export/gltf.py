@@ -40,6 +40,7 @@ import torch
 from common.utils.hand_model import HandModel
 from common.utils.io import atomic_write_bytes
 from common.utils.kinematics import euler_to_matrix
+from common.errors import DeepHandMeshError
 
 M_PER_MM = 1e-3  # glTF's unit is the metre; the model's the millimetre
 INFLUENCES_PER_SET = 4
@@ -50,7 +51,7 @@ RIGID_TOLERANCE = 1e-4
 GENERATOR = "DeepHandMesh export (pygltflib)"
 
 
-class ExportError(ValueError):
+class ExportError(DeepHandMeshError, ValueError):
     """Input that cannot be written as a rigged file; the message names it and what was expected."""
 
 

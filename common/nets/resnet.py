@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from common.errors import FileFormatError, MissingFileError, OptionError
+
 log = logging.getLogger(__name__)
 
 RESNET_SPEC = {
@@ -29,7 +31,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, resnet_type: int = 50):
         super().__init__()
         if resnet_type not in RESNET_SPEC:
-            raise ValueError(f"resnet_type: expected one of {sorted(RESNET_SPEC)}, got {resnet_type!r}")
+            raise OptionError(f"resnet_type: expected one of {sorted(RESNET_SPEC)}, got {resnet_type!r}")
         block, layers = RESNET_SPEC[resnet_type]
         self.resnet_type = resnet_type
         self.out_channels = 512 * block.expansion
@@ -78,17 +80,24 @@ class ResNetBackbone(nn.Module):
             return False
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: ImageNet weights file for the backbone not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            raise MissingFileError(f"{path}: ImageNet weights file for the backbone not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a corrupt zip or pickle raises many different types
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise FileFormatError(f"{path}: not a readable PyTorch file of tensors ({first})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise FileFormatError(f"{path}: not a torchvision ResNet-{self.resnet_type} state dict "
+                                  f"(found {type(state).__name__})")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
         if missing or unexpected or wrong:
-            raise ValueError(
+            raise FileFormatError(
                 f"{path}: not a torchvision ResNet-{self.resnet_type} state dict "
                 f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, "
                 f"e.g. {unexpected[:3]}; wrong shape {len(wrong)}, e.g. {wrong[:3]})"

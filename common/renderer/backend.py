@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from common.errors import OptionError
+
 log = logging.getLogger(__name__)
 
 # The renderer_backend option's values (DepthRenderer's ``backend``).
@@ -38,7 +40,7 @@ PYTORCH3D_INSTALL_HINT = ("install the tested stack with `pip install -r require
                           "renderer_backend: native (the project's own rasteriser, any torch)")
 
 
-class RendererBackendError(ValueError):
+class RendererBackendError(OptionError):
     """A renderer backend that cannot run here (unknown name, or PyTorch3D asked for but missing)."""
 
 

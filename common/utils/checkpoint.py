@@ -20,11 +20,13 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from common.errors import FileFormatError
 from common.utils.device import unwrap
+from common.utils.io import cannot_write, make_folder, sync_folder
 
 # Buffers of the original's loss modules; they are derived from the hand model, so we skip them.
 TOLERATED_PREFIXES = ("penet_loss.", "lap_loss.", "depthmap_loss.", "joint_loss.")
@@ -33,7 +35,7 @@ DIGEST_PREFIX = "sha256:"
 SNAPSHOT_RE = re.compile(r"^snapshot_(\d+)\.pth\.tar$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileFormatError):
     """A snapshot that cannot be used with this model; the message names the file and the mismatch."""
 
 
@@ -131,18 +133,52 @@ def _counts(state: Dict[str, torch.Tensor]):
 # What decoding reads: the identity code and the corrective networks (``pose_net.DoF`` is checked
 # when present). The encoder (``backbone_net.*``, ``pose_net.fc.*``) only turns images into angles.
 DECODER_PREFIXES = ("id_code", "skeleton_refine_net.", "skin_refine_net.")
+# The encoder's parts as a user names them; a decoder-only load ignores them, whatever the backbone.
+ENCODER_PARTS = ("backbone_net", "pose_net.fc", "pose_net.DoF")
+ENCODER_PREFIXES = ("backbone_net.", "pose_net.")
 
 
-def _absent_parts(own_keys, present) -> List[str]:
-    """The modules of the model the snapshot holds nothing of, as a user names them: a top-level
-    module when all of it is absent (``backbone_net``), else its absent children (``pose_net.fc``)."""
-    absent = [k for k in own_keys if k not in present]
-    parts = set()
-    for key in absent:
-        top = key.split(".")[0]
-        whole = all(k not in present for k in own_keys if k.split(".")[0] == top)
-        parts.add(top if whole else ".".join(key.split(".")[:2]))
-    return sorted(parts)
+class DecoderLoad(NamedTuple):
+    """What :func:`load_decoder_checkpoint` read: the snapshot dict, the encoder parts it does not
+    hold (``['backbone_net', 'pose_net']``) and those it holds that decoding ignores
+    (``['backbone_net (ResNet-18)', 'pose_net.fc']``)."""
+
+    ckpt: Dict[str, Any]
+    absent: List[str]
+    ignored: List[str]
+
+
+def _holds(state, part: str) -> bool:
+    return any(k == part or k.startswith(part + ".") for k in state)
+
+
+def encoder_parts(state: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+    """``(absent, present)``: the encoder parts (:data:`ENCODER_PARTS`) a cleaned state dict lacks
+    and holds, as a user names them (``pose_net`` when both its parts are absent; the backbone with
+    its ResNet depth when it can be told)."""
+    absent = [part for part in ENCODER_PARTS if not _holds(state, part)]
+    if "pose_net.fc" in absent and "pose_net.DoF" in absent:
+        absent = [p for p in absent if not p.startswith("pose_net.")] + ["pose_net"]
+    present = [part for part in ENCODER_PARTS if _holds(state, part) and part != "pose_net.DoF"]
+    depth = backbone_depth(state)
+    present = [f"{p} (ResNet-{depth})" if p == "backbone_net" and depth else p for p in present]
+    return absent, present
+
+
+def backbone_depth(state: Dict[str, torch.Tensor]) -> Optional[int]:
+    """The ResNet depth (18, 34, 50, 101, 152) of a state dict's ``backbone_net``, from its number of
+    blocks per stage and their kind (bottleneck blocks have a ``conv3``); None when it is none of them."""
+    blocks = [0, 0, 0, 0]
+    bottleneck = False
+    for key in state:
+        m = re.match(r"backbone_net\.resnet\.layer([1-4])\.(\d+)\.(\w+)", key)
+        if m:
+            stage, block = int(m.group(1)) - 1, int(m.group(2))
+            blocks[stage] = max(blocks[stage], block + 1)
+            bottleneck |= m.group(3) == "conv3"
+    known = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
+    return known.get((tuple(blocks), bottleneck))
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
@@ -163,37 +199,49 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike,
     return ckpt
 
 
-def load_decoder_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Tuple[Dict[str, Any], List[str]]:
-    """Load what decoding needs from a snapshot: as the original's demo (``strict=False``), a file
-    holding every decoder key (:data:`DECODER_PREFIXES`) loads even without the encoder's weights,
-    for example a personalised hand shared without its backbone.
+def load_decoder_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> DecoderLoad:
+    """Load what decoding needs from a snapshot: the identity code and the corrective networks
+    (:data:`DECODER_PREFIXES`). As the original's demo (``strict=False``) a file without the encoder
+    loads (for example a personalised hand shared without its backbone), and the encoder's weights
+    of a file that has them are not read, whatever its backbone (ResNet-18 of ``cpu_small.yaml``,
+    ResNet-50 of the original): decoding never uses them. A file made for another hand model (its
+    vertex or joint counts, or its degrees of freedom) is still refused.
+
+    ``model``: a decoder (:func:`main.model.get_decoder`), or a full model, whose encoder then
+    keeps its current weights.
 
     Returns:
-        ``(snapshot dict, absent)``: ``absent`` names the parts of the model the file does not hold
-        (e.g. ``['backbone_net', 'pose_net.fc']``); they keep their current weights.
+        :class:`DecoderLoad` ``(ckpt, absent, ignored)``.
     Raises:
         CheckpointError: as :func:`load_checkpoint`, and when a decoder key is missing (named).
     """
     ckpt = read_checkpoint(path)
-    state = _checked_state(model, path, ckpt, required=lambda key: key.startswith(DECODER_PREFIXES))
-    absent = _absent_parts(list(model.state_dict()), state)
-    model.load_state_dict(state, strict=False)
-    return ckpt, absent
+    full = clean_state_dict(ckpt["network"])
+    absent, ignored = encoder_parts(full)
+    decoder_state = {k: v for k, v in full.items() if not k.startswith(ENCODER_PREFIXES)}
+    _checked_state(model, path, {**ckpt, "network": full}, required=lambda key: key.startswith(DECODER_PREFIXES),
+                   only=decoder_state)
+    model.load_state_dict(decoder_state, strict=False)
+    return DecoderLoad(ckpt, absent, ignored)
 
 
-def _checked_state(model: torch.nn.Module, path, ckpt: Dict[str, Any], required) -> Dict[str, torch.Tensor]:
+def _checked_state(model: torch.nn.Module, path, ckpt: Dict[str, Any], required,
+                   only: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The snapshot's cleaned state dict after every check; ``required(key)`` tells which of the
-    model's keys it must hold."""
-    state = clean_state_dict(ckpt["network"])
-    ckpt_v, ckpt_j = _counts(state)
+    model's keys it must hold. ``only``: the part of the state dict to match against the model's
+    keys (shapes, missing, unexpected); the hand-model checks read the whole snapshot."""
+    whole = clean_state_dict(ckpt["network"])
+    state = whole if only is None else only
+    ckpt_v, ckpt_j = _counts(whole)
     if (ckpt_v not in (None, model.vertex_num)) or (ckpt_j not in (None, model.joint_num)):
         raise CheckpointError(
             f"{path}: the checkpoint is for a hand model with {ckpt_v if ckpt_v is not None else '?'} vertices "
             f"and {ckpt_j if ckpt_j is not None else '?'} joints, but the hand model "
             f"({model.hand_model.source}) has {model.vertex_num} vertices and {model.joint_num} joints"
         )
-    dof = state.get("pose_net.DoF")
-    if dof is not None and not torch.equal(dof.cpu().float(), model.pose_net.DoF.cpu()):
+    dof = whole.get("pose_net.DoF")
+    own_dof = torch.as_tensor(model.hand_model.dof_mask, dtype=torch.float32)  # = PoseNet's DoF buffer
+    if dof is not None and (dof.shape != own_dof.shape or not torch.equal(dof.cpu().float(), own_dof)):
         raise CheckpointError(
             f"{path}: the checkpoint's degrees of freedom (pose_net.DoF) differ from those of the hand "
             f"model's joint names ({model.hand_model.source})"
@@ -222,13 +270,19 @@ def save_checkpoint(state: Dict[str, Any], path: str | os.PathLike) -> None:
     state = {k: v for k, v in state.items() if k != DIGEST_KEY}
     state[DIGEST_KEY] = snapshot_digest(state)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fp:
-        torch.save(state, fp)
-        fp.flush()
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fp:
+            torch.save(state, fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp.exists():
+            tmp.unlink()
+        raise cannot_write(path, err) from None
+    sync_folder(path.parent)  # the rename itself durable before anything counts on it (retention)
 
 
 # ------------------------------------------------------------------ a run's snapshots
@@ -245,15 +299,42 @@ def snapshot_path(config, epoch: int) -> Path:
 def latest_snapshot(config) -> Optional[Tuple[int, Path]]:
     """``(epoch, path)`` of the snapshot with the highest epoch, or None. Temporary files of an
     interrupted write (``*.tmp``) are not snapshots."""
-    folder = snapshot_dir(config)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder)
-             if (m := SNAPSHOT_RE.match(name))]
-    return max(found) if found else None
+    found = run_snapshots(config)
+    return found[-1] if found else None
 
 
 def network_state_dict(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The model's state dict with DataParallel's ``module.`` prefix, as the original saves it
     (whether or not the model is wrapped here), so the original's tooling reads our snapshots."""
     return OrderedDict(("module." + k, v) for k, v in unwrap(model).state_dict().items())
+
+
+def run_snapshots(config) -> List[Tuple[int, Path]]:
+    """``[(epoch, path)]`` of every snapshot in :func:`snapshot_dir`, by epoch (``*.tmp`` files of
+    an interrupted write are not snapshots)."""
+    folder = snapshot_dir(config)
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := SNAPSHOT_RE.match(name)))
+
+
+def snapshots_to_delete(epochs: List[int], written: int, keep_last: int, keep_every: int) -> List[int]:
+    """The epochs whose snapshots retention deletes once ``snapshot_<written>`` is safely written.
+
+    Args:
+        epochs: the epochs of the snapshots in the folder (``written`` among them).
+        written: the epoch just written; it is always kept.
+        keep_last: keep the ``keep_last`` most recent snapshots up to ``written``; 0 keeps every one
+            (the original's behaviour: nothing is deleted).
+        keep_every: also keep ``snapshot_<e>`` for every ``e`` with ``(e + 1) % keep_every == 0``
+            (after every ``keep_every`` epochs: ``snapshot_{K-1}``, ``snapshot_{2K-1}``, …); 0: none.
+    Snapshots of later epochs than ``written`` (left by an earlier run in the same folder) are not
+    this run's to delete and stay.
+    """
+    if keep_last <= 0:
+        return []
+    mine = sorted(e for e in set(epochs) if e <= written)
+    keep = set(mine[-keep_last:]) | {written}
+    if keep_every > 0:
+        keep |= {e for e in mine if (e + 1) % keep_every == 0}
+    return [e for e in mine if e not in keep]

@@ -53,11 +53,13 @@ decimals, as in the released files.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import deque
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from common.errors import exit_code
 from common.utils.hand_model import HandModel, save_hand_model
 
 DEFAULT_HAND_NAME = "deephandmesh_default_right"
@@ -661,15 +663,19 @@ def make_default_hand() -> HandModel:
     return model.validate()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the project's default right hand as a hand-model folder.")
     parser.add_argument("--out", required=True, help="folder to write the six hand-model files into")
     args = parser.parse_args(argv)
-    model = make_default_hand()
-    save_hand_model(model, args.out)
-    print(f"{DEFAULT_HAND_NAME}: {model.vertex_num} vertices, {len(model.faces)} triangles, "
-          f"{model.joint_num} joints -> {args.out}")
+
+    def write() -> None:
+        model = make_default_hand()
+        save_hand_model(model, args.out)
+        print(f"{DEFAULT_HAND_NAME}: {model.vertex_num} vertices, {len(model.faces)} triangles, "
+              f"{model.joint_num} joints -> {args.out}")
+
+    return exit_code(write)  # an --out that cannot be written: one line, exit code 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from common.errors import OptionError
+from common.utils.textio import shown
+
 log = logging.getLogger(__name__)
+MAX_GPU_ID = 4096  # far above any machine's GPU count; bounds the list a range such as 0-999999999 makes
 
 
 def usable_cpus() -> int:
@@ -28,12 +32,15 @@ def parse_gpu_ids(text: Optional[str]) -> List[int]:
     try:
         if "-" in text:
             first, last = (int(x) for x in text.split("-", 1))
-            if last < first:
+            if not 0 <= first <= last < MAX_GPU_ID:
                 raise ValueError
             return list(range(first, last + 1))
-        return [int(x) for x in text.split(",") if x.strip() != ""]
+        ids = [int(x) for x in text.split(",") if x.strip() != ""]
+        if not all(0 <= i < MAX_GPU_ID for i in ids):
+            raise ValueError
+        return ids
     except ValueError:
-        raise ValueError(f"--gpu {text}: expected GPU ids like '0', '0,1' or '0-3'") from None
+        raise OptionError(f"--gpu {shown(text)}: expected GPU ids like '0', '0,1' or '0-3'") from None
 
 
 def select_device(gpu_ids: Optional[str] = None, local_rank: Optional[int] = None,
@@ -53,12 +60,12 @@ def select_device(gpu_ids: Optional[str] = None, local_rank: Optional[int] = Non
     count = torch.cuda.device_count()
     bad = [i for i in ids if i >= count]
     if bad:
-        raise ValueError(f"--gpu {gpu_ids}: this machine has {count} GPU(s) (ids 0..{count - 1}), not {bad}")
+        raise OptionError(f"--gpu {gpu_ids}: this machine has {count} GPU(s) (ids 0..{count - 1}), not {bad}")
     if local_rank is None:
         log.info("device: cuda:%d (of %s)", ids[0], ids)
         return torch.device("cuda", ids[0])
     if len(ids) < local_world_size:
-        raise ValueError(f"--gpu {gpu_ids} names {len(ids)} GPU(s), but torchrun started {local_world_size} "
+        raise OptionError(f"--gpu {gpu_ids} names {len(ids)} GPU(s), but torchrun started {local_world_size} "
                          f"processes on this machine: give one GPU per process (--nproc_per_node)")
     log.info("device: cuda:%d (process %d of this machine)", ids[local_rank], local_rank)
     return torch.device("cuda", ids[local_rank])

@@ -19,10 +19,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from common.errors import OptionError
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-class DistributedError(ValueError):
+class DistributedError(OptionError):
     """A distributed launch this program cannot run (inconsistent environment, too few GPUs)."""
 
 

@@ -24,7 +24,8 @@ from typing import List, Sequence
 
 import numpy as np
 
-from common.utils.io import atomic_write_text
+from common.errors import FileFormatError
+from common.utils.io import atomic_write_text, make_folder
 from common.utils.textio import read_text, shown, text_lines
 
 OBJ_FILE = "hand.obj"
@@ -46,7 +47,7 @@ ROOT_JOINT_SUFFIX = "wrist"
 AXES = "xyz"
 
 
-class HandModelError(ValueError):
+class HandModelError(FileFormatError):
     """A hand-model folder or file that cannot be used; the message names the file and line."""
 
 
@@ -439,8 +440,7 @@ def save_hand_model(model: HandModel, folder: os.PathLike | str) -> None:
     Numbers are written in their shortest exact decimal form, so reading the files back
     gives bit-identical float64 arrays, and writing those again gives identical bytes.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     fmt = format_number
     obj = ["# DeepHandMesh hand model: v in cm, f vertex/uv (1-based)"]
     obj += ["v " + " ".join(fmt(c) for c in v) for v in model.vertices_cm]

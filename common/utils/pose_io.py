@@ -1,26 +1,42 @@
 """Hand poses as people write them: ``{joint_name: [x, y, z]}`` in degrees (YAML or JSON),
-``NAME=X,Y,Z`` overrides, and named presets shipped under ``demo/poses``."""
+``NAME=X,Y,Z`` overrides, and named presets shipped under ``demo/poses``.
+
+Besides the errors (a :class:`PoseError` naming the file and line, or the argument), reading a pose
+warns, without stopping, about what is most likely a slip (:func:`pose_warnings`):
+
+* a joint given twice in one source (a pose file, or the ``--euler`` arguments together): the
+  last one counts. ``--euler`` replacing a joint of the ``--pose`` file is what it is for, and
+  does not warn;
+* angles that look like radians: every non-zero angle of the source lies within ±π (±3.1416)
+  and at least one of them is not a whole number (``1.5708``): degrees that small and that precise
+  are rare, radians are always like that. Whole small numbers (``--euler thumb0=2,0,0``) do not warn.
+
+(Angles beyond the joint limits are the demo's to warn about: :mod:`demo.joint_limits`.)
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
 import yaml
 
+from common.errors import DeepHandMeshError
 from common.utils.hand_model import AXES, HandModel, dof_description
-from common.utils.textio import key_lines_json, key_lines_yaml, read_text, shown, where
+from common.utils.textio import key_lines_json, read_text, shown, where, yaml_error_message, yaml_mapping
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "demo" / "poses"
 MAX_POSE_BYTES = 2 ** 20
 # Larger angles turn into inf in float32 radians; no pose needs more than a few turns.
 MAX_ABS_DEGREES = 1e6
+log = logging.getLogger("deephandmesh")
 
 
-class PoseError(ValueError):
+class PoseError(DeepHandMeshError, ValueError):
     """A pose that cannot be applied; the message names the file or argument and the joint."""
 
 
@@ -66,9 +82,11 @@ def _angles(value, source: str, joint: str) -> np.ndarray:
     return np.array(out)
 
 
-def apply_angles(model: HandModel, euler_deg: np.ndarray, values: Mapping, source: str) -> None:
-    """Set joints' angles (degrees) in ``euler_deg [J, 3]`` from ``{name: [x, y, z]}``, checking DoF."""
+def apply_angles(model: HandModel, euler_deg: np.ndarray, values: Mapping, source: str) -> List[int]:
+    """Set joints' angles (degrees) in ``euler_deg [J, 3]`` from ``{name: [x, y, z]}``, checking DoF.
+    Returns the ids of the joints set, in order."""
     dof = model.dof_mask
+    joints = []
     for name, value in values.items():
         j = resolve_joint(model, str(name), source)
         angles = _angles(value, source, shown(str(name)))
@@ -79,6 +97,8 @@ def apply_angles(model: HandModel, euler_deg: np.ndarray, values: Mapping, sourc
                     f"(its axes: {dof_description(model, j)}); got {angles[k]:g}°"
                 )
         euler_deg[j] = angles
+        joints.append(j)
+    return joints
 
 
 def read_pose_file(path: Path) -> Dict:
@@ -89,6 +109,39 @@ def read_pose_file(path: Path) -> Dict:
 
 def read_pose_file_lines(path: Path):
     """:func:`read_pose_file` and the line of each joint's entry: ``(data, {name: line})``."""
+    data, lines, _repeated = read_pose_entries(path)
+    return data, lines
+
+
+def _json_with_repeats(text: str) -> Tuple[object, Dict[str, List[int]]]:
+    """``json.loads(text)`` and the top-level keys given more than once, with their lines (the
+    places where the quoted key appears, in order)."""
+    objects = []
+
+    def keep_pairs(pairs):
+        objects.append(pairs)
+        return dict(pairs)
+
+    data = json.loads(text, object_pairs_hook=keep_pairs)
+    repeated: Dict[str, List[int]] = {}
+    if isinstance(data, dict) and objects:  # the top-level object is completed last
+        names = [str(k) for k, _ in objects[-1]]
+        for name in {n for n in names if names.count(n) > 1}:
+            quoted, found, at = json.dumps(name), [], -1
+            while len(found) < names.count(name) and (at := text.find(quoted, at + 1)) >= 0:
+                found.append(text.count("\n", 0, at) + 1)
+            repeated[name] = found
+    return data, repeated
+
+
+def read_pose_entries(path: Path) -> Tuple[Dict, Dict[str, int], Dict[str, List[int]]]:
+    """A pose file's ``{joint_name: [x, y, z]}`` (YAML, or JSON for ``.json``), the line of each
+    entry, and the names given more than once with their lines (the last one counts).
+
+    Raises:
+        PoseError: unreadable, not valid YAML/JSON (worded with the file, the line and a hint, e.g.
+            ``tabs are not allowed in YAML; indent with spaces``), or not a mapping.
+    """
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         text = read_text(path, PoseError, f"pose file ({kind})", MAX_POSE_BYTES)
@@ -96,19 +149,17 @@ def read_pose_file_lines(path: Path):
         raise PoseError(f"{path}: cannot read pose file ({err.strerror or err})") from None
     try:
         if kind == "JSON":
-            data = json.loads(text)
+            data, repeated = _json_with_repeats(text)
             lines = key_lines_json(text, data)
         else:
-            data, lines = key_lines_yaml(text)
-    except (yaml.YAMLError, ValueError) as err:  # ValueError: JSON errors, a date 2001-13-45, a 5000-digit int
-        raise PoseError(f"{path}: not valid {kind}: {' '.join(str(err).split())}") from None
-    except RecursionError:
-        raise PoseError(f"{path}: not valid {kind}: nested too deeply") from None
+            data, lines, repeated = yaml_mapping(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: JSON's, a date 2001-13-45, a 5000-digit int
+        raise PoseError(yaml_error_message(path, err, kind)) from None
     if data is None:
-        return {}, {}
+        return {}, {}, {}
     if not isinstance(data, dict):
         raise PoseError(f"{path}: expected a mapping joint_name: [x, y, z] (degrees), got {type(data).__name__}")
-    return data, lines
+    return data, lines, repeated
 
 
 def parse_euler_override(text: str) -> tuple:
@@ -122,16 +173,71 @@ def parse_euler_override(text: str) -> tuple:
     return name.strip(), parts
 
 
-def apply_pose_file(model: HandModel, euler_deg: np.ndarray, path: Path) -> None:
+def apply_pose_file(model: HandModel, euler_deg: np.ndarray, path: Path) -> List[str]:
     """Set the angles (degrees, ``euler_deg [J, 3]``) a pose file gives, each entry checked and its
-    errors naming the file and the entry's line."""
-    data, lines = read_pose_file_lines(path)
+    errors naming the file and the entry's line.
+
+    Returns:
+        The file's warnings (:func:`pose_warnings`), for the caller to show; nothing is logged here.
+    """
+    data, lines, repeated = read_pose_entries(path)
+    given: List[Tuple[int, str]] = []
     for name, value in data.items():
-        apply_angles(model, euler_deg, {name: value}, where(path, lines, name))
+        source = where(path, lines, name)
+        for j in apply_angles(model, euler_deg, {name: value}, source):
+            given.append((j, source))
+    notes = [f"{path}:{found[-1]}: joint '{shown(name)}' is given {len(found)} times (lines "
+             f"{', '.join(map(str, found))}); the last one counts" for name, found in repeated.items()]
+    return notes + pose_warnings(model, euler_deg, given, str(path))
+
+
+def pose_warnings(model: HandModel, euler_deg: np.ndarray, given: Sequence[Tuple[int, str]], source: str) -> List[str]:
+    """The warnings of one source's angles (module notes): a joint set twice under two names (the
+    same name twice is for the reader to see, :func:`read_pose_entries`), and angles that look
+    like radians.
+
+    Args:
+        euler_deg: ``[J, 3]`` degrees after the source was applied.
+        given: ``(joint id, where)`` of each entry of the source, in order.
+        source: the source as the user names it (a file, ``--euler``).
+    """
+    notes = []
+    seen: Dict[int, List[str]] = {}
+    for j, place in given:
+        seen.setdefault(j, []).append(place)
+    for j, places in seen.items():
+        if len(places) > 1:
+            notes.append(f"{places[-1]}: joint '{model.joint_names[j]}' is given {len(places)} times "
+                         f"({', '.join(places)}); the last one counts")
+    angles = [float(a) for j in seen for a in euler_deg[j] if a != 0]
+    if angles and all(abs(a) <= math.pi for a in angles) and any(a != round(a) for a in angles):
+        example = next(a for a in angles if a != round(a))
+        notes.append(f"{source}: every angle is within ±π and some are fractions ({example:g}): are these "
+                     f"radians? Pose angles are in degrees ({example:g} rad would be "
+                     f"{math.degrees(example):.1f}°)")
+    return notes
+
+
+def euler_overrides(model: HandModel, euler_deg: np.ndarray, overrides: Iterable[str]) -> List[str]:
+    """Apply ``NAME=X,Y,Z`` strings (degrees; each replaces that joint's angles) to ``euler_deg``;
+    returns their warnings (:func:`pose_warnings` over all of them together)."""
+    given = []
+    overrides = list(overrides)
+    for text in overrides:
+        name, values = parse_euler_override(text)
+        for j in apply_angles(model, euler_deg, {name: values}, f"--euler {text}"):
+            given.append((j, f"--euler {text}"))
+    if not given:
+        return []
+    only = np.zeros_like(euler_deg)  # the radians check looks at what --euler gave, not the file's angles
+    for j, _ in given:
+        only[j] = euler_deg[j]
+    return pose_warnings(model, only, given, "--euler")
 
 
 def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()) -> torch.Tensor:
-    """Euler angles for the demo.
+    """Euler angles for the demo; the warnings of the file and of the overrides are logged
+    (:func:`pose_warnings`).
 
     Args:
         pose: a YAML/JSON file, or the name of a preset in ``demo/poses`` (None: all zeros).
@@ -140,6 +246,7 @@ def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()
         ``[1, J, 3]`` float32 radians.
     """
     euler_deg = np.zeros((model.joint_num, 3))
+    notes = []
     if pose:
         path = Path(pose)
         if not path.is_file():
@@ -149,8 +256,8 @@ def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()
                     f"--pose {pose}: no such file, and not a preset name; presets: {', '.join(preset_names())}"
                 )
             path = preset
-        apply_pose_file(model, euler_deg, path)
-    for text in overrides:
-        name, values = parse_euler_override(text)
-        apply_angles(model, euler_deg, {name: values}, f"--euler {text}")
+        notes += apply_pose_file(model, euler_deg, path)
+    notes += euler_overrides(model, euler_deg, overrides)
+    for note in notes:
+        log.warning(note)
     return torch.from_numpy(np.radians(euler_deg)).float()[None]

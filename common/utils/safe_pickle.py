@@ -49,6 +49,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
+from common.errors import FileFormatError
+
 __all__ = ["DepthmapError", "load_depthmap", "loads_numeric_array", "ALLOWED_TYPES"]
 
 # The numeric types a depth map may have (kind + item size), as numpy names them in a pickle.
@@ -64,7 +66,7 @@ _MEMO_OPS = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
 DEFAULT_DEPTH_MIN = 1.0  # mm, the original's cfg.depth_min (the renderer's near plane)
 
 
-class DepthmapError(ValueError):
+class DepthmapError(FileFormatError):
     """A depth-map file whose content is not a finite, numeric, 2-D array; the message names it."""
 
 

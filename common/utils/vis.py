@@ -24,6 +24,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from common.errors import OutputError
 from common.utils.io import atomic_write_bytes
 
 # Rows: the camera's right, up and towards-the-viewer axes, in the hand frame.
@@ -170,7 +171,8 @@ def save_image(path, img: np.ndarray) -> None:
     """Write an image atomically (see :mod:`common.utils.io`); the format follows the suffix.
 
     Raises:
-        OSError: OpenCV could not encode the image; nothing is written to ``path``.
+        OutputError: (an ``OSError``) OpenCV could not encode the image, or the file cannot be
+            written; nothing is written to ``path``.
     """
     path = Path(path)
     try:
@@ -180,7 +182,7 @@ def save_image(path, img: np.ndarray) -> None:
     else:
         reason = "cv2.imencode returned False"
     if not ok:
-        raise OSError(f"save_image: could not write {path} ({reason}; image shape "
-                      f"{getattr(img, 'shape', '?')}, dtype {getattr(img, 'dtype', '?')}; "
-                      "use an image suffix such as .png or .jpg)")
+        raise OutputError(f"save_image: could not write {path} ({reason}; image shape "
+                          f"{getattr(img, 'shape', '?')}, dtype {getattr(img, 'dtype', '?')}; "
+                          "use an image suffix such as .png or .jpg)")
     atomic_write_bytes(path, buf.tobytes())

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from common.errors import OptionError
 from main.benchmarks.timing import median_seconds
 from common.renderer.depth_renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
@@ -217,7 +218,7 @@ def compare_renderers(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), vi
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     if clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        raise ValueError("clock 'thread' measures the CPU time of one thread: use it on the CPU with --threads 1")
+        raise OptionError("--clock thread measures the CPU time of one thread: use it on the CPU with --threads 1")
     print_fn(f"depth renderer on {device}, {torch.get_num_threads()} threads; B={batch} sample(s) x {views} views in one "
              f"call; median of {repeats} runs ({'CPU time of the thread' if clock == 'thread' else 'wall time'}), "
              f"the variants' calls interleaved; p3d/tN = PyTorch3D's kernel, "
