@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q $(ARGS)
 
 bench: setup
-	$(PY) main/bench.py decode
+	$(PY) tools/bench.py decode
 
 $(ANYTORCH_VENV)/.installed: requirements-any-torch.txt
 	$(PYTHON) -m venv $(ANYTORCH_VENV)

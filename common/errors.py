@@ -27,6 +27,12 @@ class OptionError(DeepHandMeshError, ValueError):
     """A command-line argument or configuration option with a value the program cannot use."""
 
 
+class ConfigError(OptionError):
+    """An unknown option or a value of the wrong type, or what an option needs missing (e.g. the
+    ground-truth angles of ``pose_source=gt``); the message names the option and its source.
+    (Also importable from :mod:`main.config`.)"""
+
+
 class FileFormatError(DeepHandMeshError, ValueError):
     """A file whose contents cannot be used (malformed, or made for something else); the message
     starts with the file's path (and line, for text files)."""

@@ -17,7 +17,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from common.utils.io import cannot_write, make_folder
+from common.io.atomic import cannot_write, make_folder
 
 LOGGER_NAME = "deephandmesh"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -50,7 +50,7 @@ as pixel centres, so the patch is ``x1 - x0 + 1`` wide, centred on ``(x0 + x1 + 
 
 Errors. Any failure to read a sample's file (image, keypoints, depth map) — missing, not UTF-8,
 malformed, non-finite or out-of-range numbers, a depth-map pickle that is not a plain numeric
-array or holds impossible depths (see ``common.utils.safe_pickle``), or any other exception its
+array or holds impossible depths (see ``common.io.safe_pickle``), or any other exception its
 reader raises — becomes a one-line :class:`SampleError` whose message starts with the file's
 path. ``on_error='stop'`` raises it (from ``DataLoader`` workers too, with the same message).
 ``on_error='skip'`` logs a warning the first time a file fails (per process), counts the skipped
@@ -82,9 +82,9 @@ import torch
 import torch.utils.data
 
 from common.errors import DeepHandMeshError, FileFormatError, MissingFileError, OptionError
-from common.utils.io import atomic_write_text
-from common.utils.safe_pickle import load_depthmap
-from common.utils.textio import read_text, shown, text_lines
+from common.io.atomic import atomic_write_text
+from common.io.safe_pickle import load_depthmap
+from common.io.textio import read_text, shown, text_lines
 
 logger = logging.getLogger(__name__)
 

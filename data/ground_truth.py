@@ -12,8 +12,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from common.errors import FileFormatError
-from main.config import ConfigError
+from common.errors import ConfigError, FileFormatError
 
 log = logging.getLogger("deephandmesh")
 

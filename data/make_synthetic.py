@@ -20,7 +20,7 @@ Layout written under ``--out``::
         frames.npz     frame ids, euler [T,J,3] rad, root [T,4,4], joints [T,J,3] mm, vertices [T,V,3] mm
         meta.json      the options and the camera names
 
-Ground truth comes from the project's own posing code (:func:`common.utils.kinematics.pose_hand`)
+Ground truth comes from the project's own posing code (:func:`common.hand.kinematics.pose_hand`)
 with a known identity — non-zero skeleton offsets and a smooth identity corrective of a few mm along
 the surface normals — and a known pose-dependent corrective (a soft-tissue bulge near each joint
 that grows with its flexion). Poses are random within joint limits; the wrist gets a random rotation
@@ -48,11 +48,11 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common.renderer.depth_renderer import DepthRenderer, project_points  # noqa: E402
-from common.utils.hand_model import HandModel, save_hand_model  # noqa: E402
-from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
-from common.utils.kinematics import pose_hand  # noqa: E402
+from common.hand.hand_model import HandModel, save_hand_model  # noqa: E402
+from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
+from common.hand.kinematics import pose_hand  # noqa: E402
 from common.errors import exit_code  # noqa: E402
-from common.utils.io import atomic_write_bytes, make_folder  # noqa: E402
+from common.io.atomic import atomic_write_bytes, make_folder  # noqa: E402
 from common.utils.vis import paint_mesh  # noqa: E402
 from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine, write_krt, write_pts  # noqa: E402
 

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 from common.renderer.depth_renderer import DepthRenderer, project_points  # noqa: E402
 from common.errors import OptionError, exit_code  # noqa: E402
-from common.utils.hand_model import is_hand_model_folder, load_hand_model  # noqa: E402
-from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
+from common.hand.hand_model import is_hand_model_folder, load_hand_model  # noqa: E402
+from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from data.dataset import ORIGINAL_IMG_SHAPE, DeepHandMeshDataset  # noqa: E402
 from data.make_synthetic import parse_hw  # noqa: E402

@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.utils.hand_model import HandModel  # noqa: E402
-from common.utils.io import atomic_write_bytes  # noqa: E402
-from common.utils.pose_io import preset_names  # noqa: E402
+from common.hand.hand_model import HandModel  # noqa: E402
+from common.io.atomic import atomic_write_bytes  # noqa: E402
+from common.hand.pose_io import preset_names  # noqa: E402
 from common.utils.vis import VIEWS, fit_views  # noqa: E402
 from common.errors import OptionError, exit_code  # noqa: E402
 from demo.demo import (add_model_args, check_model_args, decode_pose, load_model, render_pose,  # noqa: E402

@@ -26,12 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.errors import exit_code  # noqa: E402
-from common.utils.checkpoint import load_decoder_checkpoint  # noqa: E402
+from common.io.checkpoint import load_decoder_checkpoint  # noqa: E402
 from common.utils.device import select_device  # noqa: E402
-from common.utils.hand_model import save_obj  # noqa: E402
-from common.utils.io import atomic_write_text, make_folder  # noqa: E402
-from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
-from common.utils.pose_io import build_pose, preset_names  # noqa: E402
+from common.hand.hand_model import save_obj  # noqa: E402
+from common.io.atomic import atomic_write_text, make_folder  # noqa: E402
+from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
+from common.hand.pose_io import build_pose, preset_names  # noqa: E402
 from common.utils.vis import render_mesh, save_image  # noqa: E402
 from demo.joint_limits import joint_limits_deg, limit_violations  # noqa: E402
 from main.config import cfg  # noqa: E402

@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.errors import DeepHandMeshError, exit_code, one_line  # noqa: E402
-from common.utils.hand_model import save_obj  # noqa: E402
-from common.utils.pose_io import PoseError, preset_names  # noqa: E402
+from common.hand.hand_model import save_obj  # noqa: E402
+from common.hand.pose_io import PoseError, preset_names  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from demo import animate, export  # noqa: E402
 from demo.demo import (check_model_args, decode_pose, load_model, model_and_pose_parser, render_pose,  # noqa: E402

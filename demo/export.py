@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from common.export.fbx import glb_to_fbx, import_bpy  # noqa: E402
 from common.export.gltf import export_glb  # noqa: E402
 from common.export.sequence import read_fit  # noqa: E402
-from common.utils.hand_model_source import resolve_hand_model  # noqa: E402
-from common.utils.io import atomic_write_bytes  # noqa: E402
-from common.utils.pose_io import build_pose, preset_names  # noqa: E402
+from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
+from common.io.atomic import atomic_write_bytes  # noqa: E402
+from common.hand.pose_io import build_pose, preset_names  # noqa: E402
 from common.errors import exit_code  # noqa: E402
 from demo.demo import add_model_args, check_model_args, load_model, setup_console_logging  # noqa: E402
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402

@@ -44,7 +44,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from common.utils.hand_model import HandModel
+from common.hand.hand_model import HandModel
 
 Range = Tuple[float, float]
 

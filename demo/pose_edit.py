@@ -2,7 +2,7 @@
 (presets, pose files, limits, a random pose, copying a finger), with no user interface.
 
 The decoder's input is made exactly as ``demo.py --pose`` makes it (:func:`euler_tensor` is
-:func:`common.utils.pose_io.build_pose`'s conversion), so a pose saved by :func:`pose_yaml` gives
+:func:`common.hand.pose_io.build_pose`'s conversion), so a pose saved by :func:`pose_yaml` gives
 ``demo.py`` the same mesh, vertex for vertex.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from common.utils.hand_model import HandModel
-from common.utils.pose_io import PRESET_DIR, PoseError, apply_pose_file, preset_names
+from common.hand.hand_model import HandModel
+from common.hand.pose_io import PRESET_DIR, PoseError, apply_pose_file, preset_names
 from data.make_synthetic import sample_pose
 
 log = logging.getLogger("deephandmesh")
@@ -51,7 +51,7 @@ def pose_degrees(model: HandModel, pose: str | None) -> np.ndarray:
 
 def euler_tensor(euler_deg: np.ndarray) -> torch.Tensor:
     """``[J, 3]`` or ``[N, J, 3]`` degrees → float32 radians ``[1 or N, J, 3]``, the conversion of
-    :func:`~common.utils.pose_io.build_pose`."""
+    :func:`~common.hand.pose_io.build_pose`."""
     euler = torch.from_numpy(np.radians(np.asarray(euler_deg, np.float64))).float()
     return euler[None] if euler.dim() == 2 else euler
 

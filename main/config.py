@@ -28,10 +28,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import yaml
 
-from common.errors import OptionError
+from common.errors import ConfigError
 from common.renderer.backend import BACKENDS
 from common.utils.device import parse_gpu_ids
-from common.utils.textio import read_text, shown, where, yaml_error_message, yaml_mapping, yaml_value
+from common.io.textio import read_text, shown, where, yaml_error_message, yaml_mapping, yaml_value
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 MAX_CONFIG_BYTES = 2 ** 20
@@ -45,8 +45,6 @@ ON_ERROR = ("skip", "stop")
 NUMBER_RE = re.compile(r"[-+]?(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][-+]?\d(?:_?\d)*)?")
 
 
-class ConfigError(OptionError):
-    """An unknown option or a value of the wrong type; the message names the option and its source."""
 
 
 # ------------------------------------------------------------------------------ option types

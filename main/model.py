@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from common.nets.module import BackboneNet, PoseNet, SkeletonRefineNet, SkinRefineNet
-from common.utils.hand_model import HandModel
-from common.utils.kinematics import KinematicTree, add_translation, forward_kinematics, linear_blend_skinning, pose_mesh
+from common.hand.hand_model import HandModel
+from common.hand.kinematics import KinematicTree, add_translation, forward_kinematics, linear_blend_skinning, pose_mesh
 from main.config import cfg as default_cfg
 from main.objective import TrainingObjective
 
@@ -276,7 +276,7 @@ def get_model(mode: str, hand_model: HandModel, config=None) -> Model:
     Args:
         mode: ``'train'`` (decoder layers initialised as the original; backbone from
             ``config.pretrained_backbone`` when given) or ``'test'``.
-        hand_model: a loaded :class:`HandModel` (see :func:`common.utils.hand_model.load_hand_model`).
+        hand_model: a loaded :class:`HandModel` (see :func:`common.hand.hand_model.load_hand_model`).
         config: a :class:`main.config.Config`; the global ``cfg`` when None.
     """
     if mode not in ("train", "test"):
@@ -300,7 +300,7 @@ def get_decoder(hand_model: HandModel, config=None) -> Model:
     The identity code and the corrective networks, built as :func:`get_model` builds them in test
     mode, without the encoder (``backbone_net``, ``pose_net``) and without the training objective
     (renderer, penetration tables, Laplacian). Load a snapshot into it with
-    :func:`common.utils.checkpoint.load_decoder_checkpoint`, which reads a snapshot of any backbone.
+    :func:`common.io.checkpoint.load_decoder_checkpoint`, which reads a snapshot of any backbone.
 
     Args:
         hand_model: a loaded :class:`HandModel`.

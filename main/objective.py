@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from common.nets.loss import DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss
 from common.renderer.depth_renderer import DepthRenderer
-from common.utils.kinematics import rigid_align
+from common.hand.kinematics import rigid_align
 
 # A rigid transform in 3D is determined by three non-collinear points: a sample with fewer valid
 # alignment keypoints cannot be placed (see :func:`align_to_keypoints`).
@@ -32,7 +32,7 @@ def align_to_keypoints(source: torch.Tensor, target: torch.Tensor, valid: torch.
     Only the valid correspondences count (a weighted Kabsch with 0/1 weights), so a keypoint the
     annotation lacks (its coordinates are 0 in the data set) cannot pull the hand towards the
     origin (docs/differences.md). It is computed by
-    :func:`common.utils.kinematics.rigid_align` on the points with every invalid pair replaced by
+    :func:`common.hand.kinematics.rigid_align` on the points with every invalid pair replaced by
     the centroids of the valid ones: those pairs then change neither the centroids nor the
     cross-covariance, which makes the result exactly the Kabsch solution of the valid pairs.
 
@@ -75,7 +75,7 @@ class TrainingObjective(nn.Module):
     """Root alignment, depth rendering and the losses of the training forward.
 
     Args:
-        hand_model: the :class:`common.utils.hand_model.HandModel` (bones, segmentation, mesh
+        hand_model: the :class:`common.hand.hand_model.HandModel` (bones, segmentation, mesh
             connectivity for the penetration and Laplacian losses).
         faces: ``[F, 3]`` the mesh's triangles (the renderer's).
         config: a :class:`main.config.Config` (``rendered_img_shape``, ``depth_min``/``depth_max``

@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from common import metrics
 from common.summary import SummaryWriter
-from common.utils.checkpoint import CheckpointError, load_checkpoint, snapshot_path
+from common.io.checkpoint import CheckpointError, load_checkpoint, snapshot_path
 from common.utils.device import pick_device, place_model, unwrap
-from common.utils.hand_model import save_obj
-from common.utils.io import atomic_write_bytes, atomic_write_text, make_folder
+from common.hand.hand_model import save_obj
+from common.io.atomic import atomic_write_bytes, atomic_write_text, make_folder
 from data.ground_truth import attach_gt_pose, load_gt_identity, load_gt_meshes, load_gt_poses
 from main.config import Config
 from main.model import get_model

@@ -36,13 +36,13 @@ from tqdm import tqdm
 
 from common.summary import SummaryWriter, depth_panel
 from common.utils import distributed
-from common.utils.checkpoint import (CheckpointError, latest_snapshot, load_checkpoint, network_state_dict,
+from common.io.checkpoint import (CheckpointError, latest_snapshot, load_checkpoint, network_state_dict,
                                      read_checkpoint, run_snapshots, save_checkpoint, snapshot_dir, snapshot_path,
                                      snapshots_to_delete)
-from common.utils.io import sync_folder
+from common.io.atomic import sync_folder
 from common.utils.device import pick_device, place_model, unwrap, usable_cpus
-from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model
-from common.utils.hand_model_source import resolve_hand_model
+from common.hand.hand_model import HandModel, is_hand_model_folder, load_hand_model
+from common.hand.hand_model_source import resolve_hand_model
 from data.ground_truth import attach_gt_pose, load_gt_poses
 from main.config import Config
 from main.model import INPUT_KEYS, get_model
@@ -74,7 +74,7 @@ class Timer:
 
 def training_hand_model(config: Config) -> HandModel:
     """``cfg.hand_model_dir`` when set; else ``data_dir/hand_model`` when it holds a model (a
-    synthetic set has one); else :func:`common.utils.hand_model_source.resolve_hand_model`."""
+    synthetic set has one); else :func:`common.hand.hand_model_source.resolve_hand_model`."""
     if config.hand_model_dir:
         return load_hand_model(config.hand_model_dir)
     in_data = Path(config.data_dir) / "hand_model"
@@ -413,7 +413,7 @@ class Trainer:
 
     def prune_snapshots(self, written: int) -> None:
         """Delete the snapshots ``keep_last``/``keep_every`` do not keep
-        (:func:`common.utils.checkpoint.snapshots_to_delete`). Called only after ``snapshot_<written>``
+        (:func:`common.io.checkpoint.snapshots_to_delete`). Called only after ``snapshot_<written>``
         is written, flushed and renamed into place, so the snapshot a resume needs is never gone
         before its successor is safely on disk."""
         cfg = self.cfg

@@ -28,14 +28,14 @@ def makehuman_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def makehuman(makehuman_dir):
-    from common.utils.hand_model import load_hand_model
+    from common.hand.hand_model import load_hand_model
 
     return load_hand_model(makehuman_dir)
 
 
 @pytest.fixture(scope="session")
 def default_hand():
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
 
     return make_default_hand()
 
@@ -49,7 +49,7 @@ def any_hand(request):
 @pytest.fixture(scope="session")
 def default_hand_dir(tmp_path_factory, default_hand) -> Path:
     """The default hand written out as a hand-model folder (the six files)."""
-    from common.utils.hand_model import save_hand_model
+    from common.hand.hand_model import save_hand_model
 
     folder = tmp_path_factory.mktemp("default_hand_model")
     save_hand_model(default_hand, folder)

@@ -22,7 +22,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from common.utils.allocator import retain_freed_memory
     applied = retain_freed_memory()
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     from main.config import Config
     from main.model import get_model
     hand = make_default_hand()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.kinematics import euler_to_matrix
-from common.utils.pose_io import build_pose
+from common.hand.kinematics import euler_to_matrix
+from common.hand.pose_io import build_pose
 from common.utils.vis import fit_views, render_mesh
 from demo import animate, demo
 from demo.pose_edit import euler_tensor, pose_degrees

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from main.trainer import Trainer
-from main.benchmarks.iteration import STAGES, StageClock, profile_iterations
-from main.benchmarks.renderer import subdivide
+from tools.benchmarks.iteration import STAGES, StageClock, profile_iterations
+from tools.benchmarks.renderer import subdivide
 from main.config import Config
 from tests.conftest import REPO
 from tests.test_train import TINY
@@ -78,7 +78,7 @@ def test_subdivide_keeps_the_surface():
 
 
 def test_bench_script_runs_and_rejects_bad_arguments():
-    run = [sys.executable, str(REPO / "main" / "bench.py")]
+    run = [sys.executable, str(REPO / "tools" / "bench.py")]
     done = subprocess.run(run + ["decode", "--batch", "2", "--hands", "default", "--repeats", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

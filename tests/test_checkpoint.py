@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.nn.parallel import DataParallel
 
-from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from common.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from main.model import get_model
-from tests.reference import fewer_vertices
+from tools.reference import fewer_vertices
 
 
 def original_snapshot(model, path, epoch=12):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from common.utils.hand_model import HandModelError, load_hand_model, save_hand_model
-from common.utils.pose_io import PoseError, build_pose
-from common.utils.safe_pickle import DepthmapError, load_depthmap
+from common.io.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from common.hand.hand_model import HandModelError, load_hand_model, save_hand_model
+from common.hand.pose_io import PoseError, build_pose
+from common.io.safe_pickle import DepthmapError, load_depthmap
 from data.dataset import (DataFormatError, DeepHandMeshDataset, SampleError, SkipReport, message_path,
                           read_krt, read_pts_raw)
 from main.config import Config, ConfigError
@@ -207,8 +207,8 @@ NUMPY_CHECK = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import numpy as np, pickle
-    from main.fuzz import m_byte_order, m_flip_bytes, m_insert_bytes, m_overwrite_run, m_truncate, numpy_fingerprint
-    from common.utils.safe_pickle import DepthmapError, loads_numeric_array
+    from tools.fuzz import m_byte_order, m_flip_bytes, m_insert_bytes, m_overwrite_run, m_truncate, numpy_fingerprint
+    from common.io.safe_pickle import DepthmapError, loads_numeric_array
     before = numpy_fingerprint()
     rng = np.random.default_rng(0)
     depth = (np.arange(12 * 9, dtype=np.float32).reshape(12, 9) % 7) * 100
@@ -378,7 +378,7 @@ def test_corrupted_snapshot_is_refused_and_original_layout_loads_as_before(tmp_p
 
 
 def test_digest_covers_every_entry(tmp_path):
-    from common.utils.checkpoint import snapshot_digest
+    from common.io.checkpoint import snapshot_digest
 
     base = {"epoch": 1, "network": {"a": torch.zeros(3)}, "optimizer": {"param_groups": [{"lr": 1e-4}]}}
     digests = {snapshot_digest(base)}
@@ -391,7 +391,7 @@ def test_digest_covers_every_entry(tmp_path):
 
 # ------------------------------------------------------------------------------ the fuzzer
 def test_fuzzer_classifies_outcomes(tmp_path):
-    from main.fuzz import Kind, classify
+    from tools.fuzz import Kind, classify
 
     path = tmp_path / "f.txt"
     kind = Kind("pose", [path], read=None, check=lambda v: None if np.isfinite(v) else "non-finite",
@@ -411,7 +411,7 @@ def test_fuzzer_classifies_outcomes(tmp_path):
 def test_fuzzer_run_finds_no_unclear_failure(tmp_path):
     """250 seeded cases of every kind through the scripts' readers (BENCHMARKS.md has a 10,000-case run)."""
     out = tmp_path / "fuzz.json"
-    result = subprocess.run([sys.executable, str(REPO / "main" / "fuzz.py"), "--cases", "2000", "--seed", "17",
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz.py"), "--cases", "2000", "--seed", "17",
                              "--hand_vertices", "300", "--json", str(out), "--keep", str(tmp_path / "kept")],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from common.utils.default_hand import JOINT_NAMES
+from common.hand.default_hand import JOINT_NAMES
 from data.dataset import (
     PTS_JOINT_NAMES,
     DataFormatError,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.renderer.depth_renderer import DepthRenderer
-from common.utils.safe_pickle import load_depthmap
+from common.io.safe_pickle import load_depthmap
 from data.dataset import DeepHandMeshDataset
 from data.make_synthetic import generate
 from tests.test_train import run_script

@@ -1,10 +1,10 @@
-"""The generated default right hand (common/utils/default_hand.py) and the mesh pictures (common/utils/vis.py)."""
+"""The generated default right hand (common/hand/default_hand.py) and the mesh pictures (common/utils/vis.py)."""
 import cv2
 import numpy as np
 import pytest
 
-from common.utils.default_hand import DEFAULT_HAND_NAME, main as default_hand_cli, make_default_hand
-from common.utils.hand_model import HAND_MODEL_FILES, load_hand_model, save_hand_model
+from common.hand.default_hand import DEFAULT_HAND_NAME, main as default_hand_cli, make_default_hand
+from common.hand.hand_model import HAND_MODEL_FILES, load_hand_model, save_hand_model
 from common.utils.vis import VIEWS, render_mesh, save_image
 
 # The released model's skeleton.txt, in id order (hard-coded on purpose).
@@ -292,7 +292,7 @@ def test_fist_without_tearing_or_collapse(hand):
 
 def test_same_numbers_as_the_project_kinematics(hand):
     torch = pytest.importorskip("torch")
-    kinematics = pytest.importorskip("common.utils.kinematics")
+    kinematics = pytest.importorskip("common.hand.kinematics")
     theta = fist(hand)
     joints, verts = kinematics.pose_hand(hand, torch.as_tensor(theta[None], dtype=torch.float64))
     ref_joints, ref_verts, _ = pose(hand, theta)  # decode mode: root at identity

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import DECODER_PREFIXES, save_checkpoint
-from common.utils.hand_model import load_hand_model, save_hand_model
-from common.utils.pose_io import build_pose
+from common.io.checkpoint import DECODER_PREFIXES, save_checkpoint
+from common.hand.hand_model import load_hand_model, save_hand_model
+from common.hand.pose_io import build_pose
 from demo import demo
 from main.model import get_model
 from tests.conftest import REPO
-from tests.reference import fewer_vertices
+from tools.reference import fewer_vertices
 
 
 def read_obj(path):
@@ -184,7 +184,7 @@ def test_checkpoint_for_other_hand(other, capsys, tmp_path, default_hand, reques
 
 
 def test_data_hand_model_is_the_default_when_present(tmp_path, any_hand_dir, monkeypatch):
-    import common.utils.hand_model_source as source
+    import common.hand.hand_model_source as source
 
     monkeypatch.setattr(source, "DATA_HAND_MODEL", any_hand_dir)
     assert source.resolve_hand_model().source == str(any_hand_dir)
@@ -251,7 +251,7 @@ def test_decoder_only_snapshot_for_another_hand_is_refused(other, tmp_path, caps
 def test_snapshot_of_a_resnet18_run_decodes(tmp_path, capsys, default_hand, small_cfg):
     """``cpu_small.yaml`` trains a ResNet-18; the demo decodes its snapshot (it used to check the
     backbone against ResNet-50 and refuse). Made as train.py writes it, without training."""
-    from common.utils.checkpoint import network_state_dict
+    from common.io.checkpoint import network_state_dict
 
     torch.manual_seed(4)
     model = get_model("train", default_hand, small_cfg)  # resnet_type 18

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import network_state_dict
+from common.io.checkpoint import network_state_dict
 from common.utils.device import unwrap
 from main.model import get_model
 from main.options import resolve_paths
 from main.trainer import Trainer, split_batch
 from common.utils import device as device_module
-from common.utils.checkpoint import read_checkpoint
+from common.io.checkpoint import read_checkpoint
 from common.utils.distributed import DistributedContext, DistributedError, context_from_env
 from main.config import Config
 from tests.conftest import REPO, make_tiny_set

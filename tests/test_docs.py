@@ -137,9 +137,6 @@ def readme_map():
     return entries
 
 
-@pytest.mark.skipif(not (ROOT / "common" / "hand").is_dir(),
-                    reason="the README's map describes the layout after issue 20's move of the modules "
-                           "(common/hand/ does not exist yet)")
 def test_readme_map_matches_the_tree():
     missing = []
     for folder, names in readme_map().items():

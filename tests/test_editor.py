@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.pose_io import PoseError, build_pose, preset_names
+from common.hand.pose_io import PoseError, build_pose, preset_names
 from demo import demo, editor
 from demo.joint_limits import FREE_RANGE_DEG, JOINT_LIMITS_DEG, joint_limits_deg, joint_type, limit_violations
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, finger_joints, pose_degrees, pose_yaml,

@@ -12,7 +12,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test n
 
 from demo import demo, editor as editor_module  # noqa: E402
 from demo.pose_edit import pose_degrees, pose_yaml  # noqa: E402
-from demo.roundtrip import (UPLOAD_HOOK, find_chromium, launch, measure_round_trips, slider_thumb,  # noqa: E402
+from tools.roundtrip import (UPLOAD_HOOK, find_chromium, launch, measure_round_trips, slider_thumb,  # noqa: E402
                              slider_track, wait_for)
 from tests.test_demo import read_obj  # noqa: E402
 

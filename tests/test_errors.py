@@ -35,11 +35,11 @@ def test_exit_code_lets_a_bug_through(bug):
 
 def test_every_project_error_is_a_user_error_and_keeps_its_old_base():
     from common.renderer.backend import RendererBackendError
-    from common.utils.checkpoint import CheckpointError
+    from common.io.checkpoint import CheckpointError
     from common.utils.distributed import DistributedError
-    from common.utils.hand_model import HandModelError
-    from common.utils.pose_io import PoseError
-    from common.utils.safe_pickle import DepthmapError
+    from common.hand.hand_model import HandModelError
+    from common.hand.pose_io import PoseError
+    from common.io.safe_pickle import DepthmapError
     from data.dataset import DataFormatError, SampleError
     from demo.editor import EditorError
     from main.config import ConfigError
@@ -61,13 +61,13 @@ SCRIPTS = [
     ("demo.editor", ["--port", "0"], "Editor"),
     ("main.train", ["--data_dir", "{tmp}", "--set", "output_dir={tmp}"], "Trainer"),
     ("main.test", ["--test_epoch", "0", "--data_dir", "{tmp}", "--set", "output_dir={tmp}"], "Tester"),
-    ("main.bench", ["decode", "--hands", "default"], "bench_decode"),
-    ("main.fuzz", ["--cases", "1"], "run_fuzz"),
-    ("main.ablation", ["--data_dir", "{tmp}", "--holdout", "x", "--out", "{tmp}", "--end_epoch", "1"],
+    ("tools.bench", ["decode", "--hands", "default"], "bench_decode"),
+    ("tools.fuzz", ["--cases", "1"], "run_fuzz"),
+    ("tools.ablation", ["--data_dir", "{tmp}", "--holdout", "x", "--out", "{tmp}", "--end_epoch", "1"],
      "study_options"),
     ("data.make_synthetic", ["--out", "{tmp}"], "generate"),
     ("data.show_sample", ["--data", "{tmp}", "--out", "{tmp}/s.png"], "show_sample"),
-    ("common.utils.default_hand", ["--out", "{tmp}/hand"], "make_default_hand"),
+    ("common.hand.default_hand", ["--out", "{tmp}/hand"], "make_default_hand"),
 ]
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import DECODER_PREFIXES, save_checkpoint
-from common.utils.hand_model import save_hand_model
-from common.utils.pose_io import build_pose
+from common.io.checkpoint import DECODER_PREFIXES, save_checkpoint
+from common.hand.hand_model import save_hand_model
+from common.hand.pose_io import build_pose
 from demo import animate
 from demo import export as export_script
 from demo.pose_edit import euler_tensor, pose_degrees
@@ -328,7 +328,7 @@ def test_animate_writes_the_same_glb(tmp_path):
 def test_four_influence_loss_is_what_the_first_set_gives(tmp_path, any_hand):
     """``bench.py influences`` measures what a reader of the first set alone (renormalised) shows:
     here computed from the file by glTF's formula with only JOINTS_0/WEIGHTS_0."""
-    from main.benchmarks.influences import four_influence_error
+    from tools.benchmarks.influences import four_influence_error
 
     folder = tmp_path / "hand"
     save_hand_model(any_hand, folder)
@@ -344,7 +344,7 @@ def test_four_influence_loss_is_what_the_first_set_gives(tmp_path, any_hand):
 def test_bench_influences_prints_the_table():
     import sys
 
-    done = subprocess.run([sys.executable, str(REPO / "main" / "bench.py"), "influences", "--hands", "default",
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), "influences", "--hands", "default",
                            "--random", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     row = done.stdout.splitlines()[-1].split()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.pose_io import build_pose
+from common.hand.pose_io import build_pose
 from tests.test_export import TOLERANCE_MM, decoded, export, model_vertices, personalised  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import torch
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
 
 from demo import export as export_script  # noqa: E402
-from demo.roundtrip import find_chromium, launch  # noqa: E402
+from tools.roundtrip import find_chromium, launch  # noqa: E402
 from tests.gltf_reference import GltfFile  # noqa: E402
 from tests.test_export import decoded, model_vertices, personalised_model, save_decoder  # noqa: E402
 from tests.web.viewer import THREE, canvas_shot, open_viewer, serve  # noqa: E402

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from common.utils.hand_model import (
+from common.hand.hand_model import (
     HAND_MODEL_FILES,
     HandModelError,
     load_hand_model,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils import kinematics
-from common.utils.kinematics import (
+from common.hand import kinematics
+from common.hand.kinematics import (
     KinematicTree,
     euler_to_matrix,
     euler_to_transform,
@@ -17,7 +17,7 @@ from common.utils.kinematics import (
     tree_levels,
 )
 from main.model import get_model
-from tests.reference import (
+from tools.reference import (
     decode_loop_model,
     decode_reference,
     euler_matrix_4x4,
@@ -298,7 +298,7 @@ def test_model_forward_image_to_mesh(any_hand, small_cfg, resnet_type, channels)
 
 
 def test_decode_never_serves_stale_identity_results(any_hand, small_cfg, tmp_path):
-    from common.utils.checkpoint import load_checkpoint, save_checkpoint
+    from common.io.checkpoint import load_checkpoint, save_checkpoint
 
     model = get_model("test", any_hand, small_cfg).eval()
     euler = random_euler(any_hand, 2, seed=11)

@@ -10,9 +10,9 @@ import torch
 import common.nets.loss as loss_module
 from common.nets.loss import (DepthmapLoss, JointLoss, LaplacianLoss, PenetLoss, _entries_at_most, nearest_vertex,
                               nearest_vertex_per_segment, uniform_laplacian)
-from common.utils.kinematics import euler_to_matrix, pose_hand
+from common.hand.kinematics import euler_to_matrix, pose_hand
 from main.model import get_model
-from tests.reference import bone_paths, dense_laplacian_original, random_euler, random_root, grid_mesh, laplacian_loss_dense, penet_loss_loop
+from tools.reference import bone_paths, dense_laplacian_original, random_euler, random_root, grid_mesh, laplacian_loss_dense, penet_loss_loop
 
 
 def rel_err(ours, ref):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from common import metrics
-from common.utils.kinematics import euler_to_matrix
-from tests.reference import surface_distance_every_triangle
+from common.hand.kinematics import euler_to_matrix
+from tools.reference import surface_distance_every_triangle
 
 
 def rotation(seed):
@@ -132,7 +132,7 @@ def test_pruned_search_equals_every_triangle_on_a_hand(shift_mm):
     """On the default hand (9,860 faces, hundreds of face blocks): the block and face pruning of
     point_surface_distance gives exactly the minimum over every triangle, for points on, near,
     and far from the surface, including a hand moved by its own size."""
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     hand = make_default_hand()
     vertices = torch.tensor(hand.vertices, dtype=torch.float64)
     faces = torch.tensor(hand.faces, dtype=torch.long)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from common.utils.pose_io import PoseError, build_pose
+from common.hand.pose_io import PoseError, build_pose
 from demo import demo
 from demo.pose_edit import read_uploaded_pose
 

@@ -248,14 +248,14 @@ def test_memory_of_a_large_render_is_bounded():
     code = textwrap.dedent("""
         import torch
         torch.set_num_threads(2)
-        from main.benchmarks.renderer import ring_cameras
+        from tools.benchmarks.renderer import ring_cameras
         from common.renderer.depth_renderer import DepthRenderer
-        from common.utils.default_hand import make_default_hand
+        from common.hand.default_hand import make_default_hand
         hand = make_default_hand()
         cams = [c.expand(8, *c.shape[1:]).contiguous() for c in ring_cameras(hand.vertices, 6, 256)]
         verts = torch.tensor(hand.vertices, dtype=torch.float32)[None].repeat(8, 1, 1).requires_grad_(True)
         renderer = DepthRenderer(torch.as_tensor(hand.faces), (256, 256), backend="native")
-        from main.benchmarks.renderer import peak_memory_growth_mb
+        from tools.benchmarks.renderer import peak_memory_growth_mb
         out = {}
         def render():
             out["depth"] = renderer(verts, *cams).detach()
@@ -312,8 +312,8 @@ def test_pytorch3d_backend_without_pytorch3d_says_how_to_install(monkeypatch, tm
 
 def test_no_module_imports_pytorch3d_at_import_time():
     modules = ["common.renderer.depth_renderer", "common.renderer.backend", "common.renderer.tiling", "common.renderer.rasterizer",
-               "common.nets.loss", "main.model", "main.train", "main.test", "main.bench", "main.trainer", "main.tester",
-               "main.benchmarks.renderer", "data.make_synthetic", "data.show_sample", "data.dataset", "demo.demo"]
+               "common.nets.loss", "main.model", "main.train", "main.test", "tools.bench", "main.trainer", "main.tester",
+               "tools.benchmarks.renderer", "data.make_synthetic", "data.show_sample", "data.dataset", "demo.demo"]
     code = ("import sys, importlib\nsys.path.insert(0, '.')\n"
             f"for m in {modules!r}:\n    importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pytorch3d'))")
@@ -520,7 +520,7 @@ def test_large_render_on_cuda_fits_in_a_few_gb(default_hand):
     """256 × 256, batch 8 × 6 views of the 9,860-face default hand, forward and backward, native
     backend on CUDA (its larger chunks): at most 3 GB allocated at the peak, and the same coverage
     as the CPU's for one of the samples."""
-    from main.benchmarks.renderer import ring_cameras
+    from tools.benchmarks.renderer import ring_cameras
     cams = [c.expand(8, *c.shape[1:]).contiguous().cuda() for c in ring_cameras(default_hand.vertices, 6, 256)]
     verts = torch.tensor(default_hand.vertices, dtype=torch.float32)[None].repeat(8, 1, 1).cuda().requires_grad_(True)
     renderer = DepthRenderer(torch.as_tensor(default_hand.faces), (256, 256), backend="native").cuda()

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import save_checkpoint
-from common.utils.hand_model_source import resolve_hand_model
-from common.utils.kinematics import pose_hand
+from common.io.checkpoint import save_checkpoint
+from common.hand.hand_model_source import resolve_hand_model
+from common.hand.kinematics import pose_hand
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -42,7 +42,7 @@ PRINCPT = (170.3, 251.8)
 def makehuman():
     if not MAKEHUMAN.is_dir():
         pytest.skip(f"../shared/hand_models/makehuman_right not found: {MAKEHUMAN}")
-    from common.utils.hand_model import load_hand_model
+    from common.hand.hand_model import load_hand_model
     return load_hand_model(MAKEHUMAN)
 
 
@@ -287,7 +287,7 @@ def test_makehuman_hand_matches_brute_force(backend):
 
 
 def test_default_hand_matches_brute_force(backend):
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     hand = make_default_hand()
     _check_against_brute_force(np.asarray(hand.vertices, float), np.asarray(hand.faces), backend)
 
@@ -467,7 +467,7 @@ def test_own_gradient_equals_pytorch3d_gradient():
     """forward's gradient (plane depth of the covering face) against PyTorch3D's backward (the
     differentiable zbuf of ``rasterize``), on hand renders: equal to float32 rounding."""
     _need_pytorch3d()
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     hand = make_default_hand()
     H, W = 32, 40
     inputs = _hand_batch(np.asarray(hand.vertices, float), 2, 3, H, W, seed=2)
@@ -578,7 +578,7 @@ def _assert_same_fragments(whole, tiled, what):
 def test_tiled_rasterisation_equals_untiled(hand_name):
     _need_pytorch3d()
     if hand_name == "default":
-        from common.utils.default_hand import make_default_hand
+        from common.hand.default_hand import make_default_hand
         hand = make_default_hand()
     else:
         hand = makehuman()
@@ -611,7 +611,7 @@ def test_tiled_rasterisation_with_near_plane_clipping():
     """A camera 250 mm from the hand with the near plane through it: faces entirely behind
     it, faces cut by it (which every tile gets), faces in front; a tall image."""
     _need_pytorch3d()
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     hand = make_default_hand()
     faces = torch.as_tensor(hand.faces)
     H, W, near = 44, 36, 235.0
@@ -628,7 +628,7 @@ def test_tiled_rasterisation_with_near_plane_clipping():
 
 def test_tiled_gradients_equal_untiled():
     _need_pytorch3d()
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     hand = make_default_hand()
     faces = torch.as_tensor(hand.faces)
     H, W = 32, 40
@@ -703,7 +703,7 @@ def test_native_backend_equals_pytorch3d(hand_name, size, scene):
     check the native one there, in test_depth_gradient_matches_finite_differences)."""
     _need_pytorch3d()
     if hand_name == "default":
-        from common.utils.default_hand import make_default_hand
+        from common.hand.default_hand import make_default_hand
         hand = make_default_hand()
     else:
         hand = makehuman()
@@ -771,7 +771,7 @@ def test_vectorised_rasteriser_is_taken_and_falls_back(monkeypatch):
     asked for, and with ``cpu_rasteriser='pytorch3d'``."""
     _need_pytorch3d()
     import common.renderer.depth_renderer as renderer_module
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
     hand = make_default_hand()
     faces = torch.as_tensor(hand.faces)
     calls = []

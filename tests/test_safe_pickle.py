@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from common.utils.safe_pickle import DepthmapError, load_depthmap
+from common.io.safe_pickle import DepthmapError, load_depthmap
 
 
 def dump(path, obj, protocol=pickle.DEFAULT_PROTOCOL):

@@ -3,8 +3,8 @@ snapshots (docs/training.md, section Snapshots)."""
 import pytest
 import torch
 
-import common.utils.checkpoint as checkpoint_module
-from common.utils.checkpoint import read_checkpoint, snapshots_to_delete
+import common.io.checkpoint as checkpoint_module
+from common.io.checkpoint import read_checkpoint, snapshots_to_delete
 from main import train as train_script
 from tests.test_train import tiny_args
 

@@ -1,5 +1,5 @@
 """Decoder-only training (pose_source=gt), correctives held at zero, TensorBoard logging and the
-component study (main/ablation.py), on tiny synthetic sets."""
+component study (tools/ablation.py), on tiny synthetic sets."""
 import json
 import logging
 import shutil
@@ -17,7 +17,7 @@ from main.options import resolve_paths
 from main import tester as tester_module
 from main.trainer import Trainer, split_batch
 from data.dataset import DeepHandMeshDataset
-from main import ablation
+from tools import ablation
 from main import train as train_script
 from main.config import ConfigError
 from main.model import get_model

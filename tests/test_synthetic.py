@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from common.renderer.depth_renderer import DepthRenderer
-from common.utils.hand_model import load_hand_model
-from common.utils.safe_pickle import load_depthmap
+from common.hand.hand_model import load_hand_model
+from common.io.safe_pickle import load_depthmap
 from data.dataset import DeepHandMeshDataset, read_krt, read_pts
 from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine
 from data.make_synthetic import BulgeCorrective, generate, joint_limits

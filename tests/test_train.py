@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils.checkpoint import latest_snapshot
+from common.io.checkpoint import latest_snapshot
 from common.utils.device import pick_device, unwrap
 from main.options import config_from_args
 from main import tester as tester_module
 from main.trainer import Trainer, split_batch
-from common.utils.kinematics import euler_to_matrix, rigid_align, to_homogeneous
+from common.hand.kinematics import euler_to_matrix, rigid_align, to_homogeneous
 from data.dataset import DeepHandMeshDataset
 from main import test as test_script
 from main import train as train_script
@@ -249,13 +249,13 @@ def test_train_script_writes_snapshots_and_logs(trained, default_hand):
     assert sorted(p.name for p in folder.iterdir()) == ["snapshot_0.pth.tar", "snapshot_1.pth.tar"]
     for epoch in (0, 1):
         ckpt = torch.load(folder / f"snapshot_{epoch}.pth.tar", map_location="cpu", weights_only=True)
-        # the original's three keys, and the digest its loader ignores (common.utils.checkpoint)
+        # the original's three keys, and the digest its loader ignores (common.io.checkpoint)
         assert set(ckpt) == {"epoch", "network", "optimizer", "tensor_digest"} and ckpt["epoch"] == epoch
         assert all(k.startswith("module.") for k in ckpt["network"])  # as the original's DataParallel
         assert "module.skin_refine_net.fc_id.2.weight" in ckpt["network"]
         assert ckpt["optimizer"]["state"] and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
     # The snapshot loads into a fresh model as any original-layout one does.
-    from common.utils.checkpoint import load_checkpoint
+    from common.io.checkpoint import load_checkpoint
 
     load_checkpoint(get_model("test", default_hand, tiny_config(out)), folder / "snapshot_1.pth.tar")
 

@@ -8,7 +8,7 @@ V), per-sample recursive FK of ``L'_j · R_j``, the skinning transforms, the pos
 the detached angles, LBS as a sum over joints, the depth maps one view at a time (our renderer
 standing in for neural_renderer), and the four losses with the original's weights: the joint
 L1 times validity, the per-view masked smooth-L1 summed and divided by the view count, the
-penetration loss of the loops in ``tests.reference`` on the rest mesh skinned by the refined
+penetration loss of the loops in ``tools.reference`` on the rest mesh skinned by the refined
 skeleton at zero angles (``mesh_refined_v``), and the dense Laplacian times its weight.
 
 The scene makes every term matter: skeleton correctives of several mm, pose and identity
@@ -25,7 +25,7 @@ from data.dataset import DeepHandMeshDataset
 from main.config import Config
 from main.model import get_model
 from tests.conftest import make_tiny_set
-from tests.reference import (dense_laplacian_original, fk_recursive, laplacian_loss_dense, penet_loss_loop,
+from tools.reference import (dense_laplacian_original, fk_recursive, laplacian_loss_dense, penet_loss_loop,
                              random_euler)
 
 VIEWS = 3

@@ -48,13 +48,13 @@ torch.version.cuda, '| device', torch.cuda.get_device_name(0) if torch.cuda.is_a
 import importlib.util as u; print('installed:', {m: u.find_spec(m) is not None for m in \
 ('triton', 'pytorch3d', 'viser', 'playwright', 'xdist', 'pytest_timeout', 'tensorboard')})\""
 step cuda_tests 300 "$PY" -m pytest -q -rA -p no:cacheprovider --timeout 240 tests/test_rasterizer_native.py -k cuda
-step kernel 120 "$PY" main/bench.py kernel --device cuda
-step renderer 180 "$PY" main/bench.py renderer --device cuda --sizes 64 256 --subdivide 0 2 --batch 8 \
+step kernel 120 "$PY" tools/bench.py kernel --device cuda
+step renderer 180 "$PY" tools/bench.py renderer --device cuda --sizes 64 256 --subdivide 0 2 --batch 8 \
   --backends native-triton native-tensor --no-memory --repeats 10
 if [ "$TRAIN" = 1 ]; then
   step synthetic 180 "$PY" data/make_synthetic.py --out "$WORK/synth" --sequences 2 --frames 16 --cameras 12
   for batch in 8 32; do
-    step "train_b$batch" 180 "$PY" main/bench.py train --gpu 0 --data_dir "$WORK/synth" --iterations 20 --warmup 5 \
+    step "train_b$batch" 180 "$PY" tools/bench.py train --gpu 0 --data_dir "$WORK/synth" --iterations 20 --warmup 5 \
       --set train_batch_size=$batch
   done
 fi

@@ -1,6 +1,6 @@
 """A DeepHandMesh hand as a rigged glTF 2.0 file: skeleton, skin, pose correctives, animation.
 
-The model poses a hand (:func:`common.utils.kinematics.pose_mesh`) as
+The model poses a hand (:func:`common.hand.kinematics.pose_mesh`) as
 
     v' = Σ_j w_vj · G_j · B_j · [v; 1],   G = FK over L'_j · R_j(θ_j),   v = v_bind + c(θ)
 
@@ -37,9 +37,9 @@ import numpy as np
 import pygltflib as gl
 import torch
 
-from common.utils.hand_model import HandModel
-from common.utils.io import atomic_write_bytes
-from common.utils.kinematics import euler_to_matrix
+from common.hand.hand_model import HandModel
+from common.io.atomic import atomic_write_bytes
+from common.hand.kinematics import euler_to_matrix
 from common.errors import DeepHandMeshError
 
 M_PER_MM = 1e-3  # glTF's unit is the metre; the model's the millimetre

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.utils.hand_model import children_of
+from common.hand.hand_model import children_of
 from common.utils.shapes import shape_of
 
 
@@ -388,7 +388,7 @@ class PenetLoss(nn.Module):
 
     @classmethod
     def from_hand_model(cls, hand_model, **kwargs) -> "PenetLoss":
-        """Build from a :class:`common.utils.hand_model.HandModel`; ``kwargs`` go to the constructor."""
+        """Build from a :class:`common.hand.hand_model.HandModel`; ``kwargs`` go to the constructor."""
         return cls(hand_model.joint_names, hand_model.parents, hand_model.segmentation,
                    hand_model.root_index, hand_model.non_rigid_joint_indices, **kwargs)
 

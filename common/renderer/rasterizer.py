@@ -58,7 +58,7 @@ PYTORCH3D_EPS = 1e-8
 
 # Default chunk sizes: (face, pixel) pairs handled at once (~40-60 bytes a pair at the peak) and
 # (view, face) pairs of a group of views (~250 bytes each). On the CPU small chunks stay in the
-# caches (measured: main/bench.py renderer); on CUDA larger ones keep the device busy, within a
+# caches (measured: tools/bench.py renderer); on CUDA larger ones keep the device busy, within a
 # few hundred MB.
 _CHUNK_PAIRS = {"cpu": 1 << 20, "cuda": 1 << 22}
 _CHUNK_FACES = {"cpu": 1 << 21, "cuda": 1 << 22}

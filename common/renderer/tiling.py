@@ -43,7 +43,7 @@ import torch
 from common.renderer.backend import pytorch3d_api, pytorch3d_raster_settings
 from common.renderer.rasterizer import PYTORCH3D_EPS, edge_function
 
-# Default tile size of the CPU path (pixels), chosen by measurement (main/bench.py renderer).
+# Default tile size of the CPU path (pixels), chosen by measurement (tools/bench.py renderer).
 DEFAULT_TILE_SIZE = 16
 
 # Slack (pixels) added around a face's screen box (plus this fraction of the coordinates'
@@ -59,7 +59,7 @@ _COVER_TEST_PIXELS = 4
 _COVER_TEST_CHUNK = 1 << 16
 
 # PyTorch3D's CPU kernel spends on each face of its batch, whatever the image size, about as
-# long as on this many (pixel, face) bounding-box tests (main/bench.py renderer).
+# long as on this many (pixel, face) bounding-box tests (tools/bench.py renderer).
 _FACE_COST_PIXELS = 2048
 
 # The tiled path is used only if the (tile, face) pairs it makes are at most this many times

@@ -43,7 +43,7 @@ except Exception:  # ImportError, or a broken install
 from common.renderer.rasterizer import (EMPTY_KEY, check_screen_vertices, clip_near, pixel_ndc, prepare_faces,
                                         unpack_keys)
 
-# One program's tile (pixels) and faces evaluated at once (main/bench.py kernel; BENCHMARKS.md).
+# One program's tile (pixels) and faces evaluated at once (tools/bench.py kernel; BENCHMARKS.md).
 TILE_H = 8
 TILE_W = 8
 FACES_PER_STEP = 8

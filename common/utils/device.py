@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from common.errors import OptionError
-from common.utils.textio import shown
+from common.io.textio import shown
 
 log = logging.getLogger(__name__)
 MAX_GPU_ID = 4096  # far above any machine's GPU count; bounds the list a range such as 0-999999999 makes

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from common.errors import OutputError
-from common.utils.io import atomic_write_bytes
+from common.io.atomic import atomic_write_bytes
 
 # Rows: the camera's right, up and towards-the-viewer axes, in the hand frame.
 VIEWS = {
@@ -168,7 +168,7 @@ def _render_view(cam, faces, size, scale, cull_back, color, joints, parents) -> 
 
 
 def save_image(path, img: np.ndarray) -> None:
-    """Write an image atomically (see :mod:`common.utils.io`); the format follows the suffix.
+    """Write an image atomically (see :mod:`common.io.atomic`); the format follows the suffix.
 
     Raises:
         OutputError: (an ``OSError``) OpenCV could not encode the image, or the file cannot be

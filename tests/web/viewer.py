@@ -81,7 +81,7 @@ def screenshots(glb: Path, out: Path, times, skeleton: bool = False, size: int =
     import numpy as np
     from playwright.sync_api import sync_playwright
 
-    from demo.roundtrip import launch
+    from tools.roundtrip import launch
 
     with tempfile.TemporaryDirectory(prefix="viewer_") as folder, serve(Path(glb).parent) as base, \
             sync_playwright() as pw:

@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from common.errors import DeepHandMeshError
-from common.utils.hand_model import AXES, HandModel, dof_description
-from common.utils.textio import key_lines_json, read_text, shown, where, yaml_error_message, yaml_mapping
+from common.hand.hand_model import AXES, HandModel, dof_description
+from common.io.textio import key_lines_json, read_text, shown, where, yaml_error_message, yaml_mapping
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "demo" / "poses"
 MAX_POSE_BYTES = 2 ** 20

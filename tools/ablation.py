@@ -17,7 +17,7 @@ encoder (``pose_source=image``), then tests every run on the held-out sequence a
 
 Usage (the runs land in ``<out>/<mode>_<variant>/``; a rerun resumes or reuses finished runs):
 
-    python main/ablation.py --data_dir data/synthetic --holdout 0001_RT_synthetic --out output/ablation \\
+    python tools/ablation.py --data_dir data/synthetic --holdout 0001_RT_synthetic --out output/ablation \\
         --modes decoder --end_epoch 20 --cfg main/configs/cpu_small.yaml
 
 Decoder-only plain LBS has no parameter that learns; it runs one epoch (the weights of any epoch
@@ -48,7 +48,7 @@ from main.tester import Tester  # noqa: E402
 from main.trainer import Trainer  # noqa: E402
 from common.logger import close_logging, setup_logging  # noqa: E402
 from common.errors import exit_code, print_error  # noqa: E402
-from common.utils.io import atomic_write_text  # noqa: E402
+from common.io.atomic import atomic_write_text  # noqa: E402
 from common.utils.vis import render_mesh, save_image  # noqa: E402
 from main.config import Config, ConfigError  # noqa: E402
 

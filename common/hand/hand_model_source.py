@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.utils.hand_model import HandModel, is_hand_model_folder, load_hand_model
+from common.hand.hand_model import HandModel, is_hand_model_folder, load_hand_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA_HAND_MODEL = ROOT / "data" / "hand_model"
@@ -16,6 +16,6 @@ def resolve_hand_model(folder: str | Path | None = None) -> HandModel:
         return load_hand_model(folder)
     if is_hand_model_folder(DATA_HAND_MODEL):
         return load_hand_model(DATA_HAND_MODEL)
-    from common.utils.default_hand import make_default_hand
+    from common.hand.default_hand import make_default_hand
 
     return make_default_hand()

@@ -257,7 +257,7 @@ def pose_hand(
     """Pose a hand template with explicit (or no) correctives.
 
     Args:
-        hand_model: a :class:`common.utils.hand_model.HandModel`.
+        hand_model: a :class:`common.hand.hand_model.HandModel`.
         euler: ``[B, J, 3]`` Euler angles in radians.
         root_transform: ``[B, 4, 4]`` or ``[4, 4]`` global transform of the root; identity (the
             decode mode, output in the wrist's frame) when None.

@@ -5,7 +5,7 @@ B = 1 sample, N views, one rasteriser call), each view cropped to its bounding b
 ``size × size``, and reports the median time of ``repeats`` calls, with the renderer's backends:
 the project's own rasteriser (``native``) or PyTorch3D's kernel (tiled, or untiled with
 ``tile_size`` 0). Face count is varied with :func:`subdivide`; :func:`memory_growth` measures the
-native backend's peak memory. Run through ``python main/bench.py renderer``.
+native backend's peak memory. Run through ``python tools/bench.py renderer``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common.errors import OptionError
-from main.benchmarks.timing import median_seconds
+from tools.benchmarks.timing import median_seconds
 from common.renderer.depth_renderer import DEFAULT_TILE_SIZE, DepthRenderer, project_points
 
 # The data set's cameras' pixel space (KRT_512): 512 high, 334 wide; focal length of that order.
@@ -133,7 +133,7 @@ def time_renderer(hand_model, sizes: Sequence[int] = (64, 128, 256), views: int 
 
     Args:
         hand_model: anything with ``.vertices [V, 3]`` (mm) and ``.faces [F, 3]``, e.g. a
-            :class:`common.utils.hand_model.HandModel`.
+            :class:`common.hand.hand_model.HandModel`.
         sizes: square render sizes in pixels.
         views: cameras per call (batch B = 1).
         repeats: timed calls per size (after one untimed warm-up call).
@@ -184,7 +184,7 @@ def _interleaved_ms(calls: Dict[str, object], repeats: int, device: torch.device
     import statistics
     import time
 
-    from main.benchmarks.timing import synchronize
+    from tools.benchmarks.timing import synchronize
 
     timer = time.thread_time if clock == "thread" else time.perf_counter
 
@@ -327,7 +327,7 @@ def memory_growth(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = str(Path(tmp) / "mesh.npz")
                     np.savez(path, vertices=np.asarray(hand.vertices, np.float64), faces=np.asarray(hand.faces))
-                    code = (f"from main.benchmarks.renderer import _memory_probe; "
+                    code = (f"from tools.benchmarks.renderer import _memory_probe; "
                             f"_memory_probe({path!r}, {int(size)}, {int(views)}, {backend!r})")
                     root = Path(__file__).resolve().parents[2]
                     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,

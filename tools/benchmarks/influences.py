@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from common.export.gltf import INFLUENCES_PER_SET, strongest_influences
-from common.utils.kinematics import pose_hand
-from common.utils.pose_io import preset_names
+from common.hand.kinematics import pose_hand
+from common.hand.pose_io import preset_names
 from demo.joint_limits import joint_limits_deg
 from demo.pose_edit import euler_tensor, pose_degrees, random_pose
 

@@ -1,7 +1,7 @@
 """Time of the penetration and Laplacian losses beside the original's way of computing them
-(``tests/reference.py``: Python loops over bone points, bone pairs and samples; a dense ``[V, V]``
+(``tools/reference.py``: Python loops over bone points, bone pairs and samples; a dense ``[V, V]``
 Laplacian with one product per sample), and the Laplacian's memory, dense against sparse.
-Run through ``python main/bench.py losses``.
+Run through ``python tools/bench.py losses``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from main.benchmarks.timing import median_seconds
+from tools.benchmarks.timing import median_seconds
 from common.nets.loss import LaplacianLoss, PenetLoss
 
 
@@ -22,7 +22,7 @@ def posed_batch(hand_model, batch: int, seed: int = 0) -> Tuple[torch.Tensor, ..
     from main.config import Config
     from main.model import get_model
 
-    from tests.reference import random_euler, random_root
+    from tools.reference import random_euler, random_root
 
     config = Config()
     config.resnet_type = 18  # the encoder plays no part here
@@ -44,7 +44,7 @@ def _forward_backward(fn, *leaves: torch.Tensor):
 def time_penetration(hand_model, batch: int, repeats: int) -> Dict[str, float]:
     """ms of our :class:`PenetLoss` and of the loop reference, forward and forward + backward
     (gradients with respect to the posed joints and mesh, as in training)."""
-    from tests.reference import penet_loss_loop
+    from tools.reference import penet_loss_loop
 
     template, rest, joints, mesh = posed_batch(hand_model, batch)
     ours = PenetLoss.from_hand_model(hand_model)
@@ -71,7 +71,7 @@ def time_laplacian(faces, vertices: torch.Tensor, batch: int, repeats: int) -> D
     Args:
         faces: ``[F, 3]``; vertices: ``[V, 3]`` rest mesh (mm), repeated over the batch with noise.
     """
-    from tests.reference import dense_laplacian_original, laplacian_loss_dense
+    from tools.reference import dense_laplacian_original, laplacian_loss_dense
 
     V = int(vertices.shape[0])
     ours = LaplacianLoss(faces, V)
@@ -96,11 +96,11 @@ def time_laplacian(faces, vertices: torch.Tensor, batch: int, repeats: int) -> D
 def run(hands: Sequence[Tuple[str, object]], batches: Sequence[int], repeats: int,
         grid: Tuple[int, int] = (120, 100)) -> List[Dict]:
     """Print both tables; returns their rows."""
-    from tests.reference import grid_mesh
+    from tools.reference import grid_mesh
 
     rows = []
     print(f"penetration loss (rigid + 5 x non-rigid), float32; loop = the original's loops "
-          f"(tests/reference.py penet_loss_loop); median of {repeats} runs (loop: {max(3, repeats // 4)})")
+          f"(tools/reference.py penet_loss_loop); median of {repeats} runs (loop: {max(3, repeats // 4)})")
     print(f"{'hand':<10} {'V':>6} {'batch':>5} | {'ours ms':>8} {'loop ms':>8} {'speed-up':>8} | "
           f"{'fwd+bwd ours':>12} {'loop':>8} {'speed-up':>8}")
     for name, hand in hands:

@@ -26,7 +26,7 @@ import torch
 
 from common.errors import FileFormatError
 from common.utils.device import unwrap
-from common.utils.io import cannot_write, make_folder, sync_folder
+from common.io.atomic import cannot_write, make_folder, sync_folder
 
 # Buffers of the original's loss modules; they are derived from the hand model, so we skip them.
 TOLERATED_PREFIXES = ("penet_loss.", "lap_loss.", "depthmap_loss.", "joint_loss.")

@@ -25,8 +25,8 @@ from typing import List, Sequence
 import numpy as np
 
 from common.errors import FileFormatError
-from common.utils.io import atomic_write_text, make_folder
-from common.utils.textio import read_text, shown, text_lines
+from common.io.atomic import atomic_write_text, make_folder
+from common.io.textio import read_text, shown, text_lines
 
 OBJ_FILE = "hand.obj"
 SKELETON_FILE = "skeleton.txt"

@@ -4,8 +4,8 @@
 a plausible adult right hand (not any particular person) with the released model's 22 joints (same
 names, ids and parents as its ``skeleton.txt``; ``b_r_wrist``, id 21, is the root), a closed
 triangle mesh (4,932 vertices, 9,860 triangles), smooth skinning weights and the three pose files.
-``python -m common.utils.default_hand --out DIR`` writes the six files with
-:func:`~common.utils.hand_model.save_hand_model`.
+``python -m common.hand.default_hand --out DIR`` writes the six files with
+:func:`~common.hand.hand_model.save_hand_model`.
 
 World frame (mm; the mesh is stored in cm as the format wants), rest pose a flat open hand with
 the fingers slightly spread:
@@ -60,7 +60,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from common.errors import exit_code
-from common.utils.hand_model import HandModel, save_hand_model
+from common.hand.hand_model import HandModel, save_hand_model
 
 DEFAULT_HAND_NAME = "deephandmesh_default_right"
 

@@ -1,6 +1,6 @@
 """A training iteration taken apart: data loading, forward (encoder, decoder), rendering, losses,
-backward and the optimizer step, and the peak memory. Run through ``python main/bench.py train``
-(and, several processes at once, ``python main/bench.py scaling``).
+backward and the optimizer step, and the peak memory. Run through ``python tools/bench.py train``
+(and, several processes at once, ``python tools/bench.py scaling``).
 
 The iterations are the trainer's own (:class:`main.trainer.Trainer` sets up data, model and
 optimizer exactly as ``train.py`` does, one process or a ``torchrun`` launch); the stages are
@@ -26,7 +26,7 @@ from typing import Dict, List
 
 import torch
 
-from main.benchmarks.timing import synchronize
+from tools.benchmarks.timing import synchronize
 
 
 class _Mark(torch.autograd.Function):

@@ -1,9 +1,9 @@
 """The editor's slider round trip measured in a real browser: a click on a slider → the server
 re-decodes → the new mesh reaches the GPU → the next frame. Headless Chromium, driven by Playwright.
 
-    python demo/roundtrip.py                      # 40 clicks on index1 flexion; prints the medians
-    python demo/roundtrip.py --fancy              # with shadows and reflections
-    python demo/roundtrip.py --repeats 100 --hand_model data/hand_model
+    python tools/roundtrip.py                      # 40 clicks on index1 flexion; prints the medians
+    python tools/roundtrip.py --fancy              # with shadows and reflections
+    python tools/roundtrip.py --repeats 100 --hand_model data/hand_model
 
 Needs the ``playwright`` Python package and a Chromium (Debian's ``chromium`` package, at
 ``/usr/bin/chromium`` or on the PATH; Playwright's own browser download is not used). The browser

@@ -2,14 +2,14 @@
 original computes them: per sample, forward kinematics down the tree with 4x4 products, and LBS as a
 sum over joints of weight × transformed vertices (batched over samples); the penetration loss with
 Python loops over bone points, bone pairs and samples; the Laplacian loss with a dense ``[V, V]``
-matrix. They are the yardstick of the tests and of ``main/bench.py``; they are deliberately simple,
+matrix. They are the yardstick of the tests and of ``tools/bench.py``; they are deliberately simple,
 not fast."""
 import math
 
 import numpy as np
 import torch
 
-from common.utils.kinematics import euler_to_matrix, to_homogeneous
+from common.hand.kinematics import euler_to_matrix, to_homogeneous
 
 
 def random_euler(hand, batch, seed, scale=math.pi / 2, curl=False):
@@ -103,7 +103,7 @@ def decode_reference(hand_model, euler, skeleton_corrective=None, pose_correctiv
 def decode_loop_model(model, euler):
     """The original's ``decode`` approach with the model's own networks, in float32: per-sample FK in a
     Python loop, the identity code repeated over the batch, LBS summed over joints with ``bmm``.
-    The speed yardstick of ``main/bench.py decode``."""
+    The speed yardstick of ``tools/bench.py decode``."""
     B, J = euler.shape[:2]
     dev = euler.device
     skeleton_corrective = model.skeleton_refine_net(model.id_code)

@@ -1,17 +1,17 @@
 """Speed and memory measurements, kept out of the test suite's pass/fail (figures: BENCHMARKS.md).
 
-    python main/bench.py decode [--batch 1 64 1024] [--hands default makehuman]
-    python main/bench.py losses [--batch 8] [--hands default makehuman]
-    python main/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--backends native pytorch3d]
+    python tools/bench.py decode [--batch 1 64 1024] [--hands default makehuman]
+    python tools/bench.py losses [--batch 8] [--hands default makehuman]
+    python tools/bench.py renderer [--sizes 64 128 256] [--subdivide 0 1 2] [--backends native pytorch3d]
                                   [--batch 8] [--backends native-tensor native-triton]
                                   [--tile-sizes 0 16] [--device cuda] [--no-memory]
                                   [--threads 1 --clock thread]
-    python main/bench.py kernel [--size 256 --views 6 --batch 8] [--device cuda]
-    python main/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
-    python main/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
-    python main/bench.py influences [--hands default makehuman] [--random 1000]
-    python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
-    python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
+    python tools/bench.py kernel [--size 256 --views 6 --batch 8] [--device cuda]
+    python tools/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
+    python tools/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
+    python tools/bench.py influences [--hands default makehuman] [--random 1000]
+    python tools/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
+    python tools/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
 
 Each prints the median of repeated runs with the sizes it used and the machine. ``decode``
 compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
@@ -22,7 +22,7 @@ against image size and face count, and the native one's peak memory; ``data`` th
 every triangle; ``influences`` is no timing: what a glTF reader limited to four skinning influences
 per vertex (three.js) loses on the exported hand (mm); ``train`` takes a training iteration apart (one
 process, or each process of a ``torchrun`` launch); ``scaling`` runs ``train`` under ``torchrun``
-with 1, 2, … processes and compares samples/s. The references are in ``tests/reference.py``.
+with 1, 2, … processes and compares samples/s. The references are in ``tools/reference.py``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from main.benchmarks.timing import load_hands, machine_description, median_seconds  # noqa: E402
+from tools.benchmarks.timing import load_hands, machine_description, median_seconds  # noqa: E402
 from common.errors import exit_code  # noqa: E402
 from common.utils.device import usable_cpus  # noqa: E402
 
@@ -57,7 +57,7 @@ def gemm_throughput(size: int = 2048, repeats: int = 10) -> float:
 def bench_decode(args) -> None:
     from main.config import cfg
     from main.model import get_model
-    from tests.reference import decode_loop_model
+    from tools.reference import decode_loop_model
 
     print(f"decode: {machine_description()}; median of {args.repeats} runs (loop: fewer at large batches)")
     print("ours: model.decode with the identity part computed once (model.identity()), as the demo and editor do")
@@ -84,7 +84,7 @@ def bench_decode(args) -> None:
 
 
 def bench_losses(args) -> None:
-    from main.benchmarks import losses
+    from tools.benchmarks import losses
 
     print(f"losses: {machine_description()}")
     losses.run(load_hands(args.hands), args.batch, args.repeats)
@@ -92,7 +92,7 @@ def bench_losses(args) -> None:
 
 def bench_surface(args) -> None:
     from common import metrics
-    from tests.reference import surface_distance_every_triangle
+    from tools.reference import surface_distance_every_triangle
 
     print(f"surface: {machine_description()}")
     print("each vertex of the hand moved by a random offset of about --shift mm (Gaussian, per axis "
@@ -117,7 +117,7 @@ def bench_surface(args) -> None:
 
 
 def bench_renderer(args) -> None:
-    from main.benchmarks.renderer import compare_renderers, memory_growth, subdivide, variant
+    from tools.benchmarks.renderer import compare_renderers, memory_growth, subdivide, variant
     from common.renderer.depth_renderer import pytorch3d_available
 
     hands = []
@@ -141,7 +141,7 @@ def bench_renderer(args) -> None:
 
 
 def bench_kernel(args) -> None:
-    from main.benchmarks.renderer import kernel_tiles
+    from tools.benchmarks.renderer import kernel_tiles
 
     print(f"kernel: {machine_description()}")
     for name, hand in load_hands(args.hands):
@@ -153,8 +153,8 @@ def bench_kernel(args) -> None:
 def bench_data(args) -> None:
     from torch.utils.data import DataLoader
 
-    from common.utils.hand_model import is_hand_model_folder, load_hand_model
-    from common.utils.hand_model_source import resolve_hand_model
+    from common.hand.hand_model import is_hand_model_folder, load_hand_model
+    from common.hand.hand_model_source import resolve_hand_model
     from data.dataset import DeepHandMeshDataset
 
     data = Path(args.data)
@@ -182,7 +182,7 @@ def bench_train(args) -> int:
 
     from main.options import check_options, config_from_args
     from main.trainer import Trainer
-    from main.benchmarks.iteration import format_profile, profile_iterations
+    from tools.benchmarks.iteration import format_profile, profile_iterations
     from common.logger import close_logging, setup_logging
     from common.utils import distributed
 
@@ -227,7 +227,7 @@ def bench_scaling(args) -> int:
         threads = max(1, cores // procs)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                   str(ROOT / "main" / "bench.py"), "train"] + forwarded
+                   str(ROOT / "tools" / "bench.py"), "train"] + forwarded
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith(JSON_TAG)]
         if done.returncode != 0 or not lines:
@@ -246,7 +246,7 @@ def bench_scaling(args) -> int:
 
 
 def bench_influences(args) -> None:
-    from main.benchmarks import influences
+    from tools.benchmarks import influences
 
     influences.run(load_hands(args.hands), args.random, args.seed)
 

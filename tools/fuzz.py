@@ -1,8 +1,8 @@
 """Fuzz every reader of the project with seeded mutations of real files.
 
-    python main/fuzz.py --cases 10000 --seed 0            # all kinds, cases dealt out in turn
-    python main/fuzz.py --cases 800 --kinds pts,depthmap --keep output/fuzz
-    python main/fuzz.py --cases 2000 --hand_model data/hand_model --json output/fuzz.json
+    python tools/fuzz.py --cases 10000 --seed 0            # all kinds, cases dealt out in turn
+    python tools/fuzz.py --cases 800 --kinds pts,depthmap --keep output/fuzz
+    python tools/fuzz.py --cases 2000 --hand_model data/hand_model --json output/fuzz.json
 
 Files of every kind are made in a temporary folder by the project's own writers, in the released
 layout (a hand-model folder: the ``--hand_model`` folder's six files as they are, or the default
@@ -65,12 +65,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from common.errors import OptionError, exit_code  # noqa: E402
-from common.utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
-from common.utils.hand_model import (HAND_MODEL_FILES, HandModel, HandModelError,  # noqa: E402
+from common.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
+from common.hand.hand_model import (HAND_MODEL_FILES, HandModel, HandModelError,  # noqa: E402
                                      load_hand_model, save_hand_model)
-from common.utils.io import atomic_write_bytes  # noqa: E402
-from common.utils.pose_io import PRESET_DIR, PoseError, build_pose  # noqa: E402
-from common.utils.safe_pickle import load_depthmap  # noqa: E402
+from common.io.atomic import atomic_write_bytes  # noqa: E402
+from common.hand.pose_io import PRESET_DIR, PoseError, build_pose  # noqa: E402
+from common.io.safe_pickle import load_depthmap  # noqa: E402
 from main.config import Config, ConfigError  # noqa: E402
 
 KINDS = ("hand_model", "krt", "pts", "depthmap", "image", "pose", "config", "checkpoint")
@@ -298,7 +298,7 @@ def build_kinds(work: Path, hand_dir: Optional[str], selected: Sequence[str],
     """Write the real files into ``work`` and describe every kind."""
     from main.options import config_from_args
     from common.nets.loss import PenetLoss
-    from common.utils.kinematics import KinematicTree
+    from common.hand.kinematics import KinematicTree
     from data.dataset import DataFormatError, DeepHandMeshDataset, SampleError, hand_model_pts_index
     from data.make_synthetic import generate
 
@@ -308,7 +308,7 @@ def build_kinds(work: Path, hand_dir: Optional[str], selected: Sequence[str],
         for name in HAND_MODEL_FILES:
             shutil.copyfile(Path(hand_dir) / name, hand_folder / name)
     else:
-        from common.utils.hand_model_source import resolve_hand_model
+        from common.hand.hand_model_source import resolve_hand_model
 
         hand = resolve_hand_model(hand_dir) if hand_dir else resolve_hand_model()
         save_hand_model(small_piece(hand, hand_vertices) if hand_vertices else hand, hand_folder)

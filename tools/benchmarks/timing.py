@@ -57,12 +57,12 @@ def machine_description() -> str:
 def load_hands(names: Sequence[str]) -> List[Tuple[str, object]]:
     """``(name, HandModel)`` for ``'default'``, ``'makehuman'`` (skipped, with a message, when
     ``../shared`` is absent) or hand-model folders."""
-    from common.utils.hand_model import load_hand_model
+    from common.hand.hand_model import load_hand_model
 
     hands = []
     for name in names:
         if name == "default":
-            from common.utils.default_hand import make_default_hand
+            from common.hand.default_hand import make_default_hand
 
             hands.append(("default", make_default_hand()))
         elif name == "makehuman":

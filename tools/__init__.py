@@ -1,0 +1,1 @@
+"""Developer tools: benchmarks, the fuzzer, the component study, the GPU check, references."""

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``tools/bench.py``: they measure and print, they never pass or fail."""
