@@ -889,7 +889,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
             affine = render_affine(box_of(int(v)), self.rendered_img_shape)
             path = self.depthmap_path(frame, self.cameras[v])
             try:
-                depth = load_depthmap(path, self.depth_min, writable=False)
+                depth = load_depthmap(path, self.depth_min)
                 # The render affine itself, composed with depth-map pixels -> the cameras' pixels:
                 # target and rendering are registered at any depth-map resolution.
                 warp(depth, raster_affine(affine, self.original_img_shape, depth.shape),

@@ -139,7 +139,7 @@ def bench_renderer(args) -> None:
 def bench_data(args) -> None:
     from main.benchmarks import data
 
-    data.run(args, machine_description())
+    data.run(args)
 
 
 def bench_train(args) -> int:

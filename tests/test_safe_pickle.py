@@ -205,19 +205,6 @@ def test_fast_reader_agrees_with_the_careful_one_on_corrupt_pickles():
     assert taken > 300  # the mutations that keep a readable array (most change the payload)
 
 
-def test_read_only_maps_are_the_same_maps(tmp_path):
-    depth = np.array([[0.0, 512.5, 600.0], [0.0, 0.0, 1e4]], np.float32)
-    for protocol in (2, 4, 5):
-        path = dump(tmp_path / "d.pkl", depth, protocol)
-        view, own = load_depthmap(path, writable=False), load_depthmap(path)
-        assert view.dtype == own.dtype == np.float32
-        np.testing.assert_array_equal(view, depth)
-        np.testing.assert_array_equal(own, depth)
-        assert own.flags.writeable
-    path = dump(tmp_path / "d.pkl", depth.astype(">f8"), 2)
-    assert load_depthmap(path, writable=False).dtype == np.float32
-
-
 def test_quick_depth_check_is_the_three_counts():
     """``_plausible_depths`` says yes exactly when the counts of non-finite, negative and too-small
     depths are all zero (for any positive depth_min)."""

@@ -518,14 +518,11 @@ def _careful_array(data: bytes, source: str) -> np.ndarray:
                             f"({type(err).__name__}: {text})") from None
 
 
-def load_depthmap(path: os.PathLike | str, depth_min: float = DEFAULT_DEPTH_MIN, *,
-                  writable: bool = True) -> np.ndarray:
+def load_depthmap(path: os.PathLike | str, depth_min: float = DEFAULT_DEPTH_MIN) -> np.ndarray:
     """Read one depth-map pickle safely.
 
     Args:
         depth_min: smallest valid depth in mm (``cfg.depth_min``); 0 marks "no depth".
-        writable: False: a float32 map may come back read-only, as a view of the bytes read
-            (no copy; the data reader only warps it).
 
     Returns:
         ``[H, W]`` float32 depth in mm, 0 where there is no depth.
@@ -550,7 +547,7 @@ def load_depthmap(path: os.PathLike | str, depth_min: float = DEFAULT_DEPTH_MIN,
     if arr.size == 0:
         raise DepthmapError(f"{path}: expected a 2-D depth map, found an empty array {arr.shape}")
     with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(np.float32, copy=writable)  # a float32 map as is when read-only will do
+        out = arr.astype(np.float32)
     if _plausible_depths(out, depth_min):
         return out
     # Something is wrong: count the offending pixels for the message.

@@ -247,9 +247,10 @@ def loader_epochs(dataset: DeepHandMeshDataset, workers: int, batch: int, epochs
 
 
 # ------------------------------------------------------------------------------------ the run
-def run(args, machine: str) -> None:
+def run(args) -> None:
     from common.utils.hand_model import is_hand_model_folder, load_hand_model
     from common.utils.hand_model_source import resolve_hand_model
+    from main.benchmarks.timing import machine_description
 
     data = Path(args.data)
     hand_dir = data / "hand_model"
@@ -265,7 +266,7 @@ def run(args, machine: str) -> None:
     protocol = first[1] if first[:1] == b"\x80" else "0/1"
     image_shape = cv2.imread(str(dataset.image_path(0))).shape[:2]
     samples = args.samples or len(dataset)
-    print(f"data reader: {machine}")
+    print(f"data reader: {machine_description()}")
     print(f"{len(dataset)} samples in {data} (images {image_shape[0]}x{image_shape[1]}, depth maps "
           f"{depth_shape[0]}x{depth_shape[1]}, pickle protocol {protocol}), training mode, "
           f"input {args.size}x{args.size}, {args.views} depth maps of {args.size}x{args.size}; one process, "
@@ -291,8 +292,9 @@ def run(args, machine: str) -> None:
         rates, peaks = loader_epochs(dataset, args.workers, args.batch, args.repeats + 1)
         print(f"\nDataLoader: batch {args.batch}, {args.workers} persistent worker(s) (one thread each), "
               f"{args.repeats + 1} epochs")
-        print(f"samples/s: {statistics.median(rates[1:]) if len(rates) > 1 else rates[0]:.1f} "
-              f"(median of epochs 2-{len(rates)}; epoch 1 with worker start-up: {rates[0]:.1f})")
+        later = "epoch 2" if len(rates) == 2 else f"median of epochs 2-{len(rates)}"
+        print(f"samples/s: {statistics.median(rates[1:]):.1f} ({later}; epoch 1, with the workers' start-up: "
+              f"{rates[0]:.1f})")
         shown = ", ".join(f"worker {w}: {mb:.0f} MB" for w, mb in sorted(peaks.items()))
         print(f"peak RSS of each loader worker (VmHWM, counts the pages shared with the main process): {shown}; "
               f"main process before the workers started: {parent:.0f} MB")
