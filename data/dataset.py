@@ -74,6 +74,7 @@ crop. ``python main/bench.py data`` compares the reader with the original's on o
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -322,7 +323,7 @@ def read_pts_raw(path: os.PathLike | str, text: Optional[str] = None) -> Dict[in
         except ValueError:
             raise DataFormatError(f"{path}:{number}: fields must be numbers, found "
                                   f"'{shown(line.strip())}'") from None
-        if not all(math.isfinite(v) for v in values):
+        if not all(map(math.isfinite, values)):
             raise DataFormatError(f"{path}:{number}: '{shown(line.strip())}' has a non-finite "
                                   "number (nan or inf)")
         idx = values[0]
@@ -330,7 +331,7 @@ def read_pts_raw(path: os.PathLike | str, text: Optional[str] = None) -> Dict[in
             raise DataFormatError(f"{path}:{number}: joint index must be an integer 0..."
                                   f"{PTS_JOINT_COUNT - 1} (0-20 right hand, 21-41 left), found "
                                   f"{shown(tokens[0])}")
-        if not all(abs(v) <= MAX_ABS_VALUE for v in values[1:4]):
+        if max(map(abs, values[1:4])) > MAX_ABS_VALUE:
             raise DataFormatError(f"{path}:{number}: a coordinate is larger than "
                                   f"{MAX_ABS_VALUE:g} mm in size (not a plausible keypoint)")
         if int(idx) in points:
@@ -425,7 +426,7 @@ def keypoint_box(joint_world: np.ndarray, camrot: np.ndarray, campos: np.ndarray
     points = np.asarray(joint_world, np.float32).reshape(-1, 3)
     if len(points) == 0:
         raise ValueError("no keypoint to frame")
-    cam = np.stack([np.dot(camrot, p - campos) for p in points])
+    cam = np.array([np.dot(camrot, p - campos) for p in points])
     x = cam[:, 0] / (cam[:, 2] + 1e-8) * focal[0] + princpt[0]
     y = cam[:, 1] / (cam[:, 2] + 1e-8) * focal[1] + princpt[1]
     x0, x1, y0, y1 = x.min(), x.max(), y.min(), y.max()
@@ -505,8 +506,16 @@ def raster_affine(affine: np.ndarray, kspace_shape: Tuple[int, int],
                   raster_shape: Tuple[int, int]) -> np.ndarray:
     """The affine of a raster of ``raster_shape`` whose pixels cover the cameras' pixel space of
     shape ``kspace_shape``: ``affine`` composed with raster -> that space (:func:`resample_affine`)."""
+    return np.asarray(affine, np.float64) @ _raster_to_kspace(tuple(raster_shape), tuple(kspace_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _raster_to_kspace(raster_shape: Tuple[int, int], kspace_shape: Tuple[int, int]) -> np.ndarray:
+    """``[3, 3]`` :func:`resample_affine` from a raster to the cameras' pixel space, made once per
+    pair of shapes (every sample asks for the same few); read-only, as it is shared."""
     k_from_r = np.vstack([resample_affine(raster_shape, kspace_shape), [0.0, 0.0, 1.0]])
-    return np.asarray(affine, np.float64) @ k_from_r
+    k_from_r.flags.writeable = False
+    return k_from_r
 
 
 def warp(raster: np.ndarray, affine: np.ndarray, out_shape: Tuple[int, int],

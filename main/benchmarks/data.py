@@ -167,18 +167,28 @@ def time_reads(read: Callable[[int], object], indices: Sequence[int]) -> Tuple[f
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
+READERS = (("original", "original (yardstick)"),
+           ("first", "ours, a worker's 1st epoch"),
+           ("later", "ours, later epochs"))
+
+
 def side_by_side(ours: DeepHandMeshDataset, theirs: OriginalReader, samples: int, rounds: int,
                  seed: int = 0) -> Dict[str, Dict[str, List[float]]]:
-    """Samples/s of both readers over ``rounds`` alternating runs of ``samples`` samples each (the
-    same indices for both, a fresh random choice every round). Returns ``{'ours'|'original':
-    {'wall': [...], 'cpu': [...]}}``."""
+    """Samples/s of the readers of :data:`READERS` over ``rounds`` runs of ``samples`` samples each
+    (the same indices for all, each at most once, a fresh random choice every round; the order of
+    the readers rotates from round to round). ``first``: a fresh copy of ``ours`` every round, which
+    works out each frame's keypoints and crop boxes on the way, as a ``DataLoader`` worker does in
+    its first epoch; ``later``: ``ours`` itself, which keeps them (warmed up beforehand).
+    Returns ``{name: {'wall': [...], 'cpu': [...]}}``."""
     rng = np.random.default_rng(seed)
-    rates: Dict[str, Dict[str, List[float]]] = {name: {"wall": [], "cpu": []} for name in ("ours", "original")}
-    readers = {"ours": ours.__getitem__, "original": theirs.__getitem__}
+    rates: Dict[str, Dict[str, List[float]]] = {name: {"wall": [], "cpu": []} for name, _ in READERS}
     n = len(ours)
     for r in range(rounds):
         indices = rng.choice(n, size=samples, replace=samples > n).tolist()
-        for name in (("ours", "original") if r % 2 == 0 else ("original", "ours")):
+        fresh = pickle.loads(pickle.dumps(ours))  # a new reader: nothing of the frames kept
+        readers = {"original": theirs.__getitem__, "first": fresh.__getitem__, "later": ours.__getitem__}
+        names = [name for name, _ in READERS]
+        for name in names[r % 3:] + names[:r % 3]:
             wall, cpu = time_reads(readers[name], indices)
             rates[name]["wall"].append(samples / wall)
             rates[name]["cpu"].append(samples / max(cpu, 1e-9))
@@ -271,20 +281,21 @@ def run(args) -> None:
           f"{depth_shape[0]}x{depth_shape[1]}, pickle protocol {protocol}), training mode, "
           f"input {args.size}x{args.size}, {args.views} depth maps of {args.size}x{args.size}; one process, "
           f"1 torch / 1 OpenCV thread; {args.rounds} alternating runs of {samples} samples each, medians")
-    for i in range(min(4, len(dataset))):  # warm-up: caches, lazy imports
+    for i in range(len(dataset)):  # warm-up: caches, lazy imports; the frames' keypoints and boxes
         dataset[i]
         original[i]
     rates = side_by_side(dataset, original, samples, args.rounds)
-    print(f"{'reader':<30} {'samples/s (wall)':>16} {'samples/s (CPU)':>16}")
-    for name, label in (("original", "original (yardstick)"), ("ours", "DeepHandMeshDataset")):
+    print(f"{'reader':<30} {'samples/s (wall)':>16} {'samples/s (CPU)':>16} {'/ original (wall, CPU)':>24}")
+    for name, label in READERS:
+        ratios = [statistics.median(o / t for o, t in zip(rates[name][clock], rates["original"][clock]))
+                  for clock in ("wall", "cpu")]
+        shown = "" if name == "original" else f"{ratios[0]:>11.2f}x {ratios[1]:>10.2f}x"
         print(f"{label:<30} {statistics.median(rates[name]['wall']):>16.1f} "
-              f"{statistics.median(rates[name]['cpu']):>16.1f}")
-    ratio_wall = statistics.median(o / t for o, t in zip(rates["ours"]["wall"], rates["original"]["wall"]))
-    ratio_cpu = statistics.median(o / t for o, t in zip(rates["ours"]["cpu"], rates["original"]["cpu"]))
-    print(f"{'ours / original':<30} {ratio_wall:>15.2f}x {ratio_cpu:>15.2f}x   (median of the per-run ratios)")
+              f"{statistics.median(rates[name]['cpu']):>16.1f} {shown:>24}")
+    print("(medians over the runs; the ratios are medians of the per-run ratios)")
     if args.profile:
         indices = list(range(min(samples, len(dataset))))
-        for label, read in (("original (yardstick)", original.__getitem__), ("DeepHandMeshDataset", dataset.__getitem__)):
+        for label, read in (("original (yardstick)", original.__getitem__), ("ours, later epochs", dataset.__getitem__)):
             print(f"\nwhere the time goes, {label}, {len(indices)} samples (thread CPU time, cProfile):")
             print(profile_reads(read, indices))
     if args.workers > 0:
