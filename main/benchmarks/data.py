@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import cProfile
 import io
-import os
 import pickle
 import pstats
 import random
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -218,6 +216,8 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    import resource  # (Unix)
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -300,7 +300,8 @@ def run(args) -> None:
             print(profile_reads(read, indices))
     if args.workers > 0:
         parent = peak_rss_mb()
-        rates, peaks = loader_epochs(dataset, args.workers, args.batch, args.repeats + 1)
+        # A copy keeps nothing of the frames: the workers start as training's do.
+        rates, peaks = loader_epochs(pickle.loads(pickle.dumps(dataset)), args.workers, args.batch, args.repeats + 1)
         print(f"\nDataLoader: batch {args.batch}, {args.workers} persistent worker(s) (one thread each), "
               f"{args.repeats + 1} epochs")
         later = "epoch 2" if len(rates) == 2 else f"median of epochs 2-{len(rates)}"
