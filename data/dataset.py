@@ -528,7 +528,7 @@ def warp(raster: np.ndarray, affine: np.ndarray, out_shape: Tuple[int, int],
     result = cv2.warpAffine(raster, np.asarray(affine, np.float64), (int(W), int(H)), dst=out, flags=flags,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     if out is not None and result is not out and not np.shares_memory(result, out):
-        out[...] = result  # OpenCV made a new array after all (it should not for a matching out)
+        out[...] = result  # OpenCV made a new array (out of another dtype or shape): copy it in
         return out
     return result
 
@@ -547,7 +547,7 @@ def input_crop(image_bgr: np.ndarray, affine: np.ndarray, out_shape: Tuple[int, 
     return crop
 
 
-# ------------------------------------------------------------------------------ skip counter
+# ---------------------------------------------------------------- counts shared with workers
 class _SharedCount:
     """An integer shared by the dataset and its ``DataLoader`` workers (the skip count, the epoch).
 

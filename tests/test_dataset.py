@@ -332,6 +332,23 @@ def test_depth_warp_picks_the_right_raster_pixel(tmp_path):
     assert np.abs(got_c - rx).max() <= 0.51 and np.abs(got_r - ry).max() <= 0.51
 
 
+def test_warp_into_a_given_array():
+    """``warp(out=...)`` fills the array it is given: a slice of the sample's depth array, or (where
+    OpenCV would make a new array, another dtype) by a copy."""
+    from data.dataset import warp
+
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 900, (40, 30)).astype(np.float32)
+    affine = np.array([[1.1, 0.1, -2.0], [0.05, 0.9, 1.0]])
+    plain = warp(src, affine, (16, 12), nearest=True)
+    stack = np.full((3, 16, 12), -1, np.float32)
+    assert np.shares_memory(warp(src, affine, (16, 12), nearest=True, out=stack[1]), stack)
+    assert np.array_equal(stack[1], plain) and (stack[[0, 2]] == -1).all()
+    other = np.zeros((16, 12), np.float64)
+    assert warp(src, affine, (16, 12), nearest=True, out=other) is other
+    assert np.array_equal(other, plain)
+
+
 # ----------------------------------------------------------------------------- batching, views
 def test_shapes_dtypes_and_workers(data):
     root, _ = data
