@@ -21,9 +21,11 @@ the choice of target views (below) and nothing else.
 Target views. As the original, ``render_view_num`` cameras are drawn without replacement from
 *all* colour cameras; the input camera may be among them (its depth map is then a target too).
 With ``seed=None``, training draws from torch's generator, which ``DataLoader`` seeds differently
-in every worker and every epoch (fresh views each epoch, as the original); with an integer seed
-the draw for sample ``i`` is a function of ``(seed, epoch, i)`` (call :meth:`set_epoch`). In
-``mode='test'`` the draw is a function of ``(seed or 0, i)`` only: the same views every time.
+in every worker it starts (fresh views each epoch, as the original; a persistent worker's draws
+go on from one epoch to the next); with an integer seed the draw for sample ``i`` is a function
+of ``(seed, epoch, i)`` (call :meth:`set_epoch`; the epoch is shared with workers already
+running). In ``mode='test'`` the draw is a function of ``(seed or 0, i)`` only: the same views
+every time.
 
 Geometry, as the original (``data/dataset.py``, ``common/utils/preprocessing.py``). The cameras'
 ``K`` is expressed in one pixel space, ``original_img_shape = (512, 334)`` (H, W), whatever the
@@ -63,10 +65,17 @@ Problems of the data set as a whole (missing folders, a malformed ``KRT_512``, n
 colour cameras than ``render_view_num``) raise at construction whatever the policy.
 
 The dataset holds no open file and no lambda; it pickles, so it works with ``DataLoader``
-workers under ``fork`` and ``spawn``.
+workers under ``fork`` and ``spawn``, persistent or not.
+
+Speed. Each process keeps what it made of every frame's keypoint file (the keypoints and the
+crop box of each camera; the file is still read for every sample and parsed again when its text
+changes); depth maps are read by ``common.io.safe_pickle``'s fast path for numpy's own
+pickles, and images are warped in OpenCV's channel order with the channels reversed on the
+crop. ``python tools/bench.py data`` compares the reader with the original's on one thread.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -90,8 +99,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PTS_JOINT_NAMES", "HAND_PREFIX", "DataFormatError", "SampleError", "read_krt", "write_krt",
-    "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "keypoint_box",
+    "read_pts_text", "read_pts_raw", "read_pts", "write_pts", "pts_to_model_index", "keypoint_box",
     "clip_box", "patch_affine", "render_affine", "image_affine", "resample_affine", "raster_affine", "warp",
+    "input_crop",
     "DeepHandMeshDataset", "ORIGINAL_IMG_SHAPE", "SkipReport", "message_path", "hand_model_pts_index",
 ]
 
@@ -287,16 +297,23 @@ def _fmt(values: Iterable[float]) -> str:
 
 
 # ---------------------------------------------------------------------------- keypoint files
-def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, float]]:
+def read_pts_text(path: os.PathLike | str) -> str:
+    """The text of a ``.pts`` keypoint file (UTF-8, at most ``MAX_PTS_BYTES``; see ``read_text``)."""
+    try:
+        return read_text(path, DataFormatError, "keypoint file", MAX_PTS_BYTES)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: keypoint file not found") from None
+
+
+def read_pts_raw(path: os.PathLike | str, text: Optional[str] = None) -> Dict[int, Tuple[np.ndarray, float, float]]:
     """Read a ``.pts`` keypoint file: ``{index: (xyz [3] world mm, score, num_views)}``.
 
     Lines are ``idx x y z score num_views``; blank lines and ``#`` comments are skipped.
+    ``text``: the file's text when it has been read already (:func:`read_pts_text`).
     """
     path = Path(path)
-    try:
-        text = read_text(path, DataFormatError, "keypoint file", MAX_PTS_BYTES)
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: keypoint file not found") from None
+    if text is None:
+        text = read_pts_text(path)
     points: Dict[int, Tuple[np.ndarray, float, float]] = {}
     for number, line in enumerate(text_lines(text), 1):
         tokens = line.split()
@@ -310,7 +327,7 @@ def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, 
         except ValueError:
             raise DataFormatError(f"{path}:{number}: fields must be numbers, found "
                                   f"'{shown(line.strip())}'") from None
-        if not all(math.isfinite(v) for v in values):
+        if not all(map(math.isfinite, values)):
             raise DataFormatError(f"{path}:{number}: '{shown(line.strip())}' has a non-finite "
                                   "number (nan or inf)")
         idx = values[0]
@@ -318,7 +335,7 @@ def read_pts_raw(path: os.PathLike | str) -> Dict[int, Tuple[np.ndarray, float, 
             raise DataFormatError(f"{path}:{number}: joint index must be an integer 0..."
                                   f"{PTS_JOINT_COUNT - 1} (0-20 right hand, 21-41 left), found "
                                   f"{shown(tokens[0])}")
-        if not all(abs(v) <= MAX_ABS_VALUE for v in values[1:4]):
+        if max(map(abs, values[1:4])) > MAX_ABS_VALUE:
             raise DataFormatError(f"{path}:{number}: a coordinate is larger than "
                                   f"{MAX_ABS_VALUE:g} mm in size (not a plausible keypoint)")
         if int(idx) in points:
@@ -361,8 +378,9 @@ def hand_model_pts_index(hand_model) -> np.ndarray:
 
 
 def read_pts(path: os.PathLike | str, joint_names: Sequence[str],
-             model_index: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Right-hand keypoints of a ``.pts`` file in the hand model's joint order.
+             model_index: Optional[np.ndarray] = None, text: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Right-hand keypoints of a ``.pts`` file in the hand model's joint order (``text``: the file's
+    text when it has been read already).
 
     Returns:
         ``joint_world [J, 3]`` float32 (mm; 0 for invalid joints), ``joint_valid [J]`` float32
@@ -373,7 +391,7 @@ def read_pts(path: os.PathLike | str, joint_names: Sequence[str],
     J = len(joint_names)
     joint_world = np.zeros((J, 3), np.float32)
     joint_valid = np.zeros(J, np.float32)
-    for idx, (xyz, _score, _views) in read_pts_raw(path).items():
+    for idx, (xyz, _score, _views) in read_pts_raw(path, text).items():
         if idx < len(PTS_JOINT_NAMES):  # 21..41: left hand
             joint_world[model_index[idx]] = xyz
             joint_valid[model_index[idx]] = 1.0
@@ -412,7 +430,7 @@ def keypoint_box(joint_world: np.ndarray, camrot: np.ndarray, campos: np.ndarray
     points = np.asarray(joint_world, np.float32).reshape(-1, 3)
     if len(points) == 0:
         raise ValueError("no keypoint to frame")
-    cam = np.stack([np.dot(camrot, p - campos) for p in points])
+    cam = np.array([np.dot(camrot, p - campos) for p in points])
     x = cam[:, 0] / (cam[:, 2] + 1e-8) * focal[0] + princpt[0]
     y = cam[:, 1] / (cam[:, 2] + 1e-8) * focal[1] + princpt[1]
     x0, x1, y0, y1 = x.min(), x.max(), y.min(), y.max()
@@ -492,43 +510,75 @@ def raster_affine(affine: np.ndarray, kspace_shape: Tuple[int, int],
                   raster_shape: Tuple[int, int]) -> np.ndarray:
     """The affine of a raster of ``raster_shape`` whose pixels cover the cameras' pixel space of
     shape ``kspace_shape``: ``affine`` composed with raster -> that space (:func:`resample_affine`)."""
+    return np.asarray(affine, np.float64) @ _raster_to_kspace(tuple(raster_shape), tuple(kspace_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _raster_to_kspace(raster_shape: Tuple[int, int], kspace_shape: Tuple[int, int]) -> np.ndarray:
+    """``[3, 3]`` :func:`resample_affine` from a raster to the cameras' pixel space, made once per
+    pair of shapes (every sample asks for the same few); read-only, as it is shared."""
     k_from_r = np.vstack([resample_affine(raster_shape, kspace_shape), [0.0, 0.0, 1.0]])
-    return np.asarray(affine, np.float64) @ k_from_r
+    k_from_r.flags.writeable = False
+    return k_from_r
 
 
 def warp(raster: np.ndarray, affine: np.ndarray, out_shape: Tuple[int, int],
-         nearest: bool) -> np.ndarray:
-    """``cv2.warpAffine`` of ``raster`` with the forward map ``affine``; 0 outside the source."""
+         nearest: bool, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``cv2.warpAffine`` of ``raster`` with the forward map ``affine``; 0 outside the source.
+
+    ``out``: a C-contiguous array of the result's shape and dtype to write into (no new array)."""
     H, W = out_shape
     flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.warpAffine(raster, np.asarray(affine, np.float64), (int(W), int(H)), flags=flags,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    result = cv2.warpAffine(raster, np.asarray(affine, np.float64), (int(W), int(H)), dst=out, flags=flags,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if out is not None and result is not out and not np.shares_memory(result, out):
+        out[...] = result  # OpenCV made a new array (out of another dtype or shape): copy it in
+        return out
+    return result
 
 
-# ------------------------------------------------------------------------------ skip counter
-class _SkipCounter:
-    """A count shared by the dataset and its ``DataLoader`` workers.
+def input_crop(image_bgr: np.ndarray, affine: np.ndarray, out_shape: Tuple[int, int]) -> np.ndarray:
+    """The input crop ``[3, H, W]`` float32, RGB in [0, 1], of a decoded ``[h, w, 3]`` uint8 BGR image.
 
-    The counts live in shared memory (a ``multiprocessing`` raw array that reaches workers by
-    inheritance, under ``fork`` and ``spawn`` alike), one slot per process: the main process
-    writes slot 0, worker ``w`` slot ``w + 1``, so no lock is needed. A plain pickle carries
-    only the current total.
+    The original's values exactly: the 0-255 picture as float32, warped bilinearly by ``affine``
+    (image pixels -> crop), then divided by 255 in float32. Done in BGR order, with the channels
+    reversed while the warped planes are split into the CHW array (each channel is warped
+    alone, so the order changes nothing but saves a pass over the full image)."""
+    warped = warp(image_bgr.astype(np.float32), affine, out_shape, nearest=False)
+    crop = np.empty((3,) + tuple(warped.shape[:2]), np.float32)
+    cv2.split(warped, [crop[2], crop[1], crop[0]])
+    np.divide(crop, np.float32(255), out=crop)
+    return crop
+
+
+# ---------------------------------------------------------------- counts shared with workers
+class _SharedCount:
+    """An integer shared by the dataset and its ``DataLoader`` workers (the skip count, the epoch).
+
+    It lives in shared memory (a ``multiprocessing`` raw array that reaches workers by inheritance,
+    under ``fork`` and ``spawn`` alike), so that persistent workers, which keep the copy of the
+    data set they started with, see the main process's :meth:`set` too. With ``slots > 1`` it is
+    a sum with one slot per process: the main process writes slot 0, worker ``w`` slot ``w + 1``
+    (:meth:`add`), so no lock is needed. A plain pickle carries only the current value.
     """
 
-    SLOTS = 256
-
-    def __init__(self, value: int = 0):
+    def __init__(self, value: int = 0, slots: int = 1):
+        self.slots = int(slots)
         try:
-            self._shared = multiprocessing.RawArray("q", self.SLOTS)
-        except (OSError, ImportError):  # no shared memory here: count in this process only
-            self._shared = [0] * self.SLOTS
+            self._shared = multiprocessing.RawArray("q", self.slots)
+        except (OSError, ImportError):  # no shared memory here: this process only
+            self._shared = [0] * self.slots
         self._shared[0] = value
 
     def add(self) -> int:
         info = torch.utils.data.get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        slot = 0 if info is None or self.slots == 1 else 1 + info.id % (self.slots - 1)
         self._shared[slot] += 1
         return self.value
+
+    def set(self, value: int) -> None:
+        """The value (from the main process; the other slots are cleared)."""
+        self._shared[:] = [int(value)] + [0] * (self.slots - 1)
 
     @property
     def value(self) -> int:
@@ -537,14 +587,37 @@ class _SkipCounter:
     def __getstate__(self):
         if (not isinstance(self._shared, list)
                 and multiprocessing.context.get_spawning_popen() is not None):
-            return {"shared": self._shared}
-        return {"value": self.value}
+            return {"shared": self._shared, "slots": self.slots}
+        return {"value": self.value, "slots": self.slots}
 
     def __setstate__(self, state):
         if "shared" in state:
-            self._shared = state["shared"]
+            self.slots, self._shared = state["slots"], state["shared"]
         else:
-            self.__init__(state["value"])
+            self.__init__(state["value"], state["slots"])
+
+
+SKIP_COUNT_SLOTS = 256
+
+
+# ------------------------------------------------------------------------------ frame cache
+class _FrameCache:
+    """What this process has made of each frame's keypoint file: ``{frame: (fingerprint of the
+    text, joint_world, joint_valid, {camera index: clipped box})}``.
+
+    The file is still read for every sample (a file changed or broken since is noticed); only the
+    parsing and the boxes' projections (the original's per-point arithmetic, a tenth of a sample's
+    time) are done once per text. The fingerprint is the text's length and 64-bit hash. Not pickled:
+    every ``DataLoader`` worker starts empty and fills its own (about 2 kB per frame)."""
+
+    def __init__(self):
+        self.entries: Dict[int, tuple] = {}
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.entries = {}
 
 
 # ---------------------------------------------------------------------------------- dataset
@@ -611,7 +684,7 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         self.seed = None if seed is None else int(seed)
         self.original_img_shape = _image_shape(original_img_shape, "original_img_shape")
         self.depth_min = float(depth_min)
-        self.epoch = 0
+        self._epoch = _SharedCount(0)  # shared: persistent DataLoader workers see set_epoch
         self._model_index = pts_to_model_index(self.joint_names)
 
         subject_dir = f"subject_{self.subject}"
@@ -665,7 +738,8 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
             raise DataFormatError(f"{self.image_dir}: no image of a colour camera in sequences "
                              f"{self.sequences} (of {found})")
         self._samples = samples
-        self._skips = _SkipCounter()
+        self._skips = _SharedCount(slots=SKIP_COUNT_SLOTS)
+        self._frames = _FrameCache()
         self._warned: set = set()
         logger.info("DeepHandMesh %s set: %d samples from %d sequence(s) %s, %d colour camera(s), "
                     "%d target view(s) each", mode, len(samples), len(self.sequences),
@@ -704,9 +778,14 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         """Samples skipped so far (``on_error='skip'``), summed over ``DataLoader`` workers."""
         return self._skips.value
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        """Vary the target views of a seeded training set from one epoch to the next."""
-        self.epoch = int(epoch)
+        """Vary the target views of a seeded training set from one epoch to the next. Held in shared
+        memory: ``DataLoader`` workers started earlier (persistent workers) draw this epoch's views."""
+        self._epoch.set(epoch)
 
     def image_path(self, idx: int) -> Path:
         s, c, _f, name = self._samples[idx]
@@ -770,6 +849,17 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         box = keypoint_box(points, R, C, self.focal[cam_idx], self.princpt[cam_idx])
         return clip_box(box, self.original_img_shape)
 
+    def _frame_keypoints(self, frame: int, path: Path) -> Tuple[np.ndarray, np.ndarray, Dict[int, np.ndarray]]:
+        """``joint_world``, ``joint_valid`` (:func:`read_pts`) and the frame's boxes by camera so far.
+        The file is read every time and parsed when its text is not the one parsed last (:class:`_FrameCache`)."""
+        text = read_pts_text(path)
+        fingerprint = (len(text), hash(text))
+        entry = self._frames.entries.get(frame)
+        if entry is None or entry[0] != fingerprint:
+            joint_world, joint_valid = read_pts(path, self.joint_names, self._model_index, text=text)
+            entry = self._frames.entries[frame] = (fingerprint, joint_world, joint_valid, {})
+        return entry[1], entry[2], entry[3]
+
     def load_sample(self, idx: int) -> Dict[str, object]:
         """Build sample ``idx`` (no skipping); raises :class:`SampleError`."""
         s, c, frame, _name = self._samples[idx]
@@ -777,17 +867,20 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
 
         kp_path = self.keypoint_path(frame)
         try:
-            joint_world, joint_valid = read_pts(kp_path, self.joint_names, self._model_index)
+            joint_world, joint_valid, boxes = self._frame_keypoints(frame, kp_path)
         except Exception as err:  # any failure to read one file costs one sample (on_error)
             raise _sample_error(kp_path, err) from err
         if not joint_valid.any():
             raise SampleError(f"{kp_path}: no right-hand keypoint (indices 0-20)", str(kp_path))
 
         def box_of(view: int) -> np.ndarray:
-            try:
-                return self.sample_box(joint_world, joint_valid, view)
-            except ValueError as err:
-                raise SampleError(f"{kp_path}: camera {self.cameras[view]}: {err}", str(kp_path)) from None
+            box = boxes.get(view)
+            if box is None:
+                try:
+                    box = boxes[view] = self.sample_box(joint_world, joint_valid, view)
+                except ValueError as err:
+                    raise SampleError(f"{kp_path}: camera {self.cameras[view]}: {err}", str(kp_path)) from None
+            return box
 
         img_path = self.image_path(idx)
         try:
@@ -797,38 +890,39 @@ class DeepHandMeshDataset(torch.utils.data.Dataset):
         h, w = img.shape[:2]
         to_crop = image_affine(box_of(c), self.original_img_shape, (h, w), self.input_img_shape)
         # As the original: the 0-255 picture is warped, then divided by 255 (in float32).
-        img = warp(img, to_crop, self.input_img_shape, nearest=False) / np.float32(255)
+        img = input_crop(img, to_crop, self.input_img_shape)
         # Where a point of the cameras' pixel space appears in the crop (the image being that
         # space resampled); at 512 x 334 exactly the crop's own affine.
         img_affine = raster_affine(to_crop, (h, w), self.original_img_shape)
 
         views = self.draw_views(idx)
-        depthmaps, affines = [], []
-        for v in views:
+        depthmaps = np.empty((len(views),) + self.rendered_img_shape, np.float32)  # warped into
+        affines = []
+        for k, v in enumerate(views):
             affine = render_affine(box_of(int(v)), self.rendered_img_shape)
             path = self.depthmap_path(frame, self.cameras[v])
             try:
                 depth = load_depthmap(path, self.depth_min)
                 # The render affine itself, composed with depth-map pixels -> the cameras' pixels:
                 # target and rendering are registered at any depth-map resolution.
-                depthmaps.append(warp(depth, raster_affine(affine, self.original_img_shape, depth.shape),
-                                      self.rendered_img_shape, nearest=True))
+                warp(depth, raster_affine(affine, self.original_img_shape, depth.shape),
+                     self.rendered_img_shape, nearest=True, out=depthmaps[k])
             except Exception as err:  # e.g. a map too large for cv2.warpAffine
                 raise _sample_error(path, err) from err
             affines.append(affine)
 
         return {
-            "img": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "img": torch.from_numpy(img),
             "img_affine": torch.from_numpy(img_affine.astype(np.float32)),
-            "depthmap": torch.from_numpy(np.stack(depthmaps).astype(np.float32)),
+            "depthmap": torch.from_numpy(depthmaps),
             "camrot": torch.from_numpy(self.camrot[views]),
             "campos": torch.from_numpy(self.campos[views]),
             "focal": torch.from_numpy(self.focal[views]),
             "princpt": torch.from_numpy(self.princpt[views]),
             "affine": torch.from_numpy(np.stack(affines).astype(np.float32)),
             "view_cam_idx": torch.from_numpy(views),
-            "joint_world": torch.from_numpy(joint_world),
-            "joint_valid": torch.from_numpy(joint_valid),
+            "joint_world": torch.from_numpy(joint_world.copy()),  # (the cache keeps its own)
+            "joint_valid": torch.from_numpy(joint_valid.copy()),
             "index": idx,
             "frame": frame,
             "cam": cam,
@@ -860,7 +954,7 @@ def _sample_error(path: Path, err: Exception) -> SampleError:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """``[H, W, 3]`` float32 RGB in [0, 255]; SampleError naming ``path`` on failure."""
+    """``[H, W, 3]`` uint8 BGR, as OpenCV decodes it; SampleError naming ``path`` on failure."""
     if not path.is_file():
         raise SampleError(f"{path}: file not found", str(path))
     data = np.fromfile(str(path), np.uint8)
@@ -868,4 +962,4 @@ def _read_image(path: Path) -> np.ndarray:
     if img is None:
         raise SampleError(f"{path}: could not be decoded as an image (corrupt or not an image)",
                           str(path))
-    return img[:, :, ::-1].astype(np.float32)
+    return img

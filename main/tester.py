@@ -121,9 +121,10 @@ class Tester:
         self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
         self.dataset = DeepHandMeshDataset.from_config(cfg, "test", self.hand_model, on_error="skip", seed=0)
         batch = cfg.test_batch_size * max(1, len(self.gpu_ids))
+        workers = loader_workers(cfg)
         self.batch_generator = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch, shuffle=False, num_workers=loader_workers(cfg),
-            pin_memory=self.device.type == "cuda")
+            self.dataset, batch_size=batch, shuffle=False, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
         self.gt = load_gt_meshes(cfg.data_dir, self.hand_model.vertex_num)
 
     @torch.no_grad()
@@ -143,7 +144,7 @@ class Tester:
         surface_cache: Dict[int, Tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
         seen, unplaced, evaluated = set(), 0, 0
         for batch in tqdm(self.batch_generator, desc="test", unit="batch", dynamic_ncols=True):
-            inputs, targets, meta_info = split_batch(batch, self.device)
+            inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=self.device.type == "cuda")
             attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
             out = self.model(inputs, None, None, "test")
             joints, mesh = out["joint_out"].float(), out["mesh_out_refined"].float()

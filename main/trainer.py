@@ -204,9 +204,12 @@ class Trainer:
         self.sampler = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=0 if self.context is None else self.context.rank,
             shuffle=True, seed=self.epoch_seed(0), drop_last=False)
+        # Workers live as long as the loader (starting them every epoch cost most of a small
+        # epoch); the data set's epoch reaches them through shared memory (set_epoch).
         self.batch_generator = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-            num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False)
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
+            drop_last=False)
         self.itr_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
         log.info("%d samples, batch %d%s, %d iterations per epoch, %d data-loading worker(s)%s",
                  len(self.dataset), self.batch_size * self.world_size,

@@ -91,3 +91,43 @@ def test_bench_script_runs_and_rejects_bad_arguments():
     bad = subprocess.run(run + ["train", "--data_dir", str(REPO / "no_such_folder")], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no_such_folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_data_benchmark_yardstick_reads_what_the_reader_reads(tiny_set, default_hand):
+    """The original's reading transcribed in ``bench.py data`` makes the reader's input crop and, for
+    the views it draws, the reader's render affines: the two readers do the same work."""
+    import random
+
+    from data.dataset import DeepHandMeshDataset
+    from tools.benchmarks.data import OriginalReader
+
+    ours = DeepHandMeshDataset(tiny_set, mode="test", joint_names=default_hand.joint_names, input_img_shape=(32, 32),
+                               rendered_img_shape=(16, 16), render_view_num=3, seed=0)
+    theirs = OriginalReader(ours)
+    assert len(theirs) == len(ours) == 6
+    random.seed(0)
+    for i in range(len(ours)):
+        item = ours[i]
+        inputs, targets, meta = theirs[i]
+        assert torch.equal(inputs["img"], item["img"]), i
+        assert len(targets["depthmap"]) == 3 and targets["depthmap"][0].shape == (1, 16, 16)
+        # all three cameras are targets in both: match the affines camera by camera
+        ours_by_cam = {ours.cameras[v]: a for v, a in zip(item["view_cam_idx"].tolist(), item["affine"].numpy())}
+        for params, affine in zip(meta["cam_param"], meta["affine_trans"]):
+            cam = next(c for c, p in theirs.cam.items() if p is params)
+            assert np.array_equal(affine, ours_by_cam[cam]), (i, cam)
+
+
+def test_data_benchmark_runs(tiny_set):
+    run = [sys.executable, str(REPO / "main" / "bench.py"), "data", "--data", str(tiny_set), "--size", "32",
+           "--views", "2", "--rounds", "2", "--samples", "3", "--workers", "1", "--batch", "2", "--repeats", "1",
+           "--profile"]
+    done = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "original (yardstick)" in out and "where the time goes" in out
+    for row in ("ours, a worker's 1st epoch", "ours, later epochs"):
+        cells = next(line for line in out.splitlines() if line.startswith(row))[len(row):].split()
+        assert len(cells) == 4 and all(float(c.rstrip("x")) > 0 for c in cells), out
+    peak = next(line for line in out.splitlines() if line.startswith("peak RSS"))
+    assert "worker 0:" in peak and float(peak.split("worker 0:")[1].split("MB")[0]) > 10

@@ -332,6 +332,23 @@ def test_depth_warp_picks_the_right_raster_pixel(tmp_path):
     assert np.abs(got_c - rx).max() <= 0.51 and np.abs(got_r - ry).max() <= 0.51
 
 
+def test_warp_into_a_given_array():
+    """``warp(out=...)`` fills the array it is given: a slice of the sample's depth array, or (where
+    OpenCV would make a new array, another dtype) by a copy."""
+    from data.dataset import warp
+
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 900, (40, 30)).astype(np.float32)
+    affine = np.array([[1.1, 0.1, -2.0], [0.05, 0.9, 1.0]])
+    plain = warp(src, affine, (16, 12), nearest=True)
+    stack = np.full((3, 16, 12), -1, np.float32)
+    assert np.shares_memory(warp(src, affine, (16, 12), nearest=True, out=stack[1]), stack)
+    assert np.array_equal(stack[1], plain) and (stack[[0, 2]] == -1).all()
+    other = np.zeros((16, 12), np.float64)
+    assert warp(src, affine, (16, 12), nearest=True, out=other) is other
+    assert np.array_equal(other, plain)
+
+
 # ----------------------------------------------------------------------------- batching, views
 def test_shapes_dtypes_and_workers(data):
     root, _ = data
@@ -365,6 +382,45 @@ def test_view_draws(data):
     assert first == [train.draw_views(i).tolist() for i in range(12)]
     train.set_epoch(1)
     assert first != [train.draw_views(i).tolist() for i in range(12)]
+
+
+def test_persistent_workers_draw_the_views_of_the_epoch_set(data):
+    """set_epoch reaches DataLoader workers started before it (persistent workers, as training and
+    testing use them): every epoch's batches hold the views drawn for that epoch."""
+    root, _ = data
+    train = dataset(root, render_view_num=2, seed=7)
+    loader = DataLoader(train, batch_size=4, shuffle=False, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in (0, 1, 2):
+        train.set_epoch(epoch)
+        got = torch.cat([batch["view_cam_idx"] for batch in loader]).tolist()
+        assert got == [train.draw_views(i).tolist() for i in range(len(train))], epoch
+        seen.append(got)
+    assert seen[0] != seen[1] and seen[1] != seen[2]
+    assert pickle.loads(pickle.dumps(train)).epoch == 2
+
+
+def test_keypoint_file_changed_after_a_read_is_read_again(fresh_data):
+    """The reader keeps what it parsed of each keypoint file, but only while the file says the
+    same; the samples it returns are the caller's to change."""
+    root = fresh_data
+    ds = dataset(root)
+    first = ds[0]
+    expected = first["joint_world"].clone()
+    first["joint_world"].add_(1000.0)
+    assert torch.equal(ds[0]["joint_world"], expected)  # not the caller's changed copy
+    path = ds.keypoint_path(int(first["frame"]))
+    valid = first["joint_valid"].numpy() > 0
+    moved = expected.numpy() + np.float32(2.0)
+    write_pts(path, moved, valid, JOINT_NAMES)
+    again = ds[0]
+    assert torch.equal(again["joint_world"][again["joint_valid"] > 0], torch.from_numpy(moved[valid]))
+    assert not torch.equal(again["affine"], first["affine"])  # the boxes follow the keypoints
+    assert torch.equal(again["affine"], dataset(root)[0]["affine"])
+    path.write_bytes(b"1 nan 2 3 1 1\n")  # broken since: the sample fails again, each time
+    for _ in range(2):
+        with pytest.raises(SampleError, match="non-finite"):
+            ds[0]
 
 
 # ------------------------------------------------------------------------------------ errors

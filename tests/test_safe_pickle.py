@@ -31,15 +31,16 @@ def test_non_contiguous_and_fortran_arrays(tmp_path):
 
 def py2_pickle(data: np.ndarray) -> bytes:
     """A protocol-2 pickle as Python 2 with numpy 1.x writes it: ``numpy.core.multiarray``
-    names and the array bytes as a Python 2 ``str`` (SHORT_BINSTRING)."""
+    names and the array bytes as a Python 2 ``str`` (SHORT_BINSTRING, or BINSTRING from 256 bytes)."""
     raw = data.astype("<f4").tobytes()
-    assert len(raw) < 256
     h, w = data.shape
+    assert h < 256 and w < 256
+    payload = b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + len(raw).to_bytes(4, "little")
     return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02"
             b"K\x00\x85U\x01b\x87Rq\x03(K\x01K" + bytes([h]) + b"K" + bytes([w]) + b"\x86"
             b"cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R"
             b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-            b"\x89U" + bytes([len(raw)]) + raw + b"tb.")
+            b"\x89" + payload + raw + b"tb.")
 
 
 def test_python2_protocol2_pickle(tmp_path):
@@ -157,3 +158,100 @@ def test_one_byte_dtype_has_no_byte_order_and_loads(tmp_path):
     data = pickle.dumps(depth, protocol=2)
     assert b"X\x01\x00\x00\x00|" in data  # numpy writes '|' for one-byte types
     np.testing.assert_array_equal(load_depthmap(dump(tmp_path / "d.pkl", depth, 2)), depth)
+
+
+# ------------------------------------------------------------------------------ the fast reader
+def numpy_pickles():
+    """What the fast reader is for: plain arrays as numpy pickles them at protocols 2-5 (C and
+    Fortran order, three dtypes, small and large payloads) and as Python 2 did."""
+    depth = (np.arange(20 * 17, dtype=np.float32).reshape(20, 17) % 9) * 150
+    out = []
+    for dtype in (np.float32, ">f8", np.uint16):
+        for array in (depth.astype(dtype), np.asfortranarray(depth.astype(dtype)), depth[:3, :2].astype(dtype)):
+            out += [(f"{np.dtype(dtype).str} {array.shape} protocol {p}", pickle.dumps(array, protocol=p))
+                    for p in (2, 3, 4, 5)]
+    out += [("python 2 SHORT_BINSTRING", py2_pickle(depth[:2, :3])), ("python 2 BINSTRING", py2_pickle(depth))]
+    return out
+
+
+def same_array(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes(order="A") == b.tobytes(order="A") \
+        and a.flags.f_contiguous == b.flags.f_contiguous
+
+
+@pytest.mark.parametrize("name, data", numpy_pickles(), ids=lambda v: v if isinstance(v, str) else "")
+def test_fast_reader_reads_numpys_own_pickles_as_the_careful_one_does(name, data):
+    from common.io.safe_pickle import _careful_array, _fast_array
+
+    fast = _fast_array(data)
+    assert fast is not None, name  # taken: the speed is there
+    assert same_array(fast, _careful_array(data, "x")), name
+    np.testing.assert_array_equal(fast, pickle.loads(data, encoding="latin1"))  # numpy's own reading
+
+
+def test_fast_reader_leaves_anything_else_to_the_careful_one():
+    from common.io.safe_pickle import _fast_array
+
+    depth = np.ones((3, 4), np.float32)
+    plain = pickle.dumps(depth, protocol=2)
+    assert _fast_array(plain) is not None
+    for other in (pickle.dumps(depth, protocol=0), pickle.dumps(depth, protocol=1),  # text opcodes
+                  plain + b"trailing", plain[:-1],  # bytes after STOP; no STOP
+                  pickle.dumps([depth], protocol=4),  # a list (EMPTY_LIST, APPENDS)
+                  pickle.dumps(RunsShell("/nonexistent/x"), protocol=4),  # a name not on the list
+                  plain.replace(b"q\x01", b"r\x11\x27\x00\x00", 1)):  # LONG_BINPUT 10001 > the memo limit
+        assert _fast_array(other) is None
+    # An opcode running across the end of a FRAME (the unpickler reads a file frame by frame).
+    data = pickle.dumps(depth, protocol=4)
+    assert data[2] == 0x95
+    size = int.from_bytes(data[3:11], "little")
+    cut = data[:3] + (size - 20).to_bytes(8, "little") + data[11:]
+    assert _fast_array(cut) is None
+
+
+def test_fast_reader_agrees_with_the_careful_one_on_corrupt_pickles():
+    """Seeded mutations of every kind of pickle: the fast reader either declines or gives exactly
+    the careful reader's array (never one the careful reader refuses)."""
+    from common.io.safe_pickle import DepthmapError, _careful_array, _fast_array
+    from tools.fuzz import BINARY_MUTATIONS
+
+    bases = [data for _name, data in numpy_pickles()]
+    mutations = [m for m, _weight in BINARY_MUTATIONS.values()]
+    rng = np.random.default_rng(0)
+    taken = 0
+    for case in range(3000):
+        data = bases[case % len(bases)]
+        for _ in range(1 + case % 2):
+            data = mutations[int(rng.integers(len(mutations)))](data, rng)
+        fast = _fast_array(data)
+        if fast is None:
+            continue
+        taken += 1
+        try:
+            careful = _careful_array(data, "case")
+        except DepthmapError as err:
+            raise AssertionError(f"case {case}: the fast reader accepted what the careful one refuses: {err}")
+        assert same_array(fast, careful), case
+    assert taken > 300  # the mutations that keep a readable array (most change the payload)
+
+
+def test_quick_depth_check_is_the_three_counts():
+    """``_plausible_depths`` says yes exactly when the counts of non-finite, negative and too-small
+    depths are all zero (for any positive depth_min)."""
+    from common.io.safe_pickle import _plausible_depths
+
+    rng = np.random.default_rng(0)
+    specials = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, -1.0, 0.5, 0.999999, 1.0, 3.4e38, 1e-45],
+                        np.float32)
+    for case in range(400):
+        depth = rng.uniform(1, 2000, size=(7, 5)).astype(np.float32)
+        depth[rng.uniform(size=depth.shape) < 0.4] = 0
+        for _ in range(int(rng.integers(0, 3))):
+            depth.flat[int(rng.integers(depth.size))] = specials[int(rng.integers(len(specials)))]
+        depth_min = float(rng.choice([1.0, 0.5, 1e-3, 600.0]))
+        with np.errstate(invalid="ignore"):
+            counts = (int((~np.isfinite(depth)).sum()), int((depth < 0).sum()),
+                      int(((depth > 0) & (depth < depth_min)).sum()))
+        assert _plausible_depths(depth, depth_min) == (counts == (0, 0, 0)), (case, depth, depth_min)
+    # depth_min <= 0: the counts decide (the quick check steps aside)
+    assert not _plausible_depths(np.ones((2, 2), np.float32), 0.0)

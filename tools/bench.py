@@ -7,7 +7,7 @@
                                   [--tile-sizes 0 16] [--device cuda] [--no-memory]
                                   [--threads 1 --clock thread]
     python tools/bench.py kernel [--size 256 --views 6 --batch 8] [--device cuda]
-    python tools/bench.py data --data data/synthetic [--workers 2] [--batch 8] [--size 256]
+    python tools/bench.py data --data data/synthetic [--rounds 9] [--profile] [--workers 2] [--batch 8] [--size 256]
     python tools/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
     python tools/bench.py influences [--hands default makehuman] [--random 1000]
     python tools/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
@@ -17,7 +17,8 @@ Each prints the median of repeated runs with the sizes it used and the machine. 
 compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
 in Python, LBS summed over joints); ``losses`` the penetration and Laplacian losses with the
 original's loops and dense matrix; ``renderer`` times the depth renderer's backends per view
-against image size and face count, and the native one's peak memory; ``data`` the data loader;
+against image size and face count, and the native one's peak memory; ``data`` the sample reader
+against a transcription of the original's on one thread, and the loader's workers (rate, peak memory);
 ``surface`` the exact point-to-surface distance of ``test.py``'s surface metric against evaluating
 every triangle; ``influences`` is no timing: what a glTF reader limited to four skinning influences
 per vertex (three.js) loses on the exported hand (mm); ``train`` takes a training iteration apart (one
@@ -29,10 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,30 +150,9 @@ def bench_kernel(args) -> None:
 
 
 def bench_data(args) -> None:
-    from torch.utils.data import DataLoader
+    from tools.benchmarks import data
 
-    from common.hand.hand_model import is_hand_model_folder, load_hand_model
-    from common.hand.hand_model_source import resolve_hand_model
-    from data.dataset import DeepHandMeshDataset
-
-    data = Path(args.data)
-    hand_dir = data / "hand_model"
-    hand = load_hand_model(hand_dir) if is_hand_model_folder(hand_dir) else resolve_hand_model()
-    dataset = DeepHandMeshDataset(data, mode="train", joint_names=hand.joint_names,
-                                  input_img_shape=(args.size, args.size), rendered_img_shape=(args.size, args.size),
-                                  render_view_num=args.views, seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0, drop_last=True)
-    print(f"data loader: {machine_description()}")
-    print(f"{len(dataset)} samples in {data}, batch {args.batch}, {args.workers} workers, "
-          f"crops {args.size}x{args.size}, {args.views} target views; median of {args.repeats} epochs")
-    rates = []
-    for _ in range(args.repeats + 1):  # the first epoch starts the workers
-        start, count = time.perf_counter(), 0
-        for batch in loader:
-            count += batch["img"].shape[0]
-        rates.append(count / (time.perf_counter() - start))
-    print(f"samples/s: {statistics.median(rates[1:]):.1f} (first epoch, with worker start-up: {rates[0]:.1f})")
+    data.run(args)
 
 
 def bench_train(args) -> int:
@@ -298,13 +276,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--repeats", type=int, default=20)
 
-    p = sub.add_parser("data", help="data-loader samples per second")
+    p = sub.add_parser("data", help="the sample reader against the original's (one thread); the loader's workers")
     p.add_argument("--data", required=True, help="data folder in the released layout")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (0: skip the loader part)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=256, help="input and depth-map crop size")
     p.add_argument("--views", type=int, default=6, help="target views per sample")
-    p.add_argument("--repeats", type=int, default=3, help="epochs timed")
+    p.add_argument("--repeats", type=int, default=3, help="loader epochs timed (after one that starts the workers)")
+    p.add_argument("--rounds", type=int, default=9, help="alternating runs of each reader")
+    p.add_argument("--samples", type=int, default=0, help="samples per run (0: as many as the data set has)")
+    p.add_argument("--profile", action="store_true", help="also show where each reader's time goes (cProfile)")
 
     p = sub.add_parser("surface", help="exact point-to-surface distance (test.py's surface metric)")
     p.add_argument("--shift", type=float, nargs="+", default=[0.3, 3.0, 8.0],
@@ -335,7 +316,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    for name in ("repeats", "iterations"):
+    for name in ("repeats", "iterations", "rounds"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be at least 1")
     torch.manual_seed(0)

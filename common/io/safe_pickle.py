@@ -31,6 +31,17 @@ made from our own type string and ``np.frombuffer`` of those bytes.
 Python 2 pickles (``str`` payloads) are read with ``encoding='latin1'``, the setting numpy
 documents for them; it changes nothing for Python 3 pickles.
 
+Two readers, one outcome. A pickle is first read by a small stack machine that knows only the
+opcodes numpy's pickler writes for a plain array at protocols 2-5 (Python 2 and 3) and builds
+the same recorders through the same table of names; it needs no pre-scan, since it reads every
+length itself, runs at most a few hundred opcodes and keeps the payload as a view of the file's
+bytes. Anything it does not know (another opcode, a protocol 0/1 pickle, a memo index beyond
+the limit, bytes after STOP, a refused name, any error) hands the file to the careful reader:
+the opcode stream is pre-scanned with ``pickletools`` (bounded opcode count and memo indices)
+and unpickled with the restricted C unpickler. The fast reader only ever *accepts*: it returns
+an array only where the careful reader returns the same array, and every refusal and its
+message come from the careful reader.
+
 A depth map must then be two-dimensional, non-empty and hold only finite, non-negative depths,
 none of them between 0 and ``depth_min`` (exclusive): a depth the renderer can never produce is a
 sign of a corrupt file (a byte-order character changed from ``<`` to ``>`` turns 1.0 into 4.6e-41).
@@ -45,7 +56,7 @@ import math
 import os
 import pickle
 import pickletools
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -63,6 +74,8 @@ MAX_DIMS = 32  # numpy's own limit
 MAX_OPCODES = 10_000
 MAX_MEMO_INDEX = 10_000
 _MEMO_OPS = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
+# numpy writes about 65 opcodes for an array (protocol 2); more goes to the careful reader.
+MAX_FAST_OPCODES = 256
 DEFAULT_DEPTH_MIN = 1.0  # mm, the original's cfg.depth_min (the renderer's near plane)
 
 
@@ -241,7 +254,7 @@ def _valid_shape(shape) -> Tuple[int, ...]:
 def _array_from(shape, dtype: np.dtype, fortran: bool, raw) -> np.ndarray:
     if isinstance(raw, str):  # a Python 2 str, read as latin1
         raw = raw.encode("latin1")
-    if not isinstance(raw, (bytes, bytearray)):
+    if not isinstance(raw, (bytes, bytearray, memoryview)):  # memoryview: the fast reader's payload
         raise _Refused(f"refused array data given as {_describe(raw)}; expected raw bytes")
     count = math.prod(shape)
     if len(raw) != count * dtype.itemsize:
@@ -288,15 +301,212 @@ def _prescan(data: bytes) -> None:
                 raise _Refused("refused a pickle with too many memo entries (corrupt)")
 
 
+# ------------------------------------------------------------------------------ the fast reader
+class _NotFast(Exception):
+    """The fast reader leaves this pickle to the careful one."""
+
+
+# Names as the bytes a GLOBAL opcode carries (ASCII, no backslash: pickletools reads them alike).
+_ALLOWED_GLOBALS = {(m.encode("ascii"), n.encode("ascii")): v for (m, n), v in _ALLOWED.items()}
+
+
+def _fast_description(data: bytes) -> Any:
+    """What the restricted unpickler makes of ``data``, for the opcodes numpy writes for an array.
+
+    A stack machine over PROTO 2-5, FRAME, GLOBAL / STACK_GLOBAL (the names of ``_ALLOWED``
+    only), MARK, the TUPLE opcodes, REDUCE, BUILD (on a recorder), NONE, NEWTRUE / NEWFALSE,
+    BININT1 / BININT2 / BININT, the str / bytes / bytearray opcodes of protocols 2-5, the
+    memo's PUT / GET / MEMOIZE, and STOP at the very end. Each behaves as in CPython's
+    unpickler reading a file (pops never cross a MARK; Python 2 strings are latin1 text; unicode
+    is UTF-8 with surrogatepass; no opcode may run across the end of a FRAME, where the
+    unpickler would drop the rest of the frame) and calls the same recorders; large payloads
+    stay memoryviews of ``data``.
+
+    Raises:
+        _NotFast: any other opcode or anything unusual; the careful reader decides then.
+    """
+    view = memoryview(data)
+    end = len(data)
+    frame_end = -1  # end of the FRAME being read; -1: none
+    stack: list = []
+    marks: list = []
+    memo: Dict[int, Any] = {}
+    pos = 0
+    for _ in range(MAX_FAST_OPCODES):
+        if pos == frame_end:
+            frame_end = -1
+        limit = end if frame_end < 0 else frame_end  # every argument must end by here
+        if pos >= limit:
+            raise _NotFast
+        op = data[pos]
+        pos += 1
+        floor = marks[-1] if marks else 0
+        if op == 0x71:  # BINPUT 'q' (1-byte index)
+            if pos >= limit or len(stack) <= floor:
+                raise _NotFast
+            memo[data[pos]] = stack[-1]
+            pos += 1
+        elif op == 0x72:  # LONG_BINPUT 'r' (4-byte index)
+            if pos + 4 > limit or len(stack) <= floor:
+                raise _NotFast
+            index = int.from_bytes(data[pos:pos + 4], "little")
+            if index > MAX_MEMO_INDEX:
+                raise _NotFast
+            memo[index] = stack[-1]
+            pos += 4
+        elif op == 0x94:  # MEMOIZE
+            if len(stack) <= floor:
+                raise _NotFast
+            memo[len(memo)] = stack[-1]
+        elif op == 0x68 or op == 0x6A:  # BINGET 'h', LONG_BINGET 'j'
+            width = 1 if op == 0x68 else 4
+            if pos + width > limit:
+                raise _NotFast
+            index = data[pos] if width == 1 else int.from_bytes(data[pos:pos + 4], "little")
+            if index > MAX_MEMO_INDEX or index not in memo:
+                raise _NotFast
+            stack.append(memo[index])
+            pos += width
+        elif op == 0x4B:  # BININT1 'K'
+            if pos + 1 > limit:
+                raise _NotFast
+            stack.append(data[pos])
+            pos += 1
+        elif op == 0x4D or op == 0x4A:  # BININT2 'M' (unsigned), BININT 'J' (signed)
+            width = 2 if op == 0x4D else 4
+            if pos + width > limit:
+                raise _NotFast
+            stack.append(int.from_bytes(data[pos:pos + width], "little", signed=op == 0x4A))
+            pos += width
+        elif op in _TEXT_OPS:  # str and bytes of every width
+            width, kind = _TEXT_OPS[op]
+            if pos + width > limit:
+                raise _NotFast
+            size = int.from_bytes(data[pos:pos + width], "little", signed=op == 0x54)
+            pos += width
+            if size < 0 or size > limit - pos:
+                raise _NotFast
+            raw = view[pos:pos + size]
+            pos += size
+            if kind == "unicode":
+                stack.append(str(raw, "utf-8", "surrogatepass"))
+            elif kind == "latin1":  # a Python 2 str, read with encoding='latin1'
+                stack.append(str(raw, "latin1"))
+            elif size <= 256:  # short bytes (a type code): a bytes object, as the unpickler makes
+                stack.append(bytes(raw))
+            else:  # the array's bytes: no copy
+                stack.append(raw)
+        elif op == 0x28:  # MARK '('
+            marks.append(len(stack))
+        elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1, TUPLE2, TUPLE3
+            count = op - 0x84
+            if len(stack) - floor < count:
+                raise _NotFast
+            items = tuple(stack[-count:])
+            del stack[-count:]
+            stack.append(items)
+        elif op == 0x74:  # TUPLE 't': the items above the last MARK
+            if not marks:
+                raise _NotFast
+            items = tuple(stack[marks[-1]:])
+            del stack[marks.pop():]
+            stack.append(items)
+        elif op == 0x29:  # EMPTY_TUPLE ')'
+            stack.append(())
+        elif op == 0x4E:  # NONE 'N'
+            stack.append(None)
+        elif op == 0x88 or op == 0x89:  # NEWTRUE, NEWFALSE
+            stack.append(op == 0x88)
+        elif op == 0x63:  # GLOBAL 'c': module and name, one line each
+            stop1 = data.find(b"\n", pos, limit)
+            stop2 = data.find(b"\n", stop1 + 1, limit) if stop1 >= 0 else -1
+            if stop2 < 0:
+                raise _NotFast
+            try:
+                stack.append(_ALLOWED_GLOBALS[(data[pos:stop1], data[stop1 + 1:stop2])])
+            except KeyError:
+                raise _NotFast from None
+            pos = stop2 + 1
+        elif op == 0x93:  # STACK_GLOBAL: module and name from the stack (str)
+            if len(stack) - floor < 2:
+                raise _NotFast
+            module, name = stack[-2], stack[-1]
+            if type(module) is not str or type(name) is not str or (module, name) not in _ALLOWED:
+                raise _NotFast
+            stack[-2:] = [_ALLOWED[(module, name)]]
+        elif op == 0x52:  # REDUCE 'R': callable(*args) of the recorders' table
+            if len(stack) - floor < 2:
+                raise _NotFast
+            func, args = stack[-2], stack[-1]
+            if type(args) is not tuple or id(func) not in _CALLABLE_IDS:
+                raise _NotFast
+            stack[-2:] = [func(*args)]  # a recorder, or _Refused
+        elif op == 0x62:  # BUILD 'b': the state of a recorder
+            if len(stack) - floor < 2 or not isinstance(stack[-2], _Recorder):
+                raise _NotFast
+            stack[-2].__setstate__(stack.pop())
+        elif op == 0x80:  # PROTO
+            if pos + 1 > limit or not 2 <= data[pos] <= 5:
+                raise _NotFast
+            pos += 1
+        elif op == 0x95:  # FRAME: not inside another; its length must fit in what is left
+            if frame_end >= 0 or pos + 8 > end:
+                raise _NotFast
+            size = int.from_bytes(data[pos:pos + 8], "little")
+            pos += 8
+            if size > end - pos:
+                raise _NotFast
+            frame_end = pos + size
+        elif op == 0x2E:  # STOP '.': one object, no open MARK, nothing after it
+            if len(stack) != 1 or marks or pos != end:
+                raise _NotFast
+            return stack[0]
+        else:
+            raise _NotFast
+    raise _NotFast
+
+
+# opcode -> (width of its length field in bytes, what it holds)
+_TEXT_OPS = {
+    0x8C: (1, "unicode"),  # SHORT_BINUNICODE
+    0x58: (4, "unicode"),  # BINUNICODE 'X'
+    0x55: (1, "latin1"),   # SHORT_BINSTRING 'U' (Python 2)
+    0x54: (4, "latin1"),   # BINSTRING 'T' (Python 2; signed length)
+    0x43: (1, "bytes"),    # SHORT_BINBYTES 'C'
+    0x42: (4, "bytes"),    # BINBYTES 'B'
+    0x8E: (8, "bytes"),    # BINBYTES8
+    0x96: (8, "bytes"),    # BYTEARRAY8 (numpy's protocol 5)
+}
+# REDUCE calls only these: the recorder functions of _ALLOWED and the ndarray token (which refuses
+# calls). They live as long as the module, so their ids stay theirs.
+_CALLABLE_IDS = frozenset(id(v) for v in _ALLOWED.values())
+
+
+def _fast_array(data: bytes) -> Optional[np.ndarray]:
+    """The array of a pickle numpy wrote, read without a pre-scan; None: ask the careful reader."""
+    try:
+        return _build(_fast_description(data))
+    except Exception:  # _NotFast, _Refused or any error: the careful reader names it
+        return None
+
+
 def loads_numeric_array(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Unpickle ``data`` that must hold one numeric numpy array (any shape, dtype kept).
 
-    The array is built by ``np.frombuffer`` from a validated description (module notes); it is
-    read-only when it shares the pickle's bytes.
+    The array is built by ``np.frombuffer`` from a validated description (module notes); it may
+    be read-only (it shares the pickle's bytes).
 
     Raises:
         DepthmapError: anything else, with ``source`` at the start of the message.
     """
+    array = _fast_array(data)
+    if array is not None:
+        return array
+    return _careful_array(data, source)
+
+
+def _careful_array(data: bytes, source: str) -> np.ndarray:
+    """The careful reader: the pre-scan, then the restricted unpickler (module notes)."""
     try:
         _prescan(data)
         obj = _DescriptionUnpickler(io.BytesIO(data), encoding="latin1").load()
@@ -330,7 +540,10 @@ def load_depthmap(path: os.PathLike | str, depth_min: float = DEFAULT_DEPTH_MIN)
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read(MAX_DEPTHMAP_BYTES + 1)
+        # The file's size when it has one (asking for the limit's worth of bytes costs a
+        # 256 MB allocation per read); a pipe or /proc file reads up to the limit.
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(size + 1 if 0 < size <= MAX_DEPTHMAP_BYTES else MAX_DEPTHMAP_BYTES + 1)
     if len(data) > MAX_DEPTHMAP_BYTES:
         raise DepthmapError(f"{path}: larger than {MAX_DEPTHMAP_BYTES} bytes, too large for a depth map")
     arr = loads_numeric_array(data, source=path)
@@ -340,6 +553,9 @@ def load_depthmap(path: os.PathLike | str, depth_min: float = DEFAULT_DEPTH_MIN)
         raise DepthmapError(f"{path}: expected a 2-D depth map, found an empty array {arr.shape}")
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
+    if _plausible_depths(out, depth_min):
+        return out
+    # Something is wrong: count the offending pixels for the message.
     bad = int((~np.isfinite(out)).sum())
     if bad:
         raise DepthmapError(f"{path}: depth map has {bad} non-finite pixel(s) (NaN/inf, or too "
@@ -353,6 +569,25 @@ def load_depthmap(path: os.PathLike | str, depth_min: float = DEFAULT_DEPTH_MIN)
         raise DepthmapError(f"{path}: depth map has {bad} pixel(s) with a depth between 0 and "
                             f"depth_min = {depth_min:g} mm (a corrupt file, e.g. a wrong byte order?)")
     return out
+
+
+_ZERO = np.zeros(1, np.float32)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _plausible_depths(depth: np.ndarray, depth_min: float) -> bool:
+    """True only when ``depth`` (float32) is finite, non-negative and has no depth in
+    ``(0, depth_min)``, i.e. when the three counts of :func:`load_depthmap` are all zero; False
+    sends it to those counts. Three quick passes instead of six: the maximum is NaN or inf if any
+    pixel is; and when 0 counts as below ``depth_min`` (compared as the counts compare), every
+    negative pixel, -inf or depth in ``(0, depth_min)`` does too, so the pixels below it are
+    exactly the zeros (``-0.0`` included) only when there is none of those."""
+    if not _ZERO < depth_min:  # depth_min <= 0 (as float32): the counts decide
+        return False
+    with np.errstate(invalid="ignore"):
+        if not depth.max() <= _FLOAT32_MAX:
+            return False
+        return np.count_nonzero(depth < depth_min) == np.count_nonzero(depth == 0)
 
 
 def shown_value(value: Any) -> str:

@@ -48,7 +48,10 @@ def read_text(path: os.PathLike | str, error: Type[Exception], what: str, max_by
     """
     path = Path(path)
     with open(path, "rb") as fp:
-        data = fp.read(max_bytes + 1)  # never more than the limit, whatever stat says
+        # Never more than the limit, whatever stat says; but the file's size when it has one (asking
+        # for the limit's worth costs an allocation of that size per read).
+        size = os.fstat(fp.fileno()).st_size
+        data = fp.read(size + 1 if 0 < size <= max_bytes else max_bytes + 1)
     if len(data) > max_bytes:
         raise error(f"{path}: larger than {max_bytes} bytes, too large for a {what}")
     try:

@@ -148,7 +148,7 @@ def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, o
                 trainer.prepare_epoch(epoch)
                 batches = iter(trainer.batch_generator)
                 batch = next(batches)
-            inputs, targets, meta_info = split_batch(batch, device)
+            inputs, targets, meta_info = split_batch(batch, device, non_blocking=device.type == "cuda")  # as training
             t1 = clock.now()
             trainer.optimizer.zero_grad(set_to_none=True)
             loss = trainer.model(inputs, targets, meta_info, "train")
