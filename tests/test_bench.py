@@ -119,7 +119,7 @@ def test_data_benchmark_yardstick_reads_what_the_reader_reads(tiny_set, default_
 
 
 def test_data_benchmark_runs(tiny_set):
-    run = [sys.executable, str(REPO / "main" / "bench.py"), "data", "--data", str(tiny_set), "--size", "32",
+    run = [sys.executable, str(REPO / "tools" / "bench.py"), "data", "--data", str(tiny_set), "--size", "32",
            "--views", "2", "--rounds", "2", "--samples", "3", "--workers", "1", "--batch", "2", "--repeats", "1",
            "--profile"]
     done = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
