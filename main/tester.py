@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -26,9 +26,77 @@ from main.config import Config
 from main.model import get_model
 from main.objective import align_to_keypoints
 from main.options import check_options, held_correctives
-from main.trainer import loader_workers, split_batch, training_hand_model
+from main.loops import loader_workers, make_loader, split_batch, training_hand_model
 
 log = logging.getLogger("deephandmesh")
+
+
+class PlacedBatch(NamedTuple):
+    """A test batch's output placed in the world (:meth:`Tester.evaluate_batch`)."""
+    mesh: torch.Tensor           # [B, V, 3] test-mode output, wrist frame (mm)
+    mesh_world: torch.Tensor     # [B, V, 3] placed by the alignment (mm)
+    ok: torch.Tensor             # [B] bool: the sample could be placed
+    joint_dist: np.ndarray       # [B, J] distance to each keypoint (mm)
+    joint_ok: np.ndarray         # [B, J] bool: the keypoint exists
+    depth_abs: torch.Tensor      # [B, N, H, W] |rendered − captured| (mm) where both exist, else 0
+    both: torch.Tensor           # [B, N, H, W] bool: both depths exist
+
+
+class MetricSums:
+    """The running sums of a test's errors over the evaluated samples (:class:`Tester`'s notes)."""
+
+    def __init__(self, hand_model, gt_meshes: Optional[Dict[int, np.ndarray]]):
+        self.joint_names = hand_model.joint_names
+        self.faces = torch.as_tensor(hand_model.faces, dtype=torch.long)
+        self.gt = gt_meshes
+        J = hand_model.joint_num
+        self.joint_sum, self.joint_cnt = np.zeros(J), np.zeros(J)
+        self.depth_sum, self.depth_cnt, self.evaluated = 0.0, 0, 0
+        self.mesh_errors: List[float] = []
+        self.to_gt: List[np.ndarray] = []    # point-to-surface distances, output vertices → true surface
+        self.from_gt: List[np.ndarray] = []  # true vertices → output surface
+        # The views of a frame often give the very same mesh (decoder-only: the same angles and
+        # keypoints): its surface distances are computed once.
+        self._surface: Dict[int, Tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+
+    def add(self, placed: PlacedBatch, b: int, frame: int) -> None:
+        """Sample ``b`` of ``placed`` (of ``frame``)."""
+        self.evaluated += 1
+        valid = placed.joint_ok[b]
+        self.joint_sum[valid] += placed.joint_dist[b][valid]
+        self.joint_cnt[valid] += 1
+        self.depth_sum += float(placed.depth_abs[b].sum())
+        self.depth_cnt += int(placed.both[b].sum())
+        if self.gt is None or frame not in self.gt:
+            return
+        mesh = placed.mesh_world[b]
+        ref = torch.as_tensor(self.gt[frame], dtype=mesh.dtype, device=mesh.device)
+        self.mesh_errors.append(float(metrics.vertex_error(mesh, ref)))
+        mesh = mesh.cpu()
+        known = self._surface.get(frame)
+        if known is None or not torch.equal(known[0], mesh):
+            there, back = metrics.surface_distances(mesh, ref.cpu(), self.faces)
+            known = self._surface[frame] = (mesh, there.numpy(), back.numpy())
+        self.to_gt.append(known[1])
+        self.from_gt.append(known[2])
+
+    def summary(self) -> Dict[str, object]:
+        """The error metrics (mm; None where nothing was measured)."""
+        count = self.joint_cnt.sum()
+        out = {
+            "joint_error_mm": metrics.finite_or_none(self.joint_sum.sum() / count) if count else None,
+            "joint_error_per_joint_mm": {name: metrics.finite_or_none(s / c) if c else None
+                                         for name, s, c in zip(self.joint_names, self.joint_sum, self.joint_cnt)},
+            "valid_joints": int(count),
+            "depth_error_mm": metrics.finite_or_none(self.depth_sum / self.depth_cnt) if self.depth_cnt else None,
+            "depth_pixels": self.depth_cnt,
+            "mesh_error_mm": metrics.finite_or_none(float(np.mean(self.mesh_errors))) if self.mesh_errors else None,
+            "mesh_samples": len(self.mesh_errors),
+        }
+        # The surface figures (main figure: surface_error_mm), None without ground-truth meshes.
+        out.update(metrics.summarise_surface(np.concatenate(self.to_gt), np.concatenate(self.from_gt))
+                   if self.to_gt else dict.fromkeys(metrics.summarise_surface([0.0], [0.0]), None))
+        return out
 
 
 class Tester:
@@ -67,15 +135,15 @@ class Tester:
     next one) is counted once (``skipped_samples``).
     """
 
-    def __init__(self, config: Config, test_epoch: Optional[int], init_seed: int = 0):
+    def __init__(self, config: Config, test_epoch: Optional[int], init_seed: int = 0, keep_meshes: bool = False):
         """``test_epoch`` None: test the model as ``train.py --seed init_seed`` initialises it
-        (the reference point of a training run), writing ``resultinit.json``."""
+        (the reference point of a training run), writing ``metrics_init.json``. ``keep_meshes``:
+        keep every evaluated sample's placed output mesh (world frame, mm) and its frame in
+        :attr:`placed_meshes` ``{index: (frame, [V, 3] array)}`` (the component study's figure)."""
         self.cfg = config
         self.test_epoch = None if test_epoch is None else int(test_epoch)
         self.init_seed = int(init_seed)
-        # Set True to keep every evaluated sample's placed output mesh (world frame, mm) and its
-        # frame in ``placed_meshes`` {index: (frame, [V, 3] array)} (the component study's figure).
-        self.keep_meshes = False
+        self.keep_meshes = bool(keep_meshes)
         self.placed_meshes: Dict[int, Tuple[int, np.ndarray]] = {}
         self.device, self.gpu_ids = pick_device(config)
         config.num_gpus = len(self.gpu_ids)
@@ -121,102 +189,74 @@ class Tester:
         self.gt_poses = load_gt_poses(cfg.data_dir, self.hand_model.joint_num) if cfg.pose_source == "gt" else None
         self.dataset = DeepHandMeshDataset.from_config(cfg, "test", self.hand_model, on_error="skip", seed=0)
         batch = cfg.test_batch_size * max(1, len(self.gpu_ids))
-        workers = loader_workers(cfg)
-        self.batch_generator = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch, shuffle=False, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+        self.batch_generator = make_loader(self.dataset, batch, self.device, loader_workers(cfg))
         self.gt = load_gt_meshes(cfg.data_dir, self.hand_model.vertex_num)
 
     @torch.no_grad()
     def test(self) -> Dict[str, object]:
-        hand = self.hand_model
-        model = unwrap(self.model)
-        align = model.align_joint_idx
+        """Every sample once: its crop and mesh written, its errors summed; returns (and writes as
+        ``metrics.json``) the metrics of the class notes."""
         out_dir = self.result_dir
         make_folder(out_dir)
-        J = hand.joint_num
-        joint_sum, joint_cnt = np.zeros(J), np.zeros(J)
-        depth_sum, depth_cnt = 0.0, 0
-        mesh_errors: List[float] = []
-        to_gt: List[np.ndarray] = []  # point-to-surface distances, output vertices -> true surface
-        from_gt: List[np.ndarray] = []  # true vertices -> output surface
-        faces = torch.as_tensor(hand.faces, dtype=torch.long)
-        surface_cache: Dict[int, Tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
-        seen, unplaced, evaluated = set(), 0, 0
+        sums = MetricSums(self.hand_model, self.gt)
+        seen, unplaced = set(), 0
         for batch in tqdm(self.batch_generator, desc="test", unit="batch", dynamic_ncols=True):
-            inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=self.device.type == "cuda")
-            attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
-            out = self.model(inputs, None, None, "test")
-            joints, mesh = out["joint_out"].float(), out["mesh_out_refined"].float()
-            gt, valid = targets["joint_world"].float(), targets["joint_valid"].float()
-            T, ok = align_to_keypoints(joints[:, align], gt[:, align], valid[:, align])
-            joints_w = joints @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
-            mesh_w = mesh @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
-            depth = model.objective.render(mesh_w, meta_info)
-            joint_dist, joint_ok = metrics.joint_distances(joints_w, gt, valid)
-            joint_dist, joint_ok = joint_dist.cpu().numpy(), joint_ok.cpu().numpy()
-            depth_abs, both = metrics.depth_differences(depth, targets["depthmap"])
-            for b in range(joints.shape[0]):
+            placed = self.evaluate_batch(batch)
+            for b in range(len(batch["index"])):
                 index = int(batch["index"][b])
                 if index in seen:
                     continue  # a skipped sample replaced by one evaluated already
                 seen.add(index)
-                stem = f"{index:05d}_{batch['seq'][b]}_cam{batch['cam'][b]}_frame{int(batch['frame'][b]):04d}"
-                self._save_sample(out_dir, stem, batch["img"][b], mesh[b])
-                if not bool(ok[b]):
+                frame = int(batch["frame"][b])
+                stem = f"{index:05d}_{batch['seq'][b]}_cam{batch['cam'][b]}_frame{frame:04d}"
+                self._save_sample(out_dir, stem, batch["img"][b], placed.mesh[b])
+                if not bool(placed.ok[b]):
                     unplaced += 1
                     continue
-                evaluated += 1
-                v = joint_ok[b]
-                joint_sum[v] += joint_dist[b][v]
-                joint_cnt[v] += 1
-                depth_sum += float(depth_abs[b].sum())
-                depth_cnt += int(both[b].sum())
-                frame = int(batch["frame"][b])
+                sums.add(placed, b, frame)
                 if self.keep_meshes:
-                    self.placed_meshes[index] = (frame, mesh_w[b].cpu().double().numpy())
-                if self.gt is not None and frame in self.gt:
-                    ref = torch.as_tensor(self.gt[frame], dtype=mesh_w.dtype, device=mesh_w.device)
-                    mesh_errors.append(float(metrics.vertex_error(mesh_w[b], ref)))
-                    placed = mesh_w[b].cpu()
-                    known = surface_cache.get(frame)
-                    if known is None or not torch.equal(known[0], placed):
-                        # The views of a frame often give the very same mesh (decoder-only: the same
-                        # angles and keypoints); its distances are computed once.
-                        there, back = metrics.surface_distances(placed, ref.cpu(), faces)
-                        known = surface_cache[frame] = (placed, there.numpy(), back.numpy())
-                    to_gt.append(known[1])
-                    from_gt.append(known[2])
+                    self.placed_meshes[index] = (frame, placed.mesh_world[b].cpu().double().numpy())
+        result = self.result(sums, len(seen), unplaced)
+        name = "metrics_init.json" if self.test_epoch is None else "metrics.json"
+        atomic_write_text(out_dir / name, json.dumps(result, indent=2) + "\n")
+        self.write_summary(result)
+        return result
 
-        per_joint = {name: metrics.finite_or_none(s / c) if c else None
-                     for name, s, c in zip(hand.joint_names, joint_sum, joint_cnt)}
+    def evaluate_batch(self, batch) -> "PlacedBatch":
+        """The test-mode output of a batch placed in the world by the alignment of its alignment
+        joints onto the keypoints, its joint distances and its depth differences (class notes)."""
+        model = unwrap(self.model)
+        align = model.align_joint_idx
+        inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=self.device.type == "cuda")
+        attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
+        out = self.model(inputs, None, None, "test")
+        joints, mesh = out["joint_out"].float(), out["mesh_out_refined"].float()
+        gt, valid = targets["joint_world"].float(), targets["joint_valid"].float()
+        T, ok = align_to_keypoints(joints[:, align], gt[:, align], valid[:, align])
+        joints_w = joints @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+        mesh_w = mesh @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+        joint_dist, joint_ok = metrics.joint_distances(joints_w, gt, valid)
+        depth_abs, both = metrics.depth_differences(model.objective.render(mesh_w, meta_info), targets["depthmap"])
+        return PlacedBatch(mesh, mesh_w, ok, joint_dist.cpu().numpy(), joint_ok.cpu().numpy(), depth_abs, both)
+
+    def result(self, sums: "MetricSums", samples: int, unplaced: int) -> Dict[str, object]:
+        """The metrics of a test (class notes) from its sums."""
+        hand = self.hand_model
+        align = unwrap(self.model).align_joint_idx
         result = {
             "epoch": "init" if self.test_epoch is None else self.test_epoch,
             "subject": self.cfg.subject,
             "snapshot": None if self.test_epoch is None else snapshot_path(self.cfg, self.test_epoch).name,
             "hand_model": {"vertices": hand.vertex_num, "joints": hand.joint_num},
-            "samples": len(seen),
-            "evaluated_samples": evaluated,
+            "samples": samples,
+            "evaluated_samples": sums.evaluated,
             "unplaced_samples": unplaced,
             "skipped_samples": self.dataset.skipped,
             "alignment": ("Kabsch on the valid keypoints of the alignment joints "
                           + ", ".join(hand.joint_names[j] for j in align)),
-            "joint_error_mm": metrics.finite_or_none(joint_sum.sum() / joint_cnt.sum()) if joint_cnt.sum() else None,
-            "joint_error_per_joint_mm": per_joint,
-            "valid_joints": int(joint_cnt.sum()),
-            "depth_error_mm": metrics.finite_or_none(depth_sum / depth_cnt) if depth_cnt else None,
-            "depth_pixels": depth_cnt,
-            "mesh_error_mm": metrics.finite_or_none(float(np.mean(mesh_errors))) if mesh_errors else None,
-            "mesh_samples": len(mesh_errors),
         }
-        # The surface figures (main figure: surface_error_mm), None without ground-truth meshes.
-        surface = (metrics.summarise_surface(np.concatenate(to_gt), np.concatenate(from_gt)) if to_gt
-                   else dict.fromkeys(metrics.summarise_surface([0.0], [0.0]), None))
-        result.update(surface)
-        result["identity"] = self._identity_metrics(model)
-        name = "metrics_init.json" if self.test_epoch is None else "metrics.json"
-        atomic_write_text(out_dir / name, json.dumps(result, indent=2) + "\n")
-        self.write_summary(result)
+        result.update(sums.summary())
+        result["identity"] = self._identity_metrics(unwrap(self.model))
         return result
 
     def write_summary(self, result: Dict[str, object]) -> None:

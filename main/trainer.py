@@ -40,65 +40,14 @@ from common.io.checkpoint import (CheckpointError, latest_snapshot, load_checkpo
                                      read_checkpoint, run_snapshots, save_checkpoint, snapshot_dir, snapshot_path,
                                      snapshots_to_delete)
 from common.io.atomic import sync_folder
-from common.utils.device import pick_device, place_model, unwrap, usable_cpus
-from common.hand.hand_model import HandModel, is_hand_model_folder, load_hand_model
-from common.hand.hand_model_source import resolve_hand_model
+from common.utils.device import pick_device, place_model, unwrap
 from data.ground_truth import attach_gt_pose, load_gt_poses
 from main.config import Config
-from main.model import INPUT_KEYS, get_model
-from main.objective import META_KEYS, TARGET_KEYS
+from main.loops import Timer, epoch_time, loader_workers, make_loader, split_batch, training_hand_model
+from main.model import get_model
 from main.options import check_options, held_correctives, log_options
 
 log = logging.getLogger("deephandmesh")
-
-
-class Timer:
-    """Accumulates intervals between ``tic()`` and ``toc()``; ``average`` is the mean interval."""
-
-    def __init__(self):
-        self.total, self.calls, self._start = 0.0, 0, None
-
-    def tic(self) -> None:
-        self._start = time.perf_counter()
-
-    def toc(self) -> float:
-        interval = time.perf_counter() - self._start
-        self.total += interval
-        self.calls += 1
-        return interval
-
-    @property
-    def average(self) -> float:
-        return self.total / max(self.calls, 1)
-
-
-def training_hand_model(config: Config) -> HandModel:
-    """``cfg.hand_model_dir`` when set; else ``data_dir/hand_model`` when it holds a model (a
-    synthetic set has one); else :func:`common.hand.hand_model_source.resolve_hand_model`."""
-    if config.hand_model_dir:
-        return load_hand_model(config.hand_model_dir)
-    in_data = Path(config.data_dir) / "hand_model"
-    if is_hand_model_folder(in_data):
-        return load_hand_model(in_data)
-    return resolve_hand_model()
-
-
-def split_batch(batch: Dict[str, object], device: torch.device, non_blocking: bool = False):
-    """A collated data-set batch → ``(inputs, targets, meta_info)`` of tensors on ``device``
-    (only tensors: DataParallel scatters them along the batch)."""
-    def pick(keys):
-        return {k: batch[k].to(device, non_blocking=non_blocking) for k in keys}
-    return pick(INPUT_KEYS), pick(TARGET_KEYS), pick(META_KEYS)
-
-
-def loader_workers(config: Config) -> int:
-    """``cfg.num_thread`` data-loading workers, at most one per CPU this process may use."""
-    return max(0, min(int(config.num_thread), usable_cpus()))
-
-
-def epoch_time(seconds: float) -> str:
-    """``'1.25h/epoch'``, or minutes below an hour."""
-    return f"{seconds / 3600:.2f}h/epoch" if seconds >= 3600 else f"{seconds / 60:.1f}min/epoch"
 
 
 class Trainer:
@@ -204,12 +153,7 @@ class Trainer:
         self.sampler = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=0 if self.context is None else self.context.rank,
             shuffle=True, seed=self.epoch_seed(0), drop_last=False)
-        # Workers live as long as the loader (starting them every epoch cost most of a small
-        # epoch); the data set's epoch reaches them through shared memory (set_epoch).
-        self.batch_generator = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-            num_workers=workers, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
-            drop_last=False)
+        self.batch_generator = make_loader(self.dataset, self.batch_size, self.device, workers, self.sampler)
         self.itr_per_epoch = math.ceil(len(self.sampler) / self.batch_size)
         log.info("%d samples, batch %d%s, %d iterations per epoch, %d data-loading worker(s)%s",
                  len(self.dataset), self.batch_size * self.world_size,
@@ -317,13 +261,11 @@ class Trainer:
         (``cfg.on_error='skip'``) are in :attr:`skip_report` and logged per file at the end."""
         from data.dataset import SkipReport
 
-        cfg = self.cfg
         self.prepare_epoch(epoch)
         self.tot_timer, self.gpu_timer, self.read_timer = Timer(), Timer(), Timer()
         sums: Dict[str, float] = {}
         self.skip_report = SkipReport()
-        cuda = self.device.type == "cuda"
-        bar = tqdm(self.batch_generator, total=self.itr_per_epoch, desc=f"epoch {epoch}/{cfg.end_epoch}",
+        bar = tqdm(self.batch_generator, total=self.itr_per_epoch, desc=f"epoch {epoch}/{self.cfg.end_epoch}",
                    unit="itr", leave=False, dynamic_ncols=True, disable=not self.is_main)
         self.tot_timer.tic()
         self.read_timer.tic()
@@ -331,51 +273,15 @@ class Trainer:
             self.read_timer.toc()
             self.gpu_timer.tic()
             self.skip_report.add(batch)
-            inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=cuda)
+            inputs, targets, meta_info = split_batch(batch, self.device, non_blocking=self.device.type == "cuda")
             attach_gt_pose(inputs, batch["frame"], self.gt_poses, self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.model(inputs, targets, meta_info, "train")
-            loss = {k: v.mean() for k, v in loss.items()}
-            total = sum(loss.values())
-            # Averaged over the processes, so that every process sees the same values and stops
-            # together on a non-finite one (a lone stop would leave the others waiting).
-            mean_values = distributed.average_tensor(torch.stack([v.detach().float() for v in loss.values()]))
-            values = dict(zip(loss, mean_values.tolist()))
-            if not all(math.isfinite(v) for v in values.values()):
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-                raise FloatingPointError(f"epoch {epoch} iteration {itr}: non-finite loss ({shown}); "
-                                         f"lower the learning rate (cfg.lr = {cfg.lr:g})")
-            if total.requires_grad:  # nothing learns in decoder-only plain LBS: losses only
-                total.backward()
-                self.optimizer.step()
-            if cuda:
-                torch.cuda.synchronize(self.device)
+            values = self.train_step(inputs, targets, meta_info, f"epoch {epoch} iteration {itr}")
             self.gpu_timer.toc()
             self.tot_timer.toc()
-
-            values["total"] = sum(values.values())
-            samples_per_s = self.batch_size * self.world_size / max(self.tot_timer.average, 1e-9)
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            screen = [
-                f"Epoch {epoch}/{cfg.end_epoch} itr {itr}/{self.itr_per_epoch}:",
-                f"lr: {self.get_lr():g}",
-                f"speed: {self.tot_timer.average:.2f}s/itr (compute {self.gpu_timer.average:.2f}s, "
-                f"data {self.read_timer.average:.2f}s)",
-                f"{samples_per_s:.1f} samples/s",
-                epoch_time(self.tot_timer.average * self.itr_per_epoch),
-            ]
-            screen += [f"loss_{k}: {v:.4f}" for k, v in values.items()]
-            log.info(" ".join(screen))
             bar.set_postfix(loss=f"{values['total']:.3f}")
-            step = epoch * self.itr_per_epoch + itr
-            self.summary.scalars({f"loss/{k}": v for k, v in values.items()}, step)
-            self.summary.scalars({"lr": self.get_lr(), "samples_per_s": samples_per_s}, step)
-            interval = int(cfg.tensorboard_image_interval)
-            if self.summary.active and interval > 0 and step % interval == 0:
-                self.summary.image("depth/crop_rendered_captured_difference",
-                                   self.depth_panel(inputs, targets, meta_info), step)
-
+            self.log_iteration(epoch, itr, values, (inputs, targets, meta_info))
             self.tot_timer.tic()
             self.read_timer.tic()
         bar.close()
@@ -383,6 +289,50 @@ class Trainer:
             log.warning("epoch %d: %s (on_error='skip')", epoch, self.skip_report.summary())
         count = max(1, len(bar))
         return {k: v / count for k, v in sums.items()}
+
+    def train_step(self, inputs, targets, meta_info, where: str) -> Dict[str, float]:
+        """One optimizer step on a batch; returns each loss's mean (averaged over the processes,
+        so that every process sees the same values and stops together on a non-finite one: a lone
+        stop would leave the others waiting) and their ``total``. Raises ``FloatingPointError``
+        naming ``where`` on a non-finite loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = {k: v.mean() for k, v in self.model(inputs, targets, meta_info, "train").items()}
+        total = sum(loss.values())
+        mean_values = distributed.average_tensor(torch.stack([v.detach().float() for v in loss.values()]))
+        values = dict(zip(loss, mean_values.tolist()))
+        if not all(math.isfinite(v) for v in values.values()):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            raise FloatingPointError(f"{where}: non-finite loss ({shown}); lower the learning rate "
+                                     f"(cfg.lr = {self.cfg.lr:g})")
+        if total.requires_grad:  # nothing learns in decoder-only plain LBS: losses only
+            total.backward()
+            self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the timers measure the step, not its launch
+        values["total"] = sum(values.values())
+        return values
+
+    def log_iteration(self, epoch: int, itr: int, values: Dict[str, float], batch) -> None:
+        """The iteration's log line (losses, learning rate, speed) and TensorBoard scalars; every
+        ``tensorboard_image_interval`` iterations the depth panel of ``batch`` (inputs, targets,
+        meta_info)."""
+        samples_per_s = self.batch_size * self.world_size / max(self.tot_timer.average, 1e-9)
+        screen = [
+            f"Epoch {epoch}/{self.cfg.end_epoch} itr {itr}/{self.itr_per_epoch}:",
+            f"lr: {self.get_lr():g}",
+            f"speed: {self.tot_timer.average:.2f}s/itr (compute {self.gpu_timer.average:.2f}s, "
+            f"data {self.read_timer.average:.2f}s)",
+            f"{samples_per_s:.1f} samples/s",
+            epoch_time(self.tot_timer.average * self.itr_per_epoch),
+        ]
+        screen += [f"loss_{k}: {v:.4f}" for k, v in values.items()]
+        log.info(" ".join(screen))
+        step = epoch * self.itr_per_epoch + itr
+        self.summary.scalars({f"loss/{k}": v for k, v in values.items()}, step)
+        self.summary.scalars({"lr": self.get_lr(), "samples_per_s": samples_per_s}, step)
+        interval = int(self.cfg.tensorboard_image_interval)
+        if self.summary.active and interval > 0 and step % interval == 0:
+            self.summary.image("depth/crop_rendered_captured_difference", self.depth_panel(*batch), step)
 
     @torch.no_grad()
     def depth_panel(self, inputs, targets, meta_info) -> np.ndarray:

@@ -26,7 +26,7 @@ def tiny_trainer(data_dir, out_dir) -> Trainer:
 
 
 def one_step_gradients(trainer, batch):
-    from main.trainer import split_batch
+    from main.loops import split_batch
 
     trainer.optimizer.zero_grad(set_to_none=True)
     loss = trainer.model(*split_batch(batch, trainer.device), "train")

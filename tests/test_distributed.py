@@ -15,7 +15,8 @@ from common.io.checkpoint import network_state_dict
 from common.utils.device import unwrap
 from main.model import get_model
 from main.options import resolve_paths
-from main.trainer import Trainer, split_batch
+from main.loops import split_batch
+from main.trainer import Trainer
 from common.utils import device as device_module
 from common.io.checkpoint import read_checkpoint
 from common.utils.distributed import DistributedContext, DistributedError, context_from_env

@@ -475,7 +475,7 @@ def _one_training_step(device, dtype, hand, data_dir, encoder_batch_norm="train"
     first step is about lr · sign(gradient), which float rounding may flip where a gradient is
     near 0). ``encoder_batch_norm='eval'``: the encoder's batch norm uses its running statistics;
     ``euler`` (``[2, J, 3]``): these angles instead of the encoder's (decoder-only)."""
-    from main.trainer import split_batch
+    from main.loops import split_batch
     from data.dataset import DeepHandMeshDataset
     from main.model import get_model
     from tests.test_train import tiny_config

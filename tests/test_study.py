@@ -15,7 +15,8 @@ from common.utils.device import unwrap
 from data.ground_truth import attach_gt_pose, load_gt_poses
 from main.options import resolve_paths
 from main import tester as tester_module
-from main.trainer import Trainer, split_batch
+from main.loops import split_batch
+from main.trainer import Trainer
 from data.dataset import DeepHandMeshDataset
 from tools import ablation
 from main import train as train_script

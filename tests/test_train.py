@@ -18,7 +18,8 @@ from common.io.checkpoint import latest_snapshot
 from common.utils.device import pick_device, unwrap
 from main.options import config_from_args
 from main import tester as tester_module
-from main.trainer import Trainer, split_batch
+from main.loops import split_batch
+from main.trainer import Trainer
 from common.hand.kinematics import euler_to_matrix, rigid_align, to_homogeneous
 from data.dataset import DeepHandMeshDataset
 from main import test as test_script

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from main.trainer import split_batch
+from main.loops import split_batch
 from data.dataset import DeepHandMeshDataset
 from main.config import Config
 from main.model import get_model

@@ -91,8 +91,7 @@ def train_and_test(config: Config, end_epoch: int, seed: int) -> Dict[str, objec
     trained_from = trainer.start_epoch
     trainer.train()
     train_seconds = time.perf_counter() - start
-    tester = Tester(config, end_epoch - 1)
-    tester.keep_meshes = True
+    tester = Tester(config, end_epoch - 1, keep_meshes=True)
     tester.make_model()
     tester.make_batch_generator()
     result = tester.test()

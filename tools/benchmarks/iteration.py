@@ -121,7 +121,7 @@ def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, o
     of each loss, sum, backward, step), the epoch's loader restarted when it runs out.
     """
     from common.utils.device import unwrap
-    from main.trainer import split_batch
+    from main.loops import split_batch
 
     model = unwrap(trainer.model)
     device = trainer.device
