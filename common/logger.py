@@ -17,6 +17,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from common.errors import print_error
 from common.io.atomic import cannot_write, make_folder
 
 LOGGER_NAME = "deephandmesh"
@@ -83,3 +84,16 @@ def setup_logging(log_dir: Optional[str | os.PathLike] = None, log_name: str = "
         root.addHandler(console_handler)
     return logging.getLogger(LOGGER_NAME)
 
+
+class ScriptLog:
+    """Where a training or test script's one-line errors go: into its log once the log is open
+    (its file keeps them), to stderr before (``report`` is :func:`common.errors.exit_code`'s)."""
+
+    def __init__(self):
+        self.log: Optional[logging.Logger] = None
+
+    def report(self, line: str) -> None:
+        if self.log is not None:
+            self.log.error(line)
+        else:
+            print_error(line)

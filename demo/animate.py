@@ -32,9 +32,9 @@ from common.hand.hand_model import HandModel  # noqa: E402
 from common.io.atomic import atomic_write_bytes  # noqa: E402
 from common.hand.pose_io import preset_names  # noqa: E402
 from common.utils.vis import VIEWS, fit_views  # noqa: E402
-from common.errors import OptionError, exit_code  # noqa: E402
+from common.errors import OptionError  # noqa: E402
 from demo.demo import (add_model_args, check_model_args, decode_pose, load_model, render_pose,  # noqa: E402
-                       setup_console_logging, warn_beyond_limits)
+                       script_main, warn_beyond_limits)
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
 
 FORMATS = (".gif", ".mp4", ".glb")
@@ -241,9 +241,7 @@ def write_glb(args, out: Path, hand_model, model, ckpt_text: str, keyframes: np.
 
 
 def main(argv=None) -> int:
-    setup_console_logging()
-    args = parse_args(argv)
-    return exit_code(lambda: run(args))
+    return script_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -182,10 +182,16 @@ def run(args) -> Path:
     return out_dir
 
 
-def main(argv=None) -> int:
+def script_main(run, parse_args, argv=None) -> int:
+    """A demo script's ``main``: console logging, its arguments, then ``run(args)`` through
+    :func:`common.errors.exit_code` (one line and exit code 2 for bad input, a traceback for a bug)."""
     setup_console_logging()
     args = parse_args(argv)
     return exit_code(lambda: run(args))
+
+
+def main(argv=None) -> int:
+    return script_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.errors import DeepHandMeshError, exit_code, one_line  # noqa: E402
+from common.errors import DeepHandMeshError, one_line  # noqa: E402
 from common.hand.hand_model import save_obj  # noqa: E402
 from common.hand.pose_io import PoseError, preset_names  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from demo import animate, export  # noqa: E402
 from demo.demo import (check_model_args, decode_pose, load_model, model_and_pose_parser, render_pose,  # noqa: E402
-                       setup_console_logging)
+                       script_main)
 from demo.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, pose_degrees,  # noqa: E402
                             pose_yaml, random_pose, read_uploaded_pose, tidy)
@@ -255,7 +255,7 @@ class Session:
 
     # ---------------------------------------------------------------- gui
     def _build_gui(self) -> None:
-        gui, hand, editor = self.client.gui, self.hand, self.editor
+        gui, hand = self.client.gui, self.hand
         self.info = gui.add_markdown(self._info_text())
         self.status = gui.add_markdown("")
 
@@ -546,9 +546,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    setup_console_logging()
-    args = parse_args(argv)
-    return exit_code(lambda: serve(args))
+    return script_main(serve, parse_args, argv)
 
 
 def serve(args) -> None:

@@ -36,8 +36,7 @@ from common.export.sequence import read_fit  # noqa: E402
 from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
 from common.io.atomic import atomic_write_bytes  # noqa: E402
 from common.hand.pose_io import build_pose, preset_names  # noqa: E402
-from common.errors import exit_code  # noqa: E402
-from demo.demo import add_model_args, check_model_args, load_model, setup_console_logging  # noqa: E402
+from demo.demo import add_model_args, check_model_args, load_model, script_main  # noqa: E402
 from demo.pose_edit import euler_tensor, pose_degrees  # noqa: E402
 
 FORMATS = {".glb": "glb", ".fbx": "fbx"}
@@ -178,9 +177,7 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    setup_console_logging()
-    args = parse_args(argv)
-    return exit_code(lambda: run(args))
+    return script_main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 
 from main.options import add_config_args, config_from_args  # noqa: E402
 from main.tester import Tester  # noqa: E402
-from common.errors import exit_code, print_error  # noqa: E402
-from common.logger import close_logging, setup_logging  # noqa: E402
+from common.errors import exit_code  # noqa: E402
+from common.logger import ScriptLog, close_logging, setup_logging  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,15 +52,11 @@ def format_metrics(metrics: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    log = None
-
-    def report(line: str) -> None:  # into the log (its file keeps it) once there is one
-        log.error(line) if log is not None else print_error(line)
+    script_log = ScriptLog()
 
     def test() -> None:
-        nonlocal log
         config = config_from_args(args)
-        log = setup_logging(config.log_dir, "test_logs.txt")
+        log = script_log.log = setup_logging(config.log_dir, "test_logs.txt")
         log.info("test.py %s", " ".join(sys.argv[1:] if argv is None else argv))
         epoch = None if args.init else args.test_epoch
         tester = Tester(config, epoch, args.seed).set_up()
@@ -69,7 +65,7 @@ def main(argv=None) -> int:
         log.info("wrote crops, meshes and metrics.json to %s", tester.result_dir)
 
     try:
-        return exit_code(test, report)
+        return exit_code(test, script_log.report)
     finally:
         close_logging()
 

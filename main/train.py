@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:
 
 from main.options import add_config_args, config_from_args  # noqa: E402
 from main.trainer import Trainer  # noqa: E402
-from common.errors import exit_code, print_error  # noqa: E402
-from common.logger import close_logging, setup_logging  # noqa: E402
+from common.errors import exit_code  # noqa: E402
+from common.logger import ScriptLog, close_logging, setup_logging  # noqa: E402
 from common.utils import distributed  # noqa: E402
 
 
@@ -46,13 +46,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    log = None
-
-    def report(line: str) -> None:  # into the log (its file keeps it) once there is one
-        log.error(line) if log is not None else print_error(line)
+    script_log = ScriptLog()
 
     def train() -> int:
-        nonlocal log
         config = config_from_args(args)
         if args.continue_train:
             config.continue_train = True
@@ -60,9 +56,9 @@ def main(argv=None) -> int:
             config.set("end_epoch", args.end_epoch, "--end_epoch")
         context = distributed.context_from_env()
         if context is None or context.is_main:
-            log = setup_logging(config.log_dir, "train_logs.txt")
+            log = script_log.log = setup_logging(config.log_dir, "train_logs.txt")
         else:  # the other processes: their warnings and errors on the console only
-            log = setup_logging(None, level=logging.WARNING, console_prefix=f"[rank {context.rank}] ")
+            log = script_log.log = setup_logging(None, level=logging.WARNING, console_prefix=f"[rank {context.rank}] ")
         log.info("train.py %s", " ".join(sys.argv[1:] if argv is None else argv))
         trainer = Trainer(config, seed=args.seed, context=context).set_up()
         try:
@@ -76,7 +72,7 @@ def main(argv=None) -> int:
         return 0
 
     try:
-        return exit_code(train, report)
+        return exit_code(train, script_log.report)
     finally:
         distributed.destroy_process_group()
         close_logging()

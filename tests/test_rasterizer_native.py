@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common.renderer.backend as backend_module
-from common.renderer.rasterizer import EMPTY_KEY, default_chunks, rasterize_depth
+from common.renderer.rasterizer import default_chunks, rasterize_depth
 from common.renderer.triton_rasterizer import rasterize_depth_binned, triton_available
 from common.renderer.depth_renderer import DepthRenderer, RendererBackendError, pytorch3d_available, resolve_backend
 from tests.conftest import REPO

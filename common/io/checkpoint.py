@@ -39,6 +39,17 @@ class CheckpointError(FileFormatError):
     """A snapshot that cannot be used with this model; the message names the file and the mismatch."""
 
 
+def load_tensor_file(path: Path, error: type, what: str) -> Any:
+    """``torch.load`` of a file of tensors and plain containers only (never code: ``weights_only``),
+    on the CPU; any failure becomes ``error('<path>: not a readable PyTorch <what> (<first line of
+    the reason>)')``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt zip or pickle raises many different types
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise error(f"{path}: not a readable PyTorch {what} ({first})") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     """Read a snapshot safely (tensors and plain containers only) and check its digest when it has
     one (module notes). The returned dict no longer holds the digest.
@@ -49,13 +60,7 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt zip or pickle raises many different types
-        text = str(err).strip()
-        first = text.splitlines()[0][:300] if text else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch snapshot, or it holds more than tensors "
-                              f"and plain containers ({first})") from None
+    ckpt = load_tensor_file(path, CheckpointError, "snapshot, or it holds more than tensors and plain containers")
     if not isinstance(ckpt, dict) or "network" not in ckpt:
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a snapshot dict with a 'network' state dict, found {keys}")

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from common.io.checkpoint import load_tensor_file
 from common.errors import FileFormatError, MissingFileError, OptionError
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,7 @@ class ResNetBackbone(nn.Module):
         path = Path(weights_path)
         if not path.is_file():
             raise MissingFileError(f"{path}: ImageNet weights file for the backbone not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a corrupt zip or pickle raises many different types
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise FileFormatError(f"{path}: not a readable PyTorch file of tensors ({first})") from None
+        state = load_tensor_file(path, FileFormatError, "file of tensors")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

@@ -40,8 +40,7 @@ try:  # Triton ships with PyTorch's CUDA wheels; the project runs without it (th
 except Exception:  # ImportError, or a broken install
     triton = None
 
-from common.renderer.rasterizer import (EMPTY_KEY, check_screen_vertices, clip_near, pixel_ndc, prepare_faces,
-                                        unpack_keys)
+from common.renderer.rasterizer import check_screen_vertices, clip_near, pixel_ndc, prepare_faces, unpack_keys
 
 # One program's tile (pixels) and faces evaluated at once (tools/bench.py kernel; BENCHMARKS.md).
 TILE_H = 8
