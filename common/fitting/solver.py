@@ -46,6 +46,7 @@ import torch
 
 from common.fitting.conventions import KeypointMap, get_convention, keypoint_map, measure_tip_offsets
 from common.fitting.errors import FitInputError
+from common.fitting.keypoints_io import check_keypoints
 from common.fitting.triangulate import mirror_cameras
 from common.fitting.skeleton import FitSkeleton, axis_angle_to_matrix, matrix_to_axis_angle, skew
 from common.utils.kinematics import forward_kinematics, euler_to_transform, linear_blend_skinning, to_homogeneous
@@ -138,6 +139,7 @@ class FitResult:
         limit_clamp_deg: the largest change the final clamp onto the joint limits made (degrees).
         seconds, iterations: time and Levenberg–Marquardt iterations spent.
         triangulated: ``[T, 21, 3]`` (2D input) the triangulated start, mm; else None.
+        noise_mm: the keypoints' noise the priors were scaled to (measured, or as given).
     """
 
     euler: torch.Tensor
@@ -157,6 +159,7 @@ class FitResult:
     seconds: float = 0.0
     iterations: int = 0
     triangulated: Optional[np.ndarray] = None
+    noise_mm: Optional[float] = None
     options: Dict = field(default_factory=dict)
 
     @property
@@ -888,13 +891,16 @@ def _curl_candidates(skeleton: FitSkeleton, limits: Optional[torch.Tensor], B: i
 
 # ---------------------------------------------------------------------------- personalise
 def _personalise(problem: _Problem, state: _State, sigma: float, iterations: int, base: torch.Tensor,
-                 directions: torch.Tensor, fitted: torch.Tensor, tick: Callable) -> Tuple[_State, torch.Tensor]:
+                 directions: torch.Tensor, fitted: torch.Tensor, tick: Callable,
+                 shared: Optional[torch.Tensor] = None) -> Tuple[_State, torch.Tensor]:
     """Joint steps on every frame and the shared skeleton (global scale and fitted bones' lengths),
     through the Schur complement of the frames' blocks; one damping for all, a step kept where it
-    lowers the total cost. Returns the state and ``[1 + J]`` (scale − 1, bone changes mm)."""
+    lowers the total cost. ``shared``: ``[1 + J]`` (scale − 1, bone changes mm) to start from
+    (0 when None); returns the state and the shared parameters reached. The local translations
+    are ``base · (1 + scale − 1) + directions · change``."""
     sk = problem.skeleton
     S = 1 + sk.joint_num
-    shared = torch.zeros(S, dtype=base.dtype, device=base.device)
+    shared = torch.zeros(S, dtype=base.dtype, device=base.device) if shared is None else shared.clone()
     active = torch.cat([torch.ones(1, dtype=torch.bool, device=base.device), fitted])
     prior = torch.cat([base.new_zeros(1), base.new_full((sk.joint_num,), problem.weights.bone_length)])
 
@@ -1003,51 +1009,9 @@ def _as_array(value, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     try:
-        out = np.asarray(value, dtype=np.float64)
+        return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise FitInputError(f"{name}: expected numbers, got {type(value).__name__}") from None
-    return out
-
-
-def check_keypoints(keypoints, confidence=None, name: str = "keypoints") -> Tuple[np.ndarray, np.ndarray]:
-    """``keypoints`` as ``[T, 21, 3]`` float64 (a single ``[21, 3]`` frame becomes ``T = 1``) and the
-    confidence ``[T, 21]`` (1 where not given), with NaN and confidence 0 both meaning "missing".
-
-    Raises:
-        FitInputError: a wrong shape, infinite numbers, a negative or non-finite confidence, or a
-            frame with every point missing (all naming ``name`` and the frame).
-    """
-    points = _as_array(keypoints, name)
-    if points.ndim == 2:
-        points = points[None]
-    if points.ndim != 3 or points.shape[1:] != (21, 3):
-        raise FitInputError(f"{name}: expected one frame [21, 3] or a sequence [T, 21, 3] of 3D keypoints, "
-                            f"got shape {list(points.shape)}")
-    if points.shape[0] == 0:
-        raise FitInputError(f"{name}: no frame (shape {list(points.shape)})")
-    if np.isinf(points).any():
-        t, k, _ = np.argwhere(np.isinf(points))[0]
-        raise FitInputError(f"{name}: frame {t}, keypoint {k} is infinite; expected finite numbers "
-                            "(NaN for a missing point)")
-    finite = np.isfinite(points).all(-1)
-    if confidence is None:
-        conf = np.ones(points.shape[:2])
-    else:
-        conf = _as_array(confidence, f"{name} confidence")
-        if conf.ndim == 1:
-            conf = conf[None]
-        if conf.shape != points.shape[:2]:
-            raise FitInputError(f"{name}: confidence must have shape {list(points.shape[:2])} ([T, 21]), "
-                                f"got {list(conf.shape)}")
-        if not np.isfinite(conf).all() or (conf < 0).any():
-            raise FitInputError(f"{name}: confidence must be finite and at least 0")
-    conf = np.where(finite, conf, 0.0)
-    empty = np.flatnonzero((conf > 0).sum(-1) == 0)
-    if empty.size:
-        raise FitInputError(f"{name}: frame {empty[0]} has every keypoint missing (NaN, null or confidence 0)"
-                            f"{f' (and {empty.size - 1} more frames)' if empty.size > 1 else ''}; "
-                            "expected at least one point per frame")
-    return points, conf
 
 
 # -------------------------------------------------------------------------------- the model
@@ -1173,7 +1137,8 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
     else:
         if keypoints is None:
             raise FitInputError("no keypoints given")
-        points, conf = check_keypoints(keypoints, confidence)
+        points, conf = check_keypoints("keypoints", _as_array(keypoints, "keypoints"),
+                                       None if confidence is None else _as_array(confidence, "confidence"))
         scale_units = UNITS[units]
         target = points * scale_units * mirror
     T = target.shape[0]
@@ -1206,7 +1171,7 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
     wide = WIDE * (float(options.robust_scale) if options.robust_scale is not None else DEFAULT_SCALE_GUESS)
     stages = [options.start_iterations, options.iterations, options.refine_iterations]
     if options.personalise:
-        stages += [options.personalise_iterations, options.iterations // 2]
+        stages += [options.personalise_iterations, options.iterations // 2]  # (in two halves)
     if views is not None:
         stages += [options.iterations, options.refine_iterations]
     bar = None
@@ -1224,6 +1189,7 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
 
     interrupted = False
     shared = None
+    noise = options.noise
     sigma = float(options.robust_scale) if options.robust_scale is not None else DEFAULT_SCALE_GUESS
     zero = torch.zeros(1, skeleton.dof_num, dtype=dtype, device=device)
     rest_points = skeleton.points(*skeleton.forward(torch.eye(3, dtype=dtype, device=device)[None],
@@ -1272,29 +1238,40 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
         problem.use_penetration = True
         state, _, _ = _levenberg_marquardt(problem, state, sigma, options.iterations - third, tick,
                                            options.tolerance)
-        if views is None:
-            state = _refine_on_inliers(problem, state, sigma, options.refine_iterations, tick, options.tolerance)
         if options.personalise:
             base = skeleton.local_translation.clone()
             directions = skeleton.bone_directions(base)
             fitted = _fittable_bones(skeleton, hand_model, kmap, conf_t, options.min_bone_frames)
-            try:
-                state, shared = _personalise(problem, state, sigma, options.personalise_iterations, base,
-                                             directions, fitted, tick)
-            except _Stopped as stop:
-                state, shared = stop.state, stop.shared
-                raise
+            half = max(1, options.personalise_iterations // 2)
+            for rounds in (options.personalise_iterations - half, half):
+                try:
+                    state, shared = _personalise(problem, state, sigma, rounds, base, directions, fitted, tick,
+                                                 shared)
+                except _Stopped as stop:
+                    state, shared = stop.state, stop.shared
+                    raise
+                # The skeleton changed what is left over: measure the noise again.
+                if options.noise is None:
+                    noise = _noise_level(problem, state)
+                    problem.prior_scale = noise ** 2
+                if options.robust_scale is None:
+                    sigma = min(max(ROBUST_MULTIPLE * noise, SCALE_RANGE[0]), SCALE_RANGE[1])
             state, _, _ = _levenberg_marquardt(problem, state, sigma, options.iterations // 2, tick,
                                                options.tolerance)
+        if views is None:
+            state = _refine_on_inliers(problem, state, sigma, options.refine_iterations, tick, options.tolerance)
         if views is not None:
             problem.data = _views_data(views, cams, uv, conf2d, problem, state, dtype, device)
             state, _, _ = _levenberg_marquardt(problem, state, sigma, options.iterations, tick, options.tolerance)
             state = _refine_on_inliers(problem, state, sigma, options.refine_iterations, tick, options.tolerance)
-    except _Stopped as stop:
+    except (_Stopped, KeyboardInterrupt) as stop:
+        # Ctrl-C: inside an optimisation loop it arrives as _Stopped with the state reached; between
+        # loops as itself, the state being the last one reached (stage one's starts already chosen).
         interrupted = True
-        state = stop.state if stop.state.theta.shape[0] == T else state
-        if stop.shared is not None:
-            shared = stop.shared
+        if isinstance(stop, _Stopped):
+            state = stop.state if stop.state.theta.shape[0] == T else state
+            if stop.shared is not None:
+                shared = stop.shared
     finally:
         if bar is not None:
             bar.close()
@@ -1360,7 +1337,7 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
         euler=euler.cpu(), root=root.cpu(), joints=joints.float().cpu(), keypoints=keypoints_out, residual=residual,
         failed=sorted(failed.items()), interrupted=interrupted, mirrored=mirrored, units=units,
         convention=conv.name, model=out_model, tip_offsets_mm=tips, skeleton=personal, limit_clamp_deg=clamp_deg,
-        seconds=time.perf_counter() - start_time, iterations=iterations[0],
+        seconds=time.perf_counter() - start_time, iterations=iterations[0], noise_mm=noise,
         triangulated=(triangulated * mirror if views is not None else None),
         options={"robust": options.robust, "robust_scale_mm": sigma, "limits": options.limits,
                  "personalise": options.personalise, "weights": dict(weights.__dict__)})
@@ -1369,14 +1346,22 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
 
 def _fittable_bones(skeleton: FitSkeleton, hand_model, kmap: KeypointMap, conf: torch.Tensor,
                     min_frames: int) -> torch.Tensor:
-    """``[J]`` bool: bones (by child joint) whose two ends both carry a keypoint seen in at least
-    ``min_frames`` frames together."""
+    """``[J]`` bool, by child joint: the bones whose length the keypoints measure. A joint with a
+    keypoint and its nearest ancestor with one, seen together in at least ``min_frames`` frames,
+    measure the chain between them; its last bone takes the change (``thumb0 → thumb1``: the
+    keypoint-less ``thumb0`` keeps the global scale)."""
     J = skeleton.joint_num
     seen = torch.zeros(conf.shape[0], J, dtype=torch.bool, device=conf.device)
+    has = torch.zeros(J, dtype=torch.bool)
     for k, j in enumerate(kmap.joint_index.tolist()):
         seen[:, j] |= conf[:, k] > 0
+        has[j] = True
     out = torch.zeros(J, dtype=torch.bool, device=conf.device)
     for j, p in enumerate(skeleton.parents):
+        if p < 0 or not has[j]:
+            continue
+        while p >= 0 and not has[p]:
+            p = skeleton.parents[p]
         if p >= 0:
             out[j] = int((seen[:, j] & seen[:, p]).sum()) >= min_frames
     return out
