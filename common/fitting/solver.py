@@ -71,12 +71,13 @@ class FitWeights:
     """The priors' weights (mm² per unit: the data term is in mm²). Every default is tested."""
 
     rest: float = 0.2                 # per rad² of every angle (thumb0: 10×)
-    coupling: float = 2.0             # per rad² of a finger's DIP flexion away from 2/3 of its PIP flexion
-    neighbours: float = 2.0           # per rad² of a finger joint's flexion away from the next finger's
+    coupling: float = 1.0             # per rad² of a finger's DIP flexion away from 2/3 of its PIP flexion
+    neighbours: float = 1.0           # per rad² of a finger joint's flexion away from the next finger's
     synergy: float = 20.0             # per unit² of a joint's flexion, as a fraction of its range, away
                                       # from the hand's mean fraction
     limits: float = 1e5               # per rad² beyond the joint limits
-    penetration: float = 100.0        # per mm of the penetration loss's bone term (bones through bones)
+    penetration: float = 1.0          # per mm of the penetration loss's bone term (bones through bones),
+                                      # summed over the pairs of bones
     penetration_skin: float = 0.0     # per mm of its skin term (fingertips into the palm or thumb; slow)
     smooth_angles: float = 100.0      # per rad² of an angle's change between consecutive frames
     smooth_rotation: float = 1000.0   # per rad² of the root's rotation between consecutive frames
@@ -378,14 +379,16 @@ class _Penetration:
         return (overlap.flatten(2).amax(-1).amax(0) > -margin).cpu()
 
     def terms(self, rotation: torch.Tensor, position: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(bones [B], skin [B])``: the loss's rigid and non-rigid terms (mm, unweighted) of posed
-        joints ``rotation [B, J, 3, 3]``, ``position [B, J, 3]`` (mm); the skin term is 0 unless
-        this was built with ``skin``."""
+        """``(bones [B], skin [B])``: the loss's rigid term summed over the bone pairs kept, and its
+        non-rigid term (mm, unweighted), of posed joints ``rotation [B, J, 3, 3]``,
+        ``position [B, J, 3]`` (mm); the skin term is 0 unless this was built with ``skin``."""
         rotation, position = rotation.float(), position.float()
         B = position.shape[0]
         points = self.loss.bone_points(position)
         radii = self.radii.expand(B, -1)
-        rigid = self.loss.rigid_term(points, radii)
+        # The loss averages over the bone pairs; here the sum over the pairs kept, so that a
+        # weight means the same whatever pairs the limits rule out.
+        rigid = self.loss.rigid_term(points, radii) * self.loss.pair_points_first.shape[0]
         if not self.skin or self.rest_subset.shape[0] == 0:
             return rigid, torch.zeros_like(rigid)
         transforms = to_homogeneous(rotation, position) @ self.global_pose_inv
@@ -407,7 +410,7 @@ class _Problem:
         self.local_translation = skeleton.local_translation
         self.use_penetration = False
         self.smooth = False
-        # The statistical priors (rest, couplings, smoothness) are weighted for 1 mm of keypoint
+        # The statistical priors (rest, couplings, smoothness, penetration) are weighted for 1 mm of keypoint
         # noise; times the square of the noise measured (see :func:`_noise_level`).
         self.prior_scale = 1.0
 
@@ -535,7 +538,8 @@ class _Problem:
             euler = self.skeleton.euler_from_dofs(theta)
             R, o = self.skeleton.forward(rotation, state.translation + trans, euler, self.local_translation)
             bones, skin = self.penetration.terms(R, o)
-            value = self.weights.penetration * bones + self.weights.penetration_skin * skin
+            # A prior like the others: weighted for 1 mm of keypoint noise (see prior_scale).
+            value = self.prior_scale * (self.weights.penetration * bones + self.weights.penetration_skin * skin)
             grad = torch.autograd.grad(value.sum(), (rot, trans, theta))
         return value.detach().to(state.theta.dtype), torch.cat([g.to(state.theta.dtype) for g in grad], dim=-1)
 
