@@ -70,6 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--personalise", choices=["skeleton"],
                         help="also fit the bone lengths, shared by every frame, and write personalised.pth.tar")
     parser.add_argument("--no-limits", dest="limits", action="store_false", help="lift the joint limits")
+    parser.add_argument("--independent", action="store_true",
+                        help="the frames are not a sequence: no smoothness between consecutive frames")
     parser.add_argument("--robust", default="gm", choices=["gm", "huber", "l2"],
                         help="residual cost: Geman-McClure (default), Huber or plain least squares")
     parser.add_argument("--robust_scale", type=float, help="mm: residuals well beyond it are outliers "
@@ -91,8 +93,10 @@ def parse_args(argv=None):
     return args
 
 
-def fit_weights(items) -> FitWeights:
+def fit_weights(items, independent: bool = False) -> FitWeights:
     weights = FitWeights()
+    if independent:
+        weights.smooth_angles = weights.smooth_rotation = weights.smooth_translation = 0.0
     names = [f.name for f in fields(FitWeights)]
     for item in items:
         name, _, value = item.partition("=")
@@ -200,7 +204,7 @@ def write_personalised(path: Path, result, source_ckpt) -> None:
 def run(args, outcome: dict) -> Path:
     start = time.perf_counter()
     get_convention(args.convention)  # an unknown name fails before anything is read
-    weights = fit_weights(args.weight)
+    weights = fit_weights(args.weight, args.independent)
     options = FitOptions(robust=args.robust, robust_scale=args.robust_scale, noise=args.noise, limits=args.limits,
                          iterations=args.iterations, personalise=args.personalise)
     if args.keypoints:

@@ -79,9 +79,9 @@ class FitWeights:
     penetration: float = 1.0          # per mm of the penetration loss's bone term (bones through bones),
                                       # summed over the pairs of bones
     penetration_skin: float = 0.0     # per mm of its skin term (fingertips into the palm or thumb; slow)
-    smooth_angles: float = 100.0      # per rad² of an angle's change between consecutive frames
-    smooth_rotation: float = 1000.0   # per rad² of the root's rotation between consecutive frames
-    smooth_translation: float = 1.0   # per mm² of the root's translation between consecutive frames
+    smooth_angles: float = 25.0       # per rad² of an angle's change between consecutive frames
+    smooth_rotation: float = 100.0    # per rad² of the root's rotation between consecutive frames
+    smooth_translation: float = 0.05  # per mm² of the root's translation between consecutive frames
     bone_length: float = 1.0          # personalisation: per mm² of a bone's change beyond the global scale
 
 
@@ -1247,6 +1247,9 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
             directions = skeleton.bone_directions(base)
             fitted = _fittable_bones(skeleton, hand_model, kmap, conf_t, options.min_bone_frames)
             half = max(1, options.personalise_iterations // 2)
+            # The bones from the keypoints alone: smoothness, which is not invariant to the hand's
+            # size, could otherwise trade the skeleton's scale for less motion.
+            smooth, problem.smooth = problem.smooth, False
             for rounds in (options.personalise_iterations - half, half):
                 try:
                     state, shared = _personalise(problem, state, sigma, rounds, base, directions, fitted, tick,
@@ -1260,6 +1263,7 @@ def fit_keypoints(model, keypoints=None, convention: str = "dhm", *, confidence=
                     problem.prior_scale = noise ** 2
                 if options.robust_scale is None:
                     sigma = min(max(ROBUST_MULTIPLE * noise, SCALE_RANGE[0]), SCALE_RANGE[1])
+            problem.smooth = smooth
             state, _, _ = _levenberg_marquardt(problem, state, sigma, options.iterations // 2, tick,
                                                options.tolerance)
         if views is None:
