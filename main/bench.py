@@ -9,6 +9,7 @@
     python main/bench.py surface [--shift 0.3 3 8] [--hands default makehuman] [--points N]
     python main/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python main/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
+    python main/bench.py fit [--frames 1000] [--hands default makehuman] [--device cuda] [--no-accuracy]
 
 Each prints the median of repeated runs with the sizes it used and the machine. ``decode``
 compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
@@ -304,6 +305,10 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
 
+    from main.benchmarks import fit as fit_benchmark
+
+    fit_benchmark.add_arguments(sub.add_parser("fit", help="the keypoint fitter: speed and accuracy"))
+
     for p in sub.choices.values():
         if p.prog.split()[-1] not in ("train", "scaling"):
             p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -315,7 +320,7 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be at least 1")
     torch.manual_seed(0)
     run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "data": bench_data,
-           "surface": bench_surface,
+           "surface": bench_surface, "fit": fit_benchmark.run,
            "train": bench_train, "scaling": bench_scaling}[args.what]
     return run(args) or 0
 

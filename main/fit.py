@@ -10,8 +10,9 @@ Writes into ``--out`` (default ``output/fit``): ``fit.npz`` (``euler``, ``root``
 ``keypoints_fitted``, ``residual``, ``frame_ok``), ``report.json`` (residuals per frame and
 overall, failed frames and why, the options, the time), ``poses/frame_NNNNN.yaml`` (the angles as
 ``demo.py --pose`` and the editor read them), with ``--meshes`` ``meshes/frame_NNNNN.obj`` (world
-coordinates), and with ``--personalise skeleton`` ``personalised.pth.tar`` (the decoder with the
-fitted skeleton, for ``--ckpt``). Ctrl-C stops the optimisation and writes the fit reached so far,
+coordinates), with ``--picture 0,10,20`` ``fit.png`` (those frames' input keypoints above the fitted
+mesh), and with ``--personalise skeleton`` ``personalised.pth.tar`` (the decoder with the fitted
+skeleton, for ``--ckpt``). Ctrl-C stops the optimisation and writes the fit reached so far,
 marked as interrupted (exit code 130). Bad input: one line naming the file, exit code 2.
 """
 from __future__ import annotations
@@ -35,11 +36,13 @@ import torch  # noqa: E402
 from common.fitting import CONVENTIONS, FitOptions, FitWeights, MultiViewKeypoints, fit_keypoints  # noqa: E402
 from common.fitting.conventions import get_convention  # noqa: E402
 from common.fitting.errors import FitInputError  # noqa: E402
+from common.fitting.picture import fit_picture  # noqa: E402
 from common.fitting.keypoints_io import parse_shape, read_cameras, read_keypoints2d, read_keypoints3d  # noqa: E402
 from common.fitting.triangulate import CAMERA_SHAPE  # noqa: E402
 from common.utils.checkpoint import save_checkpoint  # noqa: E402
 from common.utils.hand_model import save_obj  # noqa: E402
 from common.utils.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from common.utils.vis import save_image  # noqa: E402
 from demo.demo import add_model_args, check_model_args, checkpoint_path, load_model, run_cli  # noqa: E402
 from demo.pose_edit import pose_yaml  # noqa: E402
 
@@ -67,6 +70,8 @@ def parse_args(argv=None):
     add_model_args(parser)
     parser.add_argument("--out", default=str(ROOT / "output" / "fit"), help="output folder (default output/fit)")
     parser.add_argument("--meshes", action="store_true", help="also write an OBJ per frame (world coordinates)")
+    parser.add_argument("--picture", metavar="FRAMES", help="also draw fit.png: these frames (e.g. 0,10,20), the "
+                        "input keypoints above the fitted mesh and keypoints")
     parser.add_argument("--personalise", choices=["skeleton"],
                         help="also fit the bone lengths, shared by every frame, and write personalised.pth.tar")
     parser.add_argument("--no-limits", dest="limits", action="store_false", help="lift the joint limits")
@@ -79,6 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--noise", type=float, help="mm: the keypoints' noise (default: measured)")
     parser.add_argument("--iterations", type=int, default=FitOptions.iterations,
                         help=f"iterations of the main pass (default {FitOptions.iterations})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: torch's default; fits of up to 32 frames use one)")
     names = [f.name for f in fields(FitWeights)]
     parser.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
                         help=f"a prior's weight, repeatable; names: {', '.join(names)}")
@@ -90,6 +97,13 @@ def parse_args(argv=None):
         parser.error("--cameras and --image_shape go with --keypoints2d")
     if args.iterations < 1:
         parser.error("--iterations must be at least 1")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (torch's default) or more")
+    if args.picture is not None:
+        try:
+            args.picture_frames = [int(v) for v in args.picture.split(",")]
+        except ValueError:
+            parser.error(f"--picture {args.picture}: expected frame numbers separated by commas, e.g. 0,10,20")
     return args
 
 
@@ -256,6 +270,14 @@ def run(args, outcome: dict) -> Path:
     if result.skeleton is not None:
         write_personalised(out / PERSONALISED_FILE, result, checkpoint_path(args))
         outputs["personalised"] = str(out / PERSONALISED_FILE)
+    if args.picture is not None:
+        frames = [t for t in args.picture_frames if 0 <= t < len(result.euler)]
+        if not frames:
+            raise FitInputError(f"--picture {args.picture}: no such frame; the input has {len(result.euler)}")
+        mirror = np.array([-1.0 if result.mirrored else 1.0, 1.0, 1.0])
+        inputs = (result.triangulated if views is not None else keypoints * {"mm": 1.0, "m": 1000.0}[args.units])
+        save_image(out / "fit.png", fit_picture(result, inputs * mirror, frames))
+        outputs["picture"] = str(out / "fit.png")
     seconds = time.perf_counter() - start
     atomic_write_text(out / "report.json", json.dumps(report(result, args, input_path, device, seconds, outputs),
                                                        indent=2, allow_nan=False, default=_json_default) + "\n")
@@ -286,6 +308,8 @@ def _json_default(value):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     outcome = {"interrupted": False}
     try:
         code = run_cli(lambda a: run(a, outcome), args)

@@ -118,6 +118,13 @@ def test_personalised_snapshot_loads_in_the_demo(tmp_path, hand_dir, default_han
     root = fit["root"][2].astype(np.float64)
     assert np.abs(joints @ root[:3, :3].T + root[:3, 3] - truth.joints[2]).max() < 0.5
     assert "the checkpoint holds no backbone_net" in capsys.readouterr().out
+    # The whole hand is 8 % larger, not only its bones: the rest pose's mesh (wrist frame) too.
+    (tmp_path / "rest.yaml").write_text("# the rest pose\n")
+    for ckpt, folder in ((["--ckpt", str(snapshot)], "big"), ([], "template")):
+        assert demo.main(ckpt + ["--pose", str(tmp_path / "rest.yaml"), "--hand_model", str(hand_dir),
+                                 "--out", str(tmp_path / folder)]) == 0
+    big, template = (read_obj_vertices(tmp_path / f / "mesh.obj") for f in ("big", "template"))
+    assert np.abs(big - report["personalised"]["scale"] * template).max() < 0.5
 
 
 def test_multi_view_2d_input(tmp_path, hand_dir, default_hand, capsys):

@@ -29,9 +29,9 @@ fingertip *on the skin*. Sources, all checked against their public documentation
     the base (CMC) to the tip, 5-8 index, 9-12 middle, 13-16 ring, 17-20 little finger, each from
     the knuckle (MCP) to the tip. As MediaPipe's, its tips are the end of the fingertip.
 
-Fingertips. A ``…_null`` joint of the model is a bone end inside the fingertip (about 1 mm under
-the skin on the project's default hand, between 0.6 mm outside and 1.8 mm inside on the MakeHuman
-hand). Where a convention's tip is the end of the finger on the skin (``surface_tip``), the point
+Fingertips. A ``…_null`` joint of the model is a bone end near the fingertip's skin (measured:
+0.8 mm under the skin on the project's default hand; on the MakeHuman hand from 1.4 mm outside it,
+the middle finger, to 1.3 mm inside, the thumb). Where a convention's tip is the end of the finger on the skin (``surface_tip``), the point
 is placed on the ``…_null`` joint's bone (its ``x`` axis) at the distance where that line leaves the
 model's surface in the rest pose, :func:`measure_tip_offsets`; the offset moves with the bone, so
 joints-only forward kinematics gives it without the mesh.
