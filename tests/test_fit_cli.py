@@ -191,3 +191,14 @@ def test_cuda_fits_as_the_cpu(default_hand):
     gpu = fit_keypoints(model.to("cuda"), torch.as_tensor(truth.keypoints, device="cuda"))
     assert np.abs(gpu.keypoints - cpu.keypoints).max() < 0.05
     assert np.nanmean(gpu.residual) < 0.5
+
+
+def test_bench_fit_runs(tmp_path, capsys):
+    from main import bench
+
+    assert bench.main(["fit", "--frames", "40", "--repeats", "1", "--hands", "default", "--no-accuracy"]) == 0
+    out = capsys.readouterr().out
+    assert "sequence of 40 frames" in out and "one frame: median" in out
+    assert bench.main(["fit", "--example", str(tmp_path / "example.npy")]) == 0
+    example = np.load(tmp_path / "example.npy")
+    assert example.shape == (48, 21, 3) and np.isnan(example).any() and np.nanmax(np.abs(example)) < 1.0  # metres
