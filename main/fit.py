@@ -85,7 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--iterations", type=int, default=FitOptions.iterations,
                         help=f"iterations of the main pass (default {FitOptions.iterations})")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (0: torch's default; fits of up to 32 frames use one)")
+                        help="CPU threads (0: torch's default; fits of up to 128 frames use one)")
     names = [f.name for f in fields(FitWeights)]
     parser.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
                         help=f"a prior's weight, repeatable; names: {', '.join(names)}")

@@ -1069,10 +1069,10 @@ def personalise_model(model, identity, offset_mm: torch.Tensor, scale: float):
 
 
 # -------------------------------------------------------------------------------------- API
-# Up to this many frames the fitter's arrays are too small to share between CPU threads: one
-# thread is as fast, and far faster on a machine whose cores are busy (threads then wait for each
-# other at every operation).
-SINGLE_THREAD_FRAMES = 32
+# Up to this many frames the fitter's arrays are small enough that a second CPU thread gains
+# little (1,000 frames: 4.0 s with two, 4.8 s with one), while on a machine whose cores are busy
+# the threads wait for each other at every operation (1,000 frames at load 8: 75 s against 6.5 s).
+SINGLE_THREAD_FRAMES = 128
 
 
 @contextlib.contextmanager
