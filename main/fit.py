@@ -290,7 +290,8 @@ def run(args, outcome: dict) -> Path:
         print(f"frame {t}: fit failed: {reason}")
     if result.skeleton is not None:
         print(f"personalised skeleton: scale {result.skeleton.scale:.4f}, {len(result.skeleton.fitted_bones)} bones "
-              f"fitted; python demo/demo.py --ckpt {out / PERSONALISED_FILE} --pose {out / 'poses' / 'frame_00000.yaml'}")
+              f"fitted; python demo/demo.py --ckpt {out / PERSONALISED_FILE} "
+              f"--pose {out / 'poses' / 'frame_00000.yaml'}")
     if result.interrupted:
         print("interrupted: wrote the fit reached so far (report.json says so)")
     print(f"wrote {out / 'fit.npz'}, {out / 'report.json'}, {written} pose file(s) in {out / 'poses'}")

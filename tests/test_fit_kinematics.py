@@ -17,7 +17,7 @@ def skeleton_of(model, offsets=True):
     with torch.no_grad():
         identity = model.identity()
     joints = np.arange(hand.joint_num)
-    tips = np.array([3.0 if n.endswith("null") else 0.0 for n in hand.joint_names]) if offsets else np.zeros(hand.joint_num)
+    tips = np.array([3.0 if n.endswith("null") and offsets else 0.0 for n in hand.joint_names])
     return FitSkeleton(hand.parents, identity.local_pose, hand.dof_mask, joints, tips), identity
 
 

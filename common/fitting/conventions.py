@@ -31,10 +31,11 @@ fingertip *on the skin*. Sources, all checked against their public documentation
 
 Fingertips. A ``…_null`` joint of the model is a bone end near the fingertip's skin (measured:
 0.8 mm under the skin on the project's default hand; on the MakeHuman hand from 1.4 mm outside it,
-the middle finger, to 1.3 mm inside, the thumb). Where a convention's tip is the end of the finger on the skin (``surface_tip``), the point
-is placed on the ``…_null`` joint's bone (its ``x`` axis) at the distance where that line leaves the
-model's surface in the rest pose, :func:`measure_tip_offsets`; the offset moves with the bone, so
-joints-only forward kinematics gives it without the mesh.
+the middle finger, to 1.3 mm inside, the thumb). Where a convention's tip is the end of the finger
+on the skin (``surface_tip``), the point is placed on the ``…_null`` joint's bone (its ``x`` axis)
+at the distance where that line leaves the model's surface in the rest pose,
+:func:`measure_tip_offsets`; the offset moves with the bone, so joints-only forward kinematics
+gives it without the mesh.
 
 Left hands: the model is a right hand; the fitter mirrors left-hand keypoints (``x → −x``) before
 fitting and says so in its output (:mod:`common.fitting.solver`).

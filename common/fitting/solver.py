@@ -407,7 +407,8 @@ class _Problem:
         self.skeleton, self.data, self.weights, self.options = skeleton, data, weights, options
         self.limits, self.rest_weight, self.penetration = limits, rest_weight, penetration
         A, b = linear_priors(skeleton, hand_joint_names, weights, ranges)
-        self.prior_matrix, self.prior_offset = A.to(skeleton.device, skeleton.dtype), b.to(skeleton.device, skeleton.dtype)
+        self.prior_matrix = A.to(skeleton.device, skeleton.dtype)
+        self.prior_offset = b.to(skeleton.device, skeleton.dtype)
         self.local_translation = skeleton.local_translation
         self.use_penetration = False
         self.smooth = False
@@ -459,7 +460,8 @@ class _Problem:
             # The penalty's curvature also where an angle sits at a limit and the rest of the cost
             # pushes it out: else the Gauss–Newton model would step well beyond it.
             push = g[:, 6:]
-            active = (excess != 0) | ((theta >= hi - LIMIT_MARGIN) & (push < 0)) | ((theta <= lo + LIMIT_MARGIN) & (push > 0))
+            active = ((excess != 0) | ((theta >= hi - LIMIT_MARGIN) & (push < 0))
+                      | ((theta <= lo + LIMIT_MARGIN) & (push > 0)))
             g[:, 6:] += w * excess
             H[:, 6:, 6:] += torch.diag_embed(w * active.to(theta.dtype))
         if self.use_penetration and self.penetration is not None:
@@ -687,7 +689,8 @@ def _levenberg_marquardt(problem: _Problem, state: _State, sigma: float, iterati
                 new_total, old_total = c_cost, cost
             accept = ok & torch.isfinite(new_total) & (new_total < old_total)
             state = candidate.select(accept, state)
-            gain = torch.where(accept, (old_total - new_total) / old_total.abs().clamp(min=_EPS), torch.zeros_like(cost))
+            gain = torch.where(accept, (old_total - new_total) / old_total.abs().clamp(min=_EPS),
+                               torch.zeros_like(cost))
             cost = torch.where(accept, c_cost, cost)
             g = torch.where(accept[:, None], c_g, g)
             H = torch.where(accept[:, None, None], c_H, H)
@@ -703,7 +706,8 @@ def _levenberg_marquardt(problem: _Problem, state: _State, sigma: float, iterati
 
 
 # ------------------------------------------------------------------------------ start
-def _weighted_kabsch(source: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _weighted_kabsch(source: torch.Tensor, target: torch.Tensor,
+                     weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotation ``[B, 3, 3]`` and translation ``[B, 3]`` minimising ``Σ w ‖R s + t − y‖²``
     (``source`` ``[K, 3]`` or ``[B, K, 3]``, ``target [B, K, 3]``, ``weight [B, K]``)."""
     source = source.expand_as(target)
@@ -747,7 +751,8 @@ def _starts(rest_points: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         r = ((rest_points @ R.transpose(1, 2)) + t[:, None] - target).norm(dim=-1)
         w = w_palm * (225.0 / (225.0 + r.square())).square()
     # Ambiguity: fewer than three palm points, or all on a line (second spread < a fifth of the first).
-    centred = (target - (w_palm[..., None] * target).sum(1, keepdim=True) / w_palm.sum(-1).clamp(min=_EPS)[:, None, None])
+    mean = (w_palm[..., None] * target).sum(1, keepdim=True) / w_palm.sum(-1).clamp(min=_EPS)[:, None, None]
+    centred = target - mean
     spread = torch.linalg.svdvals(centred * (w_palm > 0)[..., None].to(target.dtype))
     ambiguous = (n_palm < 3) | (spread[:, 1] < 0.2 * spread[:, 0].clamp(min=_EPS))
     frames = [torch.arange(B, device=target.device)]
@@ -811,7 +816,8 @@ def _initial_angles(skeleton: FitSkeleton, state: _State, target: torch.Tensor, 
         dof_of.setdefault(j, {})[a] = d
     eye = torch.eye(3, dtype=theta.dtype, device=theta.device)[None]
     zero_t = theta.new_zeros(1, 3)
-    rest_rotation, rest_position = skeleton.forward(eye, zero_t, skeleton.euler_from_dofs(theta.new_zeros(1, theta.shape[1])))
+    zero_angles = skeleton.euler_from_dofs(theta.new_zeros(1, theta.shape[1]))
+    rest_rotation, rest_position = skeleton.forward(eye, zero_t, zero_angles)
     for joints, _ in skeleton.tree.steps:
         ids = joints.tolist() if isinstance(joints, torch.Tensor) else list(range(skeleton.joint_num))[joints]
         todo = [j for j in ids if j in chains]
@@ -860,7 +866,8 @@ def _digits(skeleton: FitSkeleton, joint_names: Sequence[str], point_joint: Sequ
     return out
 
 
-def _choose_start_angles(problem: _Problem, state: _State, candidates: torch.Tensor, digits, sigma: float) -> torch.Tensor:
+def _choose_start_angles(problem: _Problem, state: _State, candidates: torch.Tensor, digits,
+                         sigma: float) -> torch.Tensor:
     """``[B, D]``: per frame and digit, the candidate (``[H, B, D]``) whose keypoints of that digit
     have the lowest robust cost."""
     H, B, D = candidates.shape

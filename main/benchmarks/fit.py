@@ -114,8 +114,9 @@ def accuracy(model, name: str, args) -> None:
     uv = np.stack(uv, 1) + rng.normal(0, 1.0, (T, 4, 21, 2))
     views = MultiViewKeypoints(uv, np.ones(uv.shape[:3]), list(cameras), cameras)
     result = fit_keypoints(model, None, "dhm", views=views, weights=independent)
-    print(f"  {name:<10} 4 views, 1 px: fitted {np.linalg.norm(result.keypoints - truth.keypoints, axis=-1).mean():.2f} mm, "
-          f"triangulated {np.nanmean(np.linalg.norm(result.triangulated - truth.keypoints, axis=-1)):.2f} mm")
+    fitted = np.linalg.norm(result.keypoints - truth.keypoints, axis=-1).mean()
+    start = np.nanmean(np.linalg.norm(result.triangulated - truth.keypoints, axis=-1))
+    print(f"  {name:<10} 4 views, 1 px: fitted {fitted:.2f} mm, triangulated {start:.2f} mm")
     for noise in (1.0, 2.0):
         bones, residual = personalisation(model, noise, independent, FitOptions, fit_keypoints, keypoints_of,
                                           random_poses, random_roots)
