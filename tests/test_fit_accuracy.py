@@ -1,7 +1,6 @@
 """The fitter's accuracy on keypoints made by decoding poses drawn within the joint limits, for the
 default and the MakeHuman hands: noise-free, noisy with missing and displaced points (every
 convention), multi-view 2D, and the personalised skeleton."""
-import math
 
 import numpy as np
 import pytest

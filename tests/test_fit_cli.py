@@ -12,6 +12,7 @@ from common.utils.pose_io import build_pose
 from data.make_synthetic import dome_cameras
 from data.dataset import write_krt
 from demo import demo
+from demo.pose_edit import euler_tensor, pose_degrees
 from main import fit as fit_script
 from tests.fit_synthetic import decoder, keypoints_of, random_poses, random_roots
 
@@ -64,6 +65,9 @@ def test_outputs_and_the_demo_reads_them(tmp_path, hand_dir, sequence, capsys):
     for t in (0, 3):
         pose = out / "poses" / f"frame_{t:05d}.yaml"
         assert torch.equal(build_pose(model.hand_model, str(pose))[0], torch.from_numpy(fit["euler"][t]))
+        # The editor reads it the same way.
+        editor = euler_tensor(pose_degrees(model.hand_model, str(pose)))[0]
+        assert torch.equal(editor, torch.from_numpy(fit["euler"][t]))
         demo_out = tmp_path / f"demo{t}"
         assert demo.main(["--pose", str(pose), "--hand_model", str(hand_dir), "--out", str(demo_out)]) == 0
         local = read_obj_vertices(demo_out / "mesh.obj")

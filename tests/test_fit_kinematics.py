@@ -3,7 +3,6 @@ against autograd."""
 import math
 
 import numpy as np
-import pytest
 import torch
 from torch.autograd.functional import jacobian
 

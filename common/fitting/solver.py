@@ -216,11 +216,6 @@ class Points3D:
         """``[B, K]`` distances of the points to the keypoints (mm), shaped like the weights."""
         return (points - self.target).norm(dim=-1)
 
-    def residual_mm(self, points: torch.Tensor) -> torch.Tensor:
-        """``[B, K]`` distances (mm), NaN where missing."""
-        d = (points - self.target).norm(dim=-1)
-        return torch.where(self.weight > 0, d, torch.full_like(d, math.nan))
-
 
 class Views2D:
     """Multi-view 2D keypoints as the data term.
@@ -1424,9 +1419,3 @@ def _views_data(views, cams, uv, conf2d, problem: _Problem, state: _State, dtype
     xc = torch.einsum("cij,bckj->bcki", camrot, points[:, None] - campos[None, :, None])
     mm_per_pixel = xc[..., 2].clamp(min=1.0) / focal.mean(-1)[None, :, None]
     return Views2D(t(uv), t(conf2d), camrot, campos, focal, princpt, mm_per_pixel)
-
-
-def _views_distance_mm(data: Views2D, points: torch.Tensor) -> torch.Tensor:
-    """``[B, C, K]`` reprojection errors scaled to mm (as the data term sees them)."""
-    uv, _ = data.project(points.to(data.uv.dtype))
-    return (uv - data.uv).norm(dim=-1) * data.mm_per_pixel
