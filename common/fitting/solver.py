@@ -9,28 +9,34 @@ skeleton and each bone's length, shared by every frame. The cost of a frame is
   :mod:`common.fitting.conventions`); ``ρ`` is Geman–McClure ``σ²r²/(σ² + r²)`` by default
   (``huber`` and ``l2`` on request), so that a wrong keypoint costs at most ``σ²`` and does not bend
   the hand. For multi-view 2D keypoints the residual is each view's reprojection error, in pixels
-  scaled to mm at the point's depth (``z/f``, fixed at the start), so the same weights apply;
-* **rest**: ``w_rest Σ θ²`` (``thumb0``, a joint inside the palm that no keypoint sees, ten times
-  as much): the angles keypoints do not determine (a straight finger's twist) stay near the rest pose;
+  scaled to mm at the point's depth (``z/f``, fixed when that pass starts), so the same weights apply;
 * **joint limits**: ``w_limits Σ (θ − clamp(θ, lo, hi))²`` with the editor's table
-  (``demo/joint_limits.py``); the result is then clamped onto the limits (by a fraction of a degree,
-  :attr:`FitResult.limit_clamp_deg`). ``limits=False`` lifts both;
-* **penetration**: ``w_penetration ·`` the project's penetration loss
-  (:class:`common.nets.loss.PenetLoss`: bones passing through each other, fingertips entering the
-  palm or the thumb), on the posed joints and the posed vertices of the thumb and palm;
-* **smoothness** (sequences): ``w Σ ‖x_t − x_{t±1}‖²`` on the angles, the root's translation and
-  its rotation (the angle between consecutive rotations).
+  (``demo/joint_limits.py``); steps stop at the limits, and the result is clamped onto them (by a
+  fraction of a degree, :attr:`FitResult.limit_clamp_deg`). ``limits=False`` lifts all three;
+* the **statistical priors**, weighted for keypoints with 1 mm of noise and scaled by the square of
+  the noise measured after the first pass (precise keypoints are fitted exactly, noisy ones lean on
+  the priors): **rest** ``Σ θ²`` (``thumb0``, inside the palm where no keypoint sees it, ten times
+  as much); **coupling** of each long finger's DIP flexion to two thirds of its PIP's (and the
+  thumb's IP to its MCP); **neighbours**, the same joint's flexion in adjacent long fingers;
+  **synergy**, every flexion's fraction of its range drawn to the hand's mean; **penetration**,
+  the project's penetration loss (:class:`common.nets.loss.PenetLoss`: bones through bones, and
+  optionally fingertips into the palm or thumb); **smoothness** (sequences) of the angles, the
+  root's rotation and its translation between consecutive frames.
 
 The solver is Gauss–Newton with a damping per frame (Levenberg–Marquardt): the data term's
 Jacobians are in closed form (:mod:`common.fitting.skeleton`), the penetration loss's gradient
-comes from autograd, a frame's step is kept only where it lowers that frame's cost. Frames are
-coupled by the smoothness terms (taken as a block-Jacobi step, their own diagonal counted twice so
-that simultaneous steps cannot overshoot) and by the shared skeleton (a Schur-complement step).
+comes from autograd, a frame's step is kept only where it lowers that frame's cost, steps are kept
+within a trust region. Frames are coupled by the smoothness terms (taken as a block-Jacobi step,
+their own diagonal counted twice so that simultaneous steps cannot overshoot) and by the shared
+skeleton (a Schur-complement step).
 
 Start: the root from a closed-form (Kabsch) alignment of the model's palm points (wrist, the four
 knuckles, the thumb's base) onto the keypoints, robustly reweighted; where that alignment is
-ambiguous (fewer than three palm points, or all on a line) several starting rotations are tried
-and the best kept. Then a first pass with a wide robust scale (4σ), then the final scale.
+ambiguous (fewer than three palm points, or all on a line) several starting rotations about the
+line are tried and the best kept. The angles from each bone pointed at the nearest keypoint seen
+below it, or per digit one of a few uniform curls, whichever fits the digit's keypoints best. Then
+a first pass with a wide robust scale, the noise measured, a main pass from twice the final robust
+scale (3× the noise) to it, and a last pass of plain least squares on the keypoints within it.
 """
 from __future__ import annotations
 
@@ -69,7 +75,9 @@ _EPS = 1e-9
 
 @dataclass
 class FitWeights:
-    """The priors' weights (mm² per unit: the data term is in mm²). Every default is tested."""
+    """The priors' weights, in mm² (the data term's unit) per unit of each. All but ``limits`` and
+    ``bone_length`` are for keypoints with 1 mm of noise: the fitter multiplies them by the square
+    of the noise it measures (or is given, :attr:`FitOptions.noise`). Every default is tested."""
 
     rest: float = 0.2                 # per rad² of every angle (thumb0: 10×)
     coupling: float = 1.0             # per rad² of a finger's DIP flexion away from 2/3 of its PIP flexion
