@@ -207,14 +207,16 @@ def test_frames_that_cannot_be_fitted_are_reported(model):
     keypoints = truth.keypoints.copy()
     keypoints[1, 2:] = np.nan  # two points: the hand cannot be placed
     keypoints[2] = rng.normal(0, 80, (21, 3))  # not a hand
+    keypoints[3, :16] = np.nan  # a straight line of keypoints: the little finger's, and the wrist
+    keypoints[3, 16:] = np.linspace(0, 1, 5)[:, None] * np.array([100.0, 20.0, 5.0])
     result = fit_keypoints(model, keypoints, weights=FitWeights(**QUIET))
     failed = dict(result.failed)
-    assert sorted(failed) == [1, 2]
-    assert "at least 3" in failed[1] and "do not fit a hand" in failed[2]
-    assert np.isnan(result.keypoints[1]).all() and torch.isnan(result.euler[1]).all()
-    assert np.isfinite(result.keypoints[[0, 2, 3]]).all()
-    assert list(result.frame_ok) == [True, False, False, True]
-    assert np.nanmean(result.residual[[0, 3]]) < 0.5
+    assert sorted(failed) == [1, 2, 3]
+    assert "at least 3" in failed[1] and "do not fit a hand" in failed[2] and "lie on a line" in failed[3]
+    assert np.isnan(result.keypoints[[1, 3]]).all() and torch.isnan(result.euler[[1, 3]]).all()
+    assert np.isfinite(result.keypoints[[0, 2]]).all()
+    assert list(result.frame_ok) == [True, False, False, False]
+    assert np.nanmean(result.residual[0]) < 0.5
 
 
 def test_ambiguous_palm_alignment_tries_several_starts(model):

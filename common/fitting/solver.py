@@ -70,6 +70,7 @@ ROBUST_MULTIPLE = 3.0      # the robust scale, times the noise level
 UNITS = {"mm": 1.0, "m": 1000.0}
 # Joints of the palm, by name suffix: the closed-form start aligns these.
 PALM_JOINTS = ("wrist", "index1", "middle1", "ring1", "pinky1", "thumb1")
+COLLINEAR_MM = 2.0  # keypoints whose RMS distance from their best line is below this lie on a line
 _EPS = 1e-9
 
 
@@ -1207,12 +1208,18 @@ def _fit(model, keypoints, convention: str, *, confidence, units: str, hand: str
     problem = _Problem(skeleton, data3d, weights, options, limits, rest_weight, penetration, hand_model.joint_names,
                        ranges)
 
-    placed = (conf_t > 0).sum(-1) >= 3
+    # A hand can be placed on 3 or more keypoints that are not all on one line.
+    seen = conf_t > 0
+    count = seen.sum(-1)
+    mean = (target_t * seen[..., None]).sum(1) / count.clamp(min=1)[:, None]
+    off_line = torch.linalg.svdvals((target_t - mean[:, None]) * seen[..., None])[:, 1] / count.clamp(min=1).sqrt()
+    placed = (count >= 3) & (off_line >= COLLINEAR_MM)
     failed: Dict[int, str] = {}
     for t in torch.nonzero(~placed, as_tuple=True)[0].tolist():
-        n = int((conf_t[t] > 0).sum())
-        failed[t] = (f"only {n} keypoint(s): placing the hand needs at least 3" if views is None else
-                     f"only {n} keypoint(s) seen by two or more views: placing the hand needs at least 3")
+        n = int(count[t])
+        what = "keypoint(s)" if views is None else "keypoint(s) seen by two or more views"
+        failed[t] = (f"only {n} {what}: placing the hand needs at least 3" if n < 3 else
+                     f"its {n} {what} lie on a line: the hand's turn about it is not determined")
 
     wide = WIDE * (float(options.robust_scale) if options.robust_scale is not None else DEFAULT_SCALE_GUESS)
     stages = [options.start_iterations, options.iterations, options.refine_iterations]
