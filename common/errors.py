@@ -38,6 +38,12 @@ class FileFormatError(DeepHandMeshError, ValueError):
     starts with the file's path (and line, for text files)."""
 
 
+class DataFormatError(FileFormatError):
+    """A data folder's file that cannot be used (a KRT or keypoint file that cannot be parsed, a
+    camera file without colour cameras, an image folder without images); the message names the
+    file (and line). (Also importable from :mod:`data.dataset`.)"""
+
+
 class MissingFileError(DeepHandMeshError, FileNotFoundError):
     """A file or folder the user named (or that a named folder must hold) does not exist."""
 

@@ -25,56 +25,17 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.errors import exit_code  # noqa: E402
-from common.io.checkpoint import load_decoder_checkpoint  # noqa: E402
-from common.utils.device import select_device  # noqa: E402
 from common.hand.hand_model import save_obj  # noqa: E402
 from common.io.atomic import atomic_write_text, make_folder  # noqa: E402
-from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
 from common.hand.pose_io import build_pose, preset_names  # noqa: E402
 from common.utils.vis import render_mesh, save_image  # noqa: E402
-from demo.joint_limits import joint_limits_deg, limit_violations  # noqa: E402
-from main.config import cfg  # noqa: E402
-from main.model import get_decoder, get_model  # noqa: E402,F401 - get_model: callers of demo.get_model
+from common.hand.joint_limits import joint_limits_deg, limit_violations  # noqa: E402
+from main.model import get_model  # noqa: E402,F401 - get_model: callers of demo.get_model
+from main.model_options import (ConsoleFormatter, add_model_args, check_model_args, checkpoint_path,  # noqa: E402,F401
+                                load_model, script_main, setup_console_logging)
 
 DEFAULT_POSE = "original"
 log = logging.getLogger("deephandmesh")
-
-
-class ConsoleFormatter(logging.Formatter):
-    """Messages as they are; warnings and errors prefixed ``warning:`` / ``error:``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
-
-
-def setup_console_logging() -> None:
-    """The demo scripts' console: information on stderr as plain lines, warnings prefixed (the
-    training scripts have :func:`common.logger.setup_logging` instead)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(ConsoleFormatter("%(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The options that choose the hand model, the checkpoint and the device (demo, editor, animate)."""
-    parser.add_argument("--hand_model", help="hand-model folder (default: data/hand_model if it holds a "
-                        "model, else the project's default hand)")
-    parser.add_argument("--ckpt", help="snapshot to load (original layout included)")
-    parser.add_argument("--subject", type=int, help="with --test_epoch: demo/subject_N/snapshot_E.pth.tar")
-    parser.add_argument("--test_epoch", type=int, help="with --subject: the snapshot's epoch")
-    parser.add_argument("--gpu", dest="gpu_ids", help="GPU id; the CPU when absent or no GPU exists")
-    parser.add_argument("--resnet_type", type=int, default=cfg.resnet_type,
-                        help="ignored, kept for old command lines: decoding reads no backbone weights, "
-                             "so a snapshot of any ResNet depth loads")
-
-
-def check_model_args(parser: argparse.ArgumentParser, args) -> None:
-    if (args.subject is None) != (args.test_epoch is None):
-        parser.error("--subject and --test_epoch go together")
-    if args.ckpt and args.subject is not None:
-        parser.error("give either --ckpt or --subject/--test_epoch, not both")
 
 
 def model_and_pose_parser(description: str, default_pose: str, pose_help: str) -> argparse.ArgumentParser:
@@ -98,48 +59,12 @@ def parse_args(argv=None):
     return args
 
 
-def checkpoint_path(args) -> Path | None:
-    if args.ckpt:
-        return Path(args.ckpt)
-    if args.subject is not None:
-        return ROOT / "demo" / f"subject_{args.subject}" / f"snapshot_{args.test_epoch}.pth.tar"
-    return None
-
-
-def load_model(args):
-    """The hand model, the decoder (checkpoint loaded or correctives zeroed) and the device.
-
-    The model is :func:`main.model.get_decoder`'s: no encoder and no training objective (renderer,
-    penetration tables, Laplacian), none of which decoding uses.
-
-    Returns:
-        ``(hand_model, model, device, checkpoint_text)``; ``checkpoint_text`` says which snapshot
-        was loaded and which of its parts decoding does not use, or that the correctives are zero.
-    """
-    hand_model = resolve_hand_model(args.hand_model)
-    device = select_device(args.gpu_ids)
-    model = get_decoder(hand_model, cfg)
-    ckpt = checkpoint_path(args)
-    if ckpt is None:
-        model.zero_correctives()
-        text = "no checkpoint given: skeleton and skin correctives are zero (the template as it is)"
-    else:
-        loaded = load_decoder_checkpoint(model, ckpt)
-        text = f"checkpoint: {ckpt} (epoch {loaded.ckpt.get('epoch', '?')})"
-        if loaded.ignored:
-            text += f"\nignored (the encoder; decoding does not use it): {', '.join(loaded.ignored)}"
-        if loaded.absent:
-            text += f"\nthe checkpoint holds no {', '.join(loaded.absent)}: not used for decoding"
-    model.to(device).eval()
-    return hand_model, model, device, text
-
-
 def warn_beyond_limits(hand_model, euler_deg: np.ndarray, what: str) -> None:
     """Log a warning naming the angles of ``euler_deg [J, 3]`` (degrees) beyond the joint limits of
-    :mod:`demo.joint_limits` (the pose is decoded as given)."""
+    :mod:`common.hand.joint_limits` (the pose is decoded as given)."""
     beyond = limit_violations(hand_model, euler_deg, joint_limits_deg(hand_model))
     if beyond:
-        log.warning("%s: beyond the joint limits of demo/joint_limits.py (decoded as given): %s", what,
+        log.warning("%s: beyond the joint limits of common/hand/joint_limits.py (decoded as given): %s", what,
                     "; ".join(beyond))
 
 
@@ -180,14 +105,6 @@ def run(args) -> Path:
     write_outputs(out_dir, hand_model, verts[0], joints[0])
     print(f"wrote {out_dir / 'mesh.obj'}, {out_dir / 'joints.txt'}, {out_dir / 'render.png'}")
     return out_dir
-
-
-def script_main(run, parse_args, argv=None) -> int:
-    """A demo script's ``main``: console logging, its arguments, then ``run(args)`` through
-    :func:`common.errors.exit_code` (one line and exit code 2 for bad input, a traceback for a bug)."""
-    setup_console_logging()
-    args = parse_args(argv)
-    return exit_code(lambda: run(args))
 
 
 def main(argv=None) -> int:

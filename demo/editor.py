@@ -6,7 +6,7 @@
 
 A web page (``viser``; its web client ships inside the Python package, nothing is downloaded)
 shows the posed mesh and one slider per degree of freedom, grouped by finger, in degrees, within
-the joint limits of :mod:`demo.joint_limits` (a switch lifts them). Every change re-decodes the
+the joint limits of :mod:`common.hand.joint_limits` (a switch lifts them). Every change re-decodes the
 mesh with the model, exactly as ``demo.py`` does. The page also has the presets, reset, a random
 pose, copying one finger's angles to the others, saving the pose (YAML that ``demo.py --pose``
 reads), the mesh (OBJ), ``render.png`` and the rigged hand (``.glb``, :mod:`demo.export`), loading a
@@ -41,7 +41,7 @@ from common.utils.vis import save_image  # noqa: E402
 from demo import animate, export  # noqa: E402
 from demo.demo import (check_model_args, decode_pose, load_model, model_and_pose_parser, render_pose,  # noqa: E402
                        script_main)
-from demo.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
+from common.hand.joint_limits import AXIS_NAMES, joint_limits_deg, limit_violations  # noqa: E402
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, pose_degrees,  # noqa: E402
                             pose_yaml, random_pose, read_uploaded_pose, tidy)
 
@@ -271,7 +271,7 @@ class Session:
             rand.on_click(lambda _: self.set_pose(random_pose(hand, joint_limits_deg(hand), self.rng),
                                                   "random pose within the limits"))
             self.gui_lift = gui.add_checkbox("Lift the joint limits", initial_value=self.lifted,
-                                             hint="every angle from -180° to 180° (see demo/joint_limits.py)")
+                                             hint="every angle from -180° to 180° (see common/hand/joint_limits.py)")
             self.gui_lift.on_update(lambda _: self._on_lift())
 
         self.sliders: Dict[tuple, object] = {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from common.hand.hand_model import HandModel
-from common.hand.pose_io import PRESET_DIR, PoseError, apply_pose_file, preset_names
+from common.hand.pose_io import PRESET_DIR, PoseError, apply_pose_file, pose_yaml, preset_names  # noqa: F401 (pose_yaml: importable from here)
 from data.make_synthetic import sample_pose
 
 log = logging.getLogger("deephandmesh")
@@ -62,18 +62,6 @@ def tidy(euler_deg: np.ndarray, model: HandModel, decimals: int | None = DECIMAL
     if decimals is not None:
         euler_deg = np.round(euler_deg, decimals)
     return euler_deg * model.dof_mask + 0.0
-
-
-def pose_yaml(model: HandModel, euler_deg: np.ndarray, comment: str = "") -> str:
-    """The pose as ``demo.py --pose`` reads it: ``joint: [x, y, z]`` in degrees, every joint that has
-    a degree of freedom (full names), with ``comment`` lines on top."""
-    lines = [f"# {line}" for line in comment.splitlines()]
-    lines.append("# Angles in degrees, [x, y, z]; z is the flexion axis (positive curls towards the palm).")
-    for j, name in enumerate(model.joint_names):
-        if model.dof_mask[j].any():
-            x, y, z = (float(v) + 0.0 for v in euler_deg[j])
-            lines.append(f"{name}: [{x!r}, {y!r}, {z!r}]")
-    return "\n".join(lines) + "\n"
 
 
 def read_uploaded_pose(model: HandModel, filename: str, content: bytes, notes: list | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ import torch
 from common.hand.kinematics import euler_to_matrix
 from common.hand.pose_io import build_pose
 from common.utils.vis import fit_views, render_mesh
+from common.hand.hand_model_source import resolve_hand_model
 from demo import animate, demo
 from demo.pose_edit import euler_tensor, pose_degrees
 
@@ -111,9 +112,9 @@ def test_cli_gif_and_mp4(tmp_path):
     # looping; 8 fps is 125 ms a frame, which a GIF stores to the nearest 10 ms
     assert meta.get("loop") == 0 and meta.get("duration") == animate.gif_frame_ms(8) == 120
     # GIF is palette-quantised: close to the rendered frames, not equal
-    model = demo.get_model("test", demo.resolve_hand_model(None))
+    hand = resolve_hand_model(None)
+    model = demo.get_model("test", hand)
     model.zero_correctives()
-    hand = demo.resolve_hand_model(None)
     keys = np.stack([pose_degrees(hand, p) for p in ("open", "fist", "ok")])
     rendered = animate.render_frames(hand, model.eval(), torch.device("cpu"), keys, 4, image_size=64, progress=False)
     assert np.abs(frames[..., :3].astype(int) - rendered).mean() < 4

@@ -14,6 +14,7 @@ from common.io.checkpoint import DECODER_PREFIXES, save_checkpoint
 from common.hand.hand_model import load_hand_model, save_hand_model
 from common.hand.pose_io import build_pose
 from demo import demo
+from main import model_options
 from main.model import get_model
 from tests.conftest import REPO
 from tools.reference import fewer_vertices
@@ -107,7 +108,7 @@ def test_checkpoint_by_subject_and_epoch(tmp_path, default_hand, monkeypatch):
     with torch.no_grad():
         for p in model.skin_refine_net.parameters():
             p.normal_(0, 0.05)
-    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    monkeypatch.setattr(model_options, "ROOT", tmp_path)
     save_checkpoint({"epoch": 3, "network": {"module." + k: v for k, v in model.state_dict().items()}},
                     tmp_path / "demo" / "subject_4" / "snapshot_3.pth.tar")
     assert demo.main(["--subject", "4", "--test_epoch", "3", "--out", str(tmp_path / "o")]) == 0

@@ -9,7 +9,8 @@ import torch
 
 from common.hand.pose_io import PoseError, build_pose, preset_names
 from demo import demo, editor
-from demo.joint_limits import FREE_RANGE_DEG, JOINT_LIMITS_DEG, joint_limits_deg, joint_type, limit_violations
+from main import model_options
+from common.hand.joint_limits import FREE_RANGE_DEG, JOINT_LIMITS_DEG, joint_limits_deg, joint_type, limit_violations
 from demo.pose_edit import (angle_dofs, clamp, copy_finger, euler_tensor, finger_joints, pose_degrees, pose_yaml,
                             random_pose, read_uploaded_pose, tidy)
 from tests.test_demo import read_obj
@@ -33,7 +34,7 @@ def test_saved_yaml_reproduces_the_mesh_in_demo(tmp_path, any_hand, monkeypatch)
     path.write_text(pose_yaml(any_hand, deg, comment="a test\nsecond line"))
     assert torch.equal(build_pose(any_hand, str(path)), euler_tensor(deg))
     # the editor's decode (Editor.decode is decode_pose of euler_tensor) against demo.py's mesh.obj
-    monkeypatch.setattr(demo, "resolve_hand_model", lambda folder: any_hand)
+    monkeypatch.setattr(model_options, "resolve_hand_model", lambda folder: any_hand)
     model = demo.get_model("test", any_hand)
     model.zero_correctives()
     _, verts = demo.decode_pose(model.eval(), euler_tensor(deg), torch.device("cpu"))

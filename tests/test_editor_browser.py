@@ -214,7 +214,7 @@ def test_round_trip(browser, editor):
 def test_display_toggles_limits_copy_and_render(browser, editor, tmp_path):
     import cv2
 
-    from demo.joint_limits import FREE_RANGE_DEG
+    from common.hand.joint_limits import FREE_RANGE_DEG
 
     page, session, _ = open_page(browser, editor)
     hand = editor.hand

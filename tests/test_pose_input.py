@@ -78,7 +78,7 @@ def test_the_demo_warns_beyond_the_joint_limits_and_decodes(tmp_path, capsys, wa
     assert demo.main(["--pose", "open", "--euler", "index1=0,0,120", "--euler", "thumb3=0,0,-30",
                       "--out", str(tmp_path)]) == 0
     assert (tmp_path / "mesh.obj").is_file()
-    assert warnings() == ["the pose: beyond the joint limits of demo/joint_limits.py (decoded as given): "
+    assert warnings() == ["the pose: beyond the joint limits of common/hand/joint_limits.py (decoded as given): "
                           "b_r_thumb3 flexion -30° < -20°; b_r_index1 flexion 120° > 90°"]
 
 

@@ -106,7 +106,7 @@ def test_readme_has_a_tested_block():
 def test_readme_code_runs_as_printed(tmp_path):
     """The block as printed (no snapshot: the template, correctives zero), and the same block given
     a snapshot; each against the hand posed directly with those correctives."""
-    (block,) = readme_blocks()
+    block = readme_blocks()[0]
     assert block.count("snapshot = None") == 1, "the README's snippet names its snapshot in one line"
     hand = resolve_hand_model()
     weights = decoder_snapshot(hand, tmp_path / "snapshot_3.pth.tar")
@@ -153,3 +153,14 @@ def test_the_console_catches_what_a_prompt_refuses(broken, error):
                             input=json.dumps([{"source": broken, "save": "", "names": []}]), timeout=120)
     assert result.returncode == 1 and error in result.stderr, result.stderr
     compile(broken, "script", "exec")  # both are valid scripts
+
+
+def test_readme_fitting_code_runs_as_printed(tmp_path):
+    """The fitting block, run after the first one: the keypoints of the decoded poses are fitted
+    back to a fraction of a millimetre, and the angles that moved come back."""
+    first, fitting = readme_blocks()[:2]
+    assert "fit_keypoints" in fitting
+    out = run_in_console([{"source": first + fitting, "save": str(tmp_path / "fit.pt"), "names": ["euler", "keypoints"]}])
+    assert f"torch.Size([3, {resolve_hand_model().joint_num}, 3])" in out.splitlines()[-1], out
+    residual = float(out.splitlines()[-1].split()[-1])
+    assert residual < 0.5, out

@@ -12,6 +12,7 @@
     python tools/bench.py influences [--hands default makehuman] [--random 1000]
     python tools/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python tools/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
+    python tools/bench.py fit [--frames 1000] [--hands default makehuman] [--device cuda] [--no-accuracy]
 
 Each prints the median of repeated runs with the sizes it used and the machine. ``decode``
 compares ``Model.decode`` with the plain loop reference (the original's approach: per-sample FK
@@ -310,6 +311,10 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
 
+    from tools.benchmarks import fit as fit_benchmark
+
+    fit_benchmark.add_arguments(sub.add_parser("fit", help="the keypoint fitter: speed and accuracy"))
+
     for p in sub.choices.values():
         if p.prog.split()[-1] not in ("train", "scaling"):
             p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -322,6 +327,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "kernel": bench_kernel,
            "data": bench_data, "surface": bench_surface, "influences": bench_influences,
+           "fit": fit_benchmark.run,
            "train": bench_train, "scaling": bench_scaling}[args.what]
     return exit_code(lambda: run(args))
 

@@ -11,7 +11,7 @@ warns, without stopping, about what is most likely a slip (:func:`pose_warnings`
   and at least one of them is not a whole number (``1.5708``): degrees that small and that precise
   are rare, radians are always like that. Whole small numbers (``--euler thumb0=2,0,0``) do not warn.
 
-(Angles beyond the joint limits are the demo's to warn about: :mod:`demo.joint_limits`.)
+(Angles beyond the joint limits are the demo's to warn about: :mod:`common.hand.joint_limits`.)
 """
 from __future__ import annotations
 
@@ -261,3 +261,15 @@ def build_pose(model: HandModel, pose: str | None, overrides: Iterable[str] = ()
     for note in notes:
         log.warning(note)
     return torch.from_numpy(np.radians(euler_deg)).float()[None]
+
+
+def pose_yaml(model: HandModel, euler_deg: np.ndarray, comment: str = "") -> str:
+    """The pose as ``demo.py --pose`` reads it: ``joint: [x, y, z]`` in degrees, every joint that has
+    a degree of freedom (full names), with ``comment`` lines on top."""
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines.append("# Angles in degrees, [x, y, z]; z is the flexion axis (positive curls towards the palm).")
+    for j, name in enumerate(model.joint_names):
+        if model.dof_mask[j].any():
+            x, y, z = (float(v) + 0.0 for v in euler_deg[j])
+            lines.append(f"{name}: [{x!r}, {y!r}, {z!r}]")
+    return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ import torch
 from common.export.gltf import INFLUENCES_PER_SET, strongest_influences
 from common.hand.kinematics import pose_hand
 from common.hand.pose_io import preset_names
-from demo.joint_limits import joint_limits_deg
+from common.hand.joint_limits import joint_limits_deg
 from demo.pose_edit import euler_tensor, pose_degrees, random_pose
 
 
