@@ -26,7 +26,7 @@ editor: setup
 	$(PY) demo/editor.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 bench: setup
 	$(PY) tools/bench.py decode
@@ -42,7 +42,7 @@ setup-anytorch: $(ANYTORCH_VENV)/.installed
 
 test-anytorch: setup-anytorch
 	$(ANYTORCH_PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, '(no PyTorch3D)')"
-	$(ANYTORCH_PY) -m pytest -q $(ARGS)
+	$(ANYTORCH_PY) -m pytest -q -n auto $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(ANYTORCH_VENV)
