@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import yaml
 
 from common.errors import ConfigError
-from common.renderer.backend import BACKENDS
+from common.renderer.backend import BACKENDS, NATIVE_RASTERISERS
 from common.utils.device import parse_gpu_ids
 from common.io.textio import read_text, shown, where, yaml_error_message, yaml_mapping, yaml_value
 
@@ -303,7 +303,7 @@ OPTION_TYPES: Dict[str, Any] = {
     "depth_min": POSITIVE, "depth_max": POSITIVE,
     "render_view_num": POSITIVE_INT, "backbone_img_feat_dim": POSITIVE_INT, "id_code_dim": POSITIVE_INT,
     "bone_step_size": Number(low=0, low_open=True, high=1),
-    "renderer_backend": Choice(BACKENDS),
+    "renderer_backend": Choice(BACKENDS), "native_rasteriser": Choice(NATIVE_RASTERISERS),
     "resnet_type": Number(integer=True, choices=RESNET_TYPES),
     "pretrained_backbone": Text(),
     "lr_dec_epoch": ListOf(COUNT, "[30, 32]", "epochs (integers >= 0)"), "end_epoch": POSITIVE_INT,
@@ -344,6 +344,9 @@ class Config:
     # Rasteriser of the depth renderer: auto (PyTorch3D where it imports, else the project's
     # own), pytorch3d or native (common/renderer/depth_renderer.py, resolve_backend).
     renderer_backend = "auto"
+    # How the native backend rasterises: auto (on CUDA the binned Triton kernel where Triton
+    # imports, else tensor operations), tensor, or triton (common/renderer/depth_renderer.py).
+    native_rasteriser = "auto"
 
     ## model
     resnet_type = 50  # 18, 34, 50, 101, 152
@@ -501,6 +504,15 @@ def check_combinations(config: "Config") -> None:
     if not config.depth_max > config.depth_min:
         raise ConfigError(f"options 'depth_min' ({config.depth_min:g} mm) and 'depth_max' ({config.depth_max:g} mm): "
                           "depth_max must be larger than depth_min")
+    if config.native_rasteriser == "triton":
+        from common.renderer.triton_rasterizer import interpreting, triton_available
+
+        if not triton_available():
+            raise ConfigError("option 'native_rasteriser' is triton, but Triton does not import here (it ships "
+                              "with PyTorch's CUDA wheels): use auto or tensor")
+        if not config.gpu_ids and not interpreting():
+            raise ConfigError("option 'native_rasteriser' is triton without --gpu: the kernel runs on CUDA, or on "
+                              "the CPU only in Triton's interpreter (TRITON_INTERPRET=1); use auto or tensor")
 
 
 cfg = Config()

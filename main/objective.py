@@ -89,7 +89,8 @@ class TrainingObjective(nn.Module):
         self.loss_lap_weight = float(config.loss_lap_weight)
         self.renderer = DepthRenderer(faces, tuple(config.rendered_img_shape),
                                       near=float(config.depth_min), far=float(config.depth_max),
-                                      backend=config.renderer_backend)
+                                      backend=config.renderer_backend,
+                                      native_rasteriser=config.native_rasteriser)
         self.joint_loss = JointLoss()
         self.depthmap_loss = DepthmapLoss()
         self.penet_loss = PenetLoss.from_hand_model(

@@ -3,6 +3,7 @@ notation from --set and from YAML files, one-line errors with exit code 2, befor
 import logging
 
 import pytest
+import torch
 
 from main import test as test_script
 from main import train as train_script
@@ -152,3 +153,27 @@ def test_combination_checked_when_the_trainer_is_built_in_code(tiny_set, tmp_pat
     with pytest.raises(ConfigError, match="depth_max must be larger than depth_min"):
         trainer.set_up()
     assert not hasattr(trainer, "dataset")  # stopped before loading anything
+
+
+def test_native_rasteriser_option_reaches_the_renderer_and_is_checked(monkeypatch, default_hand):
+    """``native_rasteriser`` is a typed option, the training objective's renderer gets it, and
+    ``triton`` is refused before any work where the kernel cannot run (no Triton; or the CPU
+    outside Triton's interpreter)."""
+    from common.renderer import triton_rasterizer
+    from main.objective import TrainingObjective
+
+    config = Config()
+    config.update_from_strings(["native_rasteriser=tensor", "rendered_img_shape=[8,8]"])
+    objective = TrainingObjective(default_hand, torch.as_tensor(default_hand.faces), config)
+    assert objective.renderer.native_rasteriser == "tensor"
+    with pytest.raises(ConfigError, match="expects one of auto, tensor, triton"):
+        config.update_from_strings(["native_rasteriser=cuda"])
+    config.update_from_strings(["native_rasteriser=triton"])
+    monkeypatch.setattr(triton_rasterizer, "interpreting", lambda: False)
+    with pytest.raises(ConfigError, match="triton without --gpu"):
+        check_combinations(config)
+    config.update_from_strings(["gpu_ids=0"])
+    check_combinations(config)
+    monkeypatch.setattr(triton_rasterizer, "triton_available", lambda: False)
+    with pytest.raises(ConfigError, match="Triton does not import here"):
+        check_combinations(config)

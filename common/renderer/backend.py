@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # The renderer_backend option's values (DepthRenderer's ``backend``).
 BACKENDS = ("auto", "pytorch3d", "native")
+# The native_rasteriser option's values (DepthRenderer's ``native_rasteriser``): how the native
+# backend rasterises.
+NATIVE_RASTERISERS = ("auto", "tensor", "triton")
 
 # What to tell a user who asked for PyTorch3D where it does not import.
 PYTORCH3D_INSTALL_HINT = ("install the tested stack with `pip install -r requirements.txt` (torch==2.12.1 with "

@@ -43,16 +43,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from common.renderer.backend import (BACKENDS, RendererBackendError, pytorch3d_available, rasterize_whole_views,
-                                 resolve_backend)
+from common.renderer.backend import (BACKENDS, NATIVE_RASTERISERS, RendererBackendError, pytorch3d_available,
+                                     rasterize_whole_views, resolve_backend)
 from common.renderer.camera import check_finite, project_points, screen_vertices, validate_cameras
 from common.renderer.rasterizer import cuts_near_plane, rasterize_depth
 from common.renderer.triton_rasterizer import interpreting, rasterize_depth_binned, triton_available
 from common.renderer.tiling import DEFAULT_TILE_SIZE, rasterize_tiled
 from common.utils.shapes import shape_of
-
-# The native backend's rasterisers (DepthRenderer's ``native_rasteriser``).
-NATIVE_RASTERISERS = ("auto", "tensor", "triton")
 
 __all__ = ["project_points", "DepthRenderer", "DEFAULT_TILE_SIZE", "BACKENDS", "resolve_backend",
            "pytorch3d_available", "RendererBackendError", "plane_depth"]
