@@ -636,6 +636,13 @@ def _smooth_terms(state: _State, before: _State, after: _State, has_before: torc
     return cost, grad, diag
 
 
+def _smooth_around(problem, state: _State):
+    """The smoothness terms of ``state`` against its neighbouring frames, with those neighbours (a
+    candidate step is weighed against the same ones): ``(neighbours, cost, grad, diag)``."""
+    neighbours = _neighbours(state)
+    return (neighbours, *_smooth_terms(state, *neighbours, problem.weights, problem.prior_scale))
+
+
 def _neighbours(state: _State) -> Tuple[_State, _State, torch.Tensor, torch.Tensor]:
     B = state.theta.shape[0]
     before = _State(state.rotation.roll(1, 0), state.translation.roll(1, 0), state.theta.roll(1, 0))
@@ -675,9 +682,7 @@ def _levenberg_marquardt(problem: _Problem, state: _State, sigma: float, iterati
     try:
         for _ in range(iterations):
             if problem.smooth:
-                before, after, has_b, has_a = _neighbours(state)
-                s_cost, s_grad, s_diag = _smooth_terms(state, before, after, has_b, has_a, problem.weights,
-                                                         problem.prior_scale)
+                neighbours, s_cost, s_grad, s_diag = _smooth_around(problem, state)
                 H_step = H + torch.diag_embed(s_diag)
                 g_step = g + s_grad
             else:
@@ -686,8 +691,7 @@ def _levenberg_marquardt(problem: _Problem, state: _State, sigma: float, iterati
             candidate = problem.step(state, delta)
             c_cost, c_g, c_H = problem.evaluate(candidate, sigma)
             if problem.smooth:
-                c_s, _, _ = _smooth_terms(candidate, before, after, has_b, has_a, problem.weights,
-                                              problem.prior_scale)
+                c_s, _, _ = _smooth_terms(candidate, *neighbours, problem.weights, problem.prior_scale)
                 new_total, old_total = c_cost + c_s, cost + s_cost
             else:
                 new_total, old_total = c_cost, cost
@@ -947,9 +951,7 @@ def _personalise(problem: _Problem, state: _State, sigma: float, iterations: int
             d = torch.diagonal(H, dim1=-2, dim2=-1)
             A = H + torch.diag_embed(mu * (d + 1e-6 * d.mean(-1, keepdim=True) + _EPS))
             if problem.smooth:
-                before, after, has_b, has_a = _neighbours(state)
-                _, s_grad, s_diag = _smooth_terms(state, before, after, has_b, has_a, problem.weights,
-                                                         problem.prior_scale)
+                _, _, s_grad, s_diag = _smooth_around(problem, state)
                 A = A + torch.diag_embed(s_diag)
                 g_f = g + s_grad
             else:
