@@ -44,6 +44,7 @@ from common.hand.hand_model import save_obj  # noqa: E402
 from common.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from common.errors import exit_code  # noqa: E402
+from common.export.gltf import export_glb  # noqa: E402
 from common.hand.pose_io import pose_yaml  # noqa: E402
 from main.model_options import add_model_args, check_model_args, checkpoint_path, load_model  # noqa: E402
 
@@ -71,6 +72,10 @@ def parse_args(argv=None):
     add_model_args(parser)
     parser.add_argument("--out", default=str(ROOT / "output" / "fit"), help="output folder (default output/fit)")
     parser.add_argument("--meshes", action="store_true", help="also write an OBJ per frame (world coordinates)")
+    parser.add_argument("--glb", action="store_true",
+                        help="also write fit.glb: the fitted frames as a rigged glTF animation, the wrist placed by "
+                             "root (Blender, three.js, any glTF viewer; docs/export.md)")
+    parser.add_argument("--fps", type=float, default=30.0, help="frames per second of --glb's animation (default 30)")
     parser.add_argument("--picture", metavar="FRAMES", help="also draw fit.png: these frames (e.g. 0,10,20), the "
                         "input keypoints above the fitted mesh and keypoints")
     parser.add_argument("--personalise", choices=["skeleton"],
@@ -216,6 +221,23 @@ def write_personalised(path: Path, result, source_ckpt) -> None:
                                       "from_checkpoint": str(source_ckpt) if source_ckpt else ""}}, path)
 
 
+def write_glb(path: Path, result, hand_model, ckpt_text: str, input_path, fps: float) -> str:
+    """The fitted frames (those with a fit) as a rigged glTF animation, ``fps`` frames per second,
+    each frame a keyframe that shows exactly ``result.model``'s mesh of it (common.export)."""
+    done = [t for t in range(len(result.euler))
+            if bool(torch.isfinite(result.euler[t]).all()) and bool(torch.isfinite(result.root[t]).all())]
+    if not done:
+        return "none (no frame has a fit)"
+    what = f"{len(done)} fitted frame(s) of {input_path} at {fps:g} fps"
+    if result.mirrored:
+        what += "; a left hand, shown as the right-hand model in the mirrored world (x → −x)"
+    extras = {"deephandmesh": {"hand_model": str(hand_model.source), "checkpoint": ckpt_text, "content": what,
+                               "units": "metres (the model's millimetres x 0.001)"}}
+    export_glb(result.model, result.euler[done], path, root=result.root[done], times=[t / fps for t in done],
+               names=[f"frame {t}" for t in done], extras=extras)
+    return f"{path} ({what})"
+
+
 def run(args, outcome: dict) -> Path:
     start = time.perf_counter()
     get_convention(args.convention)  # an unknown name fails before anything is read
@@ -271,6 +293,8 @@ def run(args, outcome: dict) -> Path:
     if result.skeleton is not None:
         write_personalised(out / PERSONALISED_FILE, result, checkpoint_path(args))
         outputs["personalised"] = str(out / PERSONALISED_FILE)
+    if args.glb:
+        outputs["glb"] = write_glb(out / "fit.glb", result, hand_model, ckpt_text, input_path, args.fps)
     if args.picture is not None:
         frames = [t for t in args.picture_frames if 0 <= t < len(result.euler)]
         if not frames:

@@ -44,7 +44,8 @@ def test_outputs_and_the_demo_reads_them(tmp_path, hand_dir, sequence, capsys):
     np.save(tmp_path / "hand.npy", truth.keypoints / 1000.0)  # metres
     out = tmp_path / "out"
     code = fit_script.main(["--keypoints", str(tmp_path / "hand.npy"), "--convention", "mediapipe", "--units", "m",
-                            "--hand_model", str(hand_dir), "--out", str(out), "--meshes", "--independent"])
+                            "--hand_model", str(hand_dir), "--out", str(out), "--meshes", "--independent",
+                            "--glb", "--fps", "10"])
     assert code == 0, capsys.readouterr().err
     fit = np.load(out / "fit.npz")
     T, J = 4, model.joint_num
@@ -74,6 +75,17 @@ def test_outputs_and_the_demo_reads_them(tmp_path, hand_dir, sequence, capsys):
         root = fit["root"][t].astype(np.float64)
         world = read_obj_vertices(out / "meshes" / f"frame_{t:05d}.obj")
         assert np.abs(local @ root[:3, :3].T + root[:3, 3] - world).max() < 1e-3
+    # --glb: the fitted sequence as a rigged animation, 10 frames a second, each keyframe the
+    # fitted mesh placed by its root (read back with glTF's own skinning formula).
+    from tests.test_export import decoded, keyframe_meshes, model_vertices
+    from tests.gltf_reference import GltfFile
+    glb = GltfFile((out / "fit.glb").read_bytes())
+    times = glb.array(glb.doc.animations[0].samplers[0].input)
+    assert np.allclose(times, np.arange(T) / 10.0)
+    expected = decoded(model, torch.from_numpy(fit["euler"]), torch.from_numpy(fit["root"]))
+    got = keyframe_meshes(glb, times.astype(np.float64))
+    assert np.abs(got - expected[:, model_vertices(glb, model.hand_model)]).max() < 1e-3
+    assert report["outputs"]["glb"].startswith(str(out / "fit.glb"))
 
 
 def test_left_hand_is_mirrored_and_back(tmp_path, hand_dir, sequence, capsys):
