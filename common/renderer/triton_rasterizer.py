@@ -85,7 +85,8 @@ if triton is not None:
         best = tl.full([TILE_H * TILE_W], empty, tl.int64)
         first = tl.load(start_ptr + tile)
         last = tl.load(start_ptr + tile + 1)
-        for i in range(first, last, FACES):
+        i = first
+        while i < last:  # (not range(first, last, FACES): Triton 3.6's interpreter cannot index with loaded values)
             pair = i + tl.arange(0, FACES)                                       # [F]
             listed = pair < last
             row = values_ptr + pair.to(tl.int64) * STRIDE
@@ -130,6 +131,7 @@ if triton is not None:
             depth = tl.where(depth == 0.0, 0.0, depth)     # −0 → +0: the packed keys order as floats
             key = (depth.to(tl.int32, bitcast=True).to(tl.int64) << 32) | face
             best = tl.minimum(best, tl.min(tl.where(covered, key, empty), axis=0))
+            i += FACES
         offsets = (view * H + rows).to(tl.int64) * W + cols
         tl.store(keys_ptr + offsets, best, mask=in_image)
 
