@@ -12,10 +12,10 @@ the faces rendered faster). Here the same decisions are taken in one kernel:
 2. Binning: each face goes to every tile of ``TILE_H × TILE_W`` pixels that its range of pixel
    centres reaches; the (tile, face) pairs are sorted by tile.
 3. The kernel: one program per tile. It walks its faces, a few at a time, and, for the tile's
-   pixels at once, evaluates the box test, the three edge tests, the perspective-corrected barycentrics and the
-   depth in exactly the float32 operations of :mod:`common.renderer.rasterizer` (no fused
-   multiply-add, IEEE division), keeping per pixel the smallest packed ``(depth, face)`` key:
-   the nearest face, the lowest index on equal depth.
+   pixels at once, evaluates the box test, the three edge tests, the perspective-corrected
+   barycentrics and the depth in exactly the float32 operations of
+   :mod:`common.renderer.rasterizer` (no fused multiply-add, IEEE division), keeping per pixel
+   the smallest packed ``(depth, face)`` key: the nearest face, the lowest index on equal depth.
 
 So the work grows with pixels × overlapping faces. The kernel runs natively on CUDA tensors and,
 with ``TRITON_INTERPRET=1`` set before Python starts, in Triton's interpreter on CPU tensors (the
