@@ -191,3 +191,20 @@ def test_bad_input_is_one_line_and_exit_code_2(case, expected, tmp_path, person,
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_personalises_as_the_cpu(person, tmp_path):
+    """The same command with --gpu 0: the same residuals and rest surface, to float tolerance over
+    a few iterations (the renderer and the searches run on the GPU)."""
+    reports = {}
+    for name, extra in (("cpu", []), ("cuda", ["--gpu", "0"])):
+        out = tmp_path / name
+        argv = ["--data_dir", str(person), "--frames", "0-1", "--render_size", "32x32", "--iterations", "8",
+                "--option", "pose_iterations=2", "--quiet", "--out", str(out), *extra]
+        assert personalise_main(argv) == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+    for key in ("residual_before_mm", "residual_after_mm"):
+        assert reports["cuda"][key]["mean"] == pytest.approx(reports["cpu"][key]["mean"], rel=2e-2, abs=0.02)
+    change = [r["rest_change"]["vertex_displacement_mm"]["mean"] for r in (reports["cpu"], reports["cuda"])]
+    assert change[1] == pytest.approx(change[0], rel=5e-2, abs=0.02)
