@@ -208,3 +208,27 @@ def test_cuda_personalises_as_the_cpu(person, tmp_path):
         assert reports["cuda"][key]["mean"] == pytest.approx(reports["cpu"][key]["mean"], rel=2e-2, abs=0.02)
     change = [r["rest_change"]["vertex_displacement_mm"]["mean"] for r in (reports["cpu"], reports["cuda"])]
     assert change[1] == pytest.approx(change[0], rel=5e-2, abs=0.02)
+
+
+def test_ctrl_c_writes_what_it_reached(person, tmp_path, monkeypatch):
+    import common.personalise.objectives as objectives
+
+    calls = {"n": 0}
+    render = objectives.DepthObjective.render
+
+    def interrupted_render(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # two renders measure the start, then one per iteration: Ctrl-C in the fourth
+            raise KeyboardInterrupt
+        return render(self, *args)
+
+    monkeypatch.setattr(objectives.DepthObjective, "render", interrupted_render)
+    out = tmp_path / "out"
+    code = personalise_main(["--data_dir", str(person), "--frames", "0-1", "--render_size", "32x32", "--quiet",
+                             "--out", str(out)])
+    monkeypatch.undo()
+    from main.personalise import INTERRUPTED_EXIT_CODE
+    assert code == INTERRUPTED_EXIT_CODE
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"] is True and report["iterations"] == 3
+    assert (out / "model_dump" / "subject_4" / "snapshot_0.pth.tar").is_file()
