@@ -157,7 +157,16 @@ def _face_blocks(centres: torch.Tensor, block: int) -> torch.Tensor:
 
 def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
                            max_pairs: int = MAX_PAIRS) -> torch.Tensor:
-    """Exact distance from every point to the surface of a triangle mesh, ``[P]`` (mm).
+    """Exact distance from every point to the surface of a triangle mesh, ``[P]`` (mm): the first
+    output of :func:`nearest_surface_faces`."""
+    return nearest_surface_faces(points, vertices, faces, max_pairs)[0]
+
+
+def nearest_surface_faces(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
+                          max_pairs: int = MAX_PAIRS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact distance from every point to the surface of a triangle mesh, ``[P]`` (mm), and the
+    triangle that holds the closest surface point, ``[P]`` (an index into ``faces``; the lowest
+    index where several are equally near).
 
     Only triangles that can hold a point's closest surface point are evaluated, found in two
     stages by bounding spheres. The faces are grouped into compact blocks of :data:`FACE_BLOCK`
@@ -207,7 +216,7 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
         return lower <= bound * (1 + 1e-9) + 1e-6
 
     chunk = max(1, int(max_pairs) // order.numel())  # at most every (padded) face survives
-    out = []
+    out, nearest = [], []
     for start in range(0, points.shape[0], chunk):
         p = points[start:start + chunk]
         n = p.shape[0]
@@ -220,8 +229,13 @@ def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: 
         keep = within(to_centroid - radius[fi], min_per_point(to_centroid, pi, n)[pi])
         pi, fi = pi[keep], fi[keep]
         d2 = point_triangle_sq(p[pi], tri[fi, 0], tri[fi, 1], tri[fi, 2])
-        out.append(min_per_point(d2, pi, n).sqrt())
-    return torch.cat(out)
+        best = min_per_point(d2, pi, n)
+        # The nearest triangle: the lowest face index among the pairs at the minimum.
+        winner = torch.where(d2 == best[pi], fi, torch.full_like(fi, faces.shape[0]))
+        nearest.append(torch.full((n,), faces.shape[0], dtype=fi.dtype, device=fi.device).scatter_reduce(
+            0, pi, winner, reduce="amin"))
+        out.append(best.sqrt())
+    return torch.cat(out), torch.cat(nearest)
 
 
 def surface_distances(pred: torch.Tensor, gt: torch.Tensor, faces: torch.Tensor,

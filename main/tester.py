@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from common import metrics
 from common.summary import SummaryWriter
-from common.io.checkpoint import CheckpointError, load_checkpoint, snapshot_path
+from common.io.checkpoint import CheckpointError, load_checkpoint, load_decoder_checkpoint, snapshot_path
 from common.utils.device import pick_device, place_model, unwrap
 from common.hand.hand_model import save_obj
 from common.io.atomic import atomic_write_bytes, atomic_write_text, make_folder
@@ -178,7 +178,15 @@ class Tester:
                  self.hand_model.vertex_num, self.hand_model.joint_num)
         log.info("Load checkpoint from %s", path)
         model = get_model("test", self.hand_model, self.cfg)
-        load_checkpoint(model, path)
+        if self.cfg.pose_source == "gt":
+            # Decoder-only: the encoder is bypassed, so a snapshot without it (a personalised hand,
+            # main/personalise.py) or with another backbone tests as well.
+            loaded = load_decoder_checkpoint(model, path)
+            if loaded.absent or loaded.ignored:
+                log.info("pose_source=gt: the encoder is not used (absent from the snapshot: %s; not read: %s)",
+                         ", ".join(loaded.absent) or "none", ", ".join(loaded.ignored) or "none")
+        else:
+            load_checkpoint(model, path)
         self.model = place_model(model, self.device, self.gpu_ids)
         self.model.eval()
 

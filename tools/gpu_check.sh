@@ -47,7 +47,7 @@ step environment 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ver
 torch.version.cuda, '| device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); \
 import importlib.util as u; print('installed:', {m: u.find_spec(m) is not None for m in \
 ('triton', 'pytorch3d', 'viser', 'playwright', 'xdist', 'pytest_timeout', 'tensorboard')})\""
-step cuda_tests 300 "$PY" -m pytest -q -rA -p no:cacheprovider --timeout 240 tests/test_rasterizer_native.py -k cuda
+step cuda_tests 300 "$PY" -m pytest -q -rA -p no:cacheprovider --timeout 240 tests -k cuda
 step kernel 120 "$PY" tools/bench.py kernel --device cuda
 step renderer 180 "$PY" tools/bench.py renderer --device cuda --sizes 64 256 --subdivide 0 2 --batch 8 \
   --backends native-triton native-tensor --no-memory --repeats 10
@@ -57,6 +57,10 @@ if [ "$TRAIN" = 1 ]; then
     step "train_b$batch" 180 "$PY" tools/bench.py train --gpu 0 --data_dir "$WORK/synth" --iterations 20 --warmup 5 \
       --set train_batch_size=$batch
   done
+  # Personalisation's time on the GPU: 6 frames x 12 depth maps of 64x64 (report.json: seconds).
+  step personalise 180 "$PY" main/personalise.py --gpu 0 --data_dir "$WORK/synth" --frames 0-5 --quiet \
+    --out "$WORK/personalise"
+  cp "$WORK/personalise/report.json" "$LOG/personalise_report.json" 2>/dev/null || true
 fi
 if [ "$SUITE" = 1 ]; then
   # -v: each test's outcome is printed as it ends, so a run cut by the step's limit still names
@@ -79,6 +83,8 @@ if [ "$TRAIN" = 1 ]; then
     echo "---- training iteration, batch $batch"
     tail -n 25 "$LOG/train_b$batch.log"
   done
+  echo "---- personalisation"
+  tail -n 4 "$LOG/personalise.log"
 fi
 if [ "$SUITE" = 1 ]; then
   echo "---- suite"
