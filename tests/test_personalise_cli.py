@@ -232,3 +232,15 @@ def test_ctrl_c_writes_what_it_reached(person, tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["interrupted"] is True and report["iterations"] == 3
     assert (out / "model_dump" / "subject_4" / "snapshot_0.pth.tar").is_file()
+
+
+def test_scan_without_keypoints_is_placed_by_its_shape(tmp_path, default_hand):
+    """An open hand scanned without keypoints: the rest pose placed by principal axes and rigid ICP
+    lands on it (the scan is the default hand itself, turned and moved at random)."""
+    from tools.make_scans import make_scans
+
+    paths = make_scans(default_hand, tmp_path / "scans", count=3, seed=9, bend=0.0)
+    code = personalise_main(["--scan", *map(str, paths), "--iterations", "0", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["residual_before_mm"]["max"] < 0.05

@@ -7,7 +7,7 @@ and after, each vertex coloured by its distance to the scan, in two views.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -82,15 +82,22 @@ def depth_picture(captured: np.ndarray, before: np.ndarray, after: np.ndarray, c
     for n in range(rows):
         seen = captured[n][captured[n] > 0]
         lo, hi = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 1.0)
-        panels = [_depth_panel(captured[n], lo, hi), _residual_panel(before[n], captured[n], top),
-                  _residual_panel(after[n], captured[n], top)]
-        for panel, text in zip(panels, (f"captured, camera {cameras[n]}", "before", "after")):
+        lines.append(([_depth_panel(captured[n], lo, hi), _residual_panel(before[n], captured[n], top),
+                       _residual_panel(after[n], captured[n], top)],
+                      (f"captured, camera {cameras[n]}", "before", "after")))
+    return _figure(lines, title, top, "residual |rendered - captured| (grey: only one of the two has depth)")
+
+
+def _figure(rows, title: str, top: float, note: str) -> np.ndarray:
+    """Rows of labelled panels ``[(panels, labels), …]`` under a title line, over the colour bar."""
+    lines = []
+    for panels, labels in rows:
+        for panel, text in zip(panels, labels):
             _label(panel, text)
         lines.append(np.concatenate(panels, axis=1))
     body = np.concatenate(lines, axis=0)
     head = np.full((26, body.shape[1], 3), BACKGROUND_BGR, np.uint8)
     _label(head, title, 18)
-    note = "residual |rendered - captured| (grey: only one of the two has depth)"
     return np.concatenate([head, body, _legend(body.shape[1], top, "mm", note)], axis=0)
 
 
@@ -134,20 +141,8 @@ def scan_picture(scan_points: np.ndarray, scan_faces: Optional[np.ndarray], befo
             cam = (scan_points @ frame - centre) @ _view_matrix(view).T
             for x, y in np.stack([MESH_PANEL / 2 + cam[:, 0] * scale, MESH_PANEL / 2 - cam[:, 1] * scale], 1):
                 cv2.circle(scan_panel, (int(round(x)), int(round(y))), 1, tuple(int(c) for c in SKIN_BGR * 0.8), -1)
-        panels = [scan_panel,
-                  _mesh_panel(before, faces, view, frame, centre, scale, distance_before, top),
-                  _mesh_panel(after, faces, view, frame, centre, scale, distance_after, top)]
-        for panel, text in zip(panels, (f"scan ({view})", "before", "after")):
-            _label(panel, text)
-        rows.append(np.concatenate(panels, axis=1))
-    body = np.concatenate(rows, axis=0)
-    head = np.full((26, body.shape[1], 3), BACKGROUND_BGR, np.uint8)
-    _label(head, title, 18)
-    legend = _legend(body.shape[1], top, "mm", "each vertex's distance to the scan")
-    return np.concatenate([head, body, legend], axis=0)
+        rows.append(([scan_panel, _mesh_panel(before, faces, view, frame, centre, scale, distance_before, top),
+                      _mesh_panel(after, faces, view, frame, centre, scale, distance_after, top)],
+                     (f"scan ({view})", "before", "after")))
+    return _figure(rows, title, top, "each vertex's distance to the scan")
 
-
-def stack(images: List[np.ndarray]) -> np.ndarray:
-    width = max(i.shape[1] for i in images)
-    padded = [np.pad(i, ((0, 0), (0, width - i.shape[1]), (0, 0)), constant_values=BACKGROUND_BGR[0]) for i in images]
-    return np.concatenate(padded, axis=0)
