@@ -1,5 +1,4 @@
 """Snapshots in the original layout load; wrong ones fail with a clear message."""
-import pickle
 
 import pytest
 import torch

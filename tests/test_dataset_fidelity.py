@@ -7,7 +7,6 @@ numpy scalars and arrays in the same dtypes. The data set stores its images at 2
 depth maps at two other resolutions (128 x 84 for some cameras, 512 x 334 for the others), so
 that every rescaling is exercised.
 """
-import pickle
 
 import cv2
 import numpy as np

@@ -1,7 +1,6 @@
 """The demo CLI end to end: outputs another tool can read, and clear errors for bad input."""
 import json
 import math
-import os
 import subprocess
 import sys
 

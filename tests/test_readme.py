@@ -7,12 +7,10 @@ against the posing functions called directly. The variant with a snapshot loads 
 snapshot written here, the snippet's one edited line being its path.
 """
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
