@@ -31,7 +31,6 @@ ground truth renders them back exactly. The output depends only on the options a
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import pickle
@@ -52,7 +51,7 @@ from common.hand.hand_model import HandModel, save_hand_model  # noqa: E402
 from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
 from common.hand.kinematics import pose_hand  # noqa: E402
 from common.errors import exit_code  # noqa: E402
-from common.io.atomic import atomic_write_bytes, make_folder  # noqa: E402
+from common.io.atomic import atomic_write_bytes, atomic_write_npz, make_folder  # noqa: E402
 from common.utils.vis import paint_mesh  # noqa: E402
 from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine, write_krt, write_pts  # noqa: E402
 
@@ -238,13 +237,6 @@ def render_image(vertices: np.ndarray, faces: np.ndarray, cam, kspace_hw, image_
     return cv2.resize(big, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_AREA)
 
 
-def npz_bytes(**arrays) -> bytes:
-    """The bytes of ``np.savez(file, **arrays)`` (written with :func:`atomic_write_bytes`)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
 def parse_hw(text: str):
     try:
         h, w = (int(x) for x in text.lower().split("x"))
@@ -319,8 +311,8 @@ def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2
             bar.update(1)
     bar.close()
     gt = out / "gt"
-    atomic_write_bytes(gt / "identity.npz", npz_bytes(skeleton_offset=skeleton_offset, id_corrective=id_corrective))
-    atomic_write_bytes(gt / "frames.npz", npz_bytes(**{k: np.asarray(v) for k, v in record.items()}))
+    atomic_write_npz(gt / "identity.npz", skeleton_offset=skeleton_offset, id_corrective=id_corrective)
+    atomic_write_npz(gt / "frames.npz", **{k: np.asarray(v) for k, v in record.items()})
     meta = {"seed": seed, "subject": subject, "sequences": seq_names, "frames_per_sequence": frames,
             "cameras": list(cams), "original_img_shape": list(original_img_shape),
             "image_hw": list(image_hw), "depth_hw": list(depth_hw),

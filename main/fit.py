@@ -18,7 +18,6 @@ marked as interrupted (exit code 130). Bad input: one line naming the file, exit
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -39,9 +38,9 @@ from common.fitting.errors import FitInputError  # noqa: E402
 from common.fitting.picture import fit_picture  # noqa: E402
 from common.fitting.keypoints_io import parse_shape, read_cameras, read_keypoints2d, read_keypoints3d  # noqa: E402
 from common.fitting.triangulate import CAMERA_SHAPE  # noqa: E402
-from common.io.checkpoint import save_checkpoint  # noqa: E402
+from common.io.checkpoint import decoder_snapshot, save_checkpoint  # noqa: E402
 from common.hand.hand_model import save_obj  # noqa: E402
-from common.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from common.errors import exit_code  # noqa: E402
 from common.export.gltf import export_glb  # noqa: E402
@@ -114,9 +113,7 @@ def parse_args(argv=None):
 
 
 def fit_weights(items, independent: bool = False) -> FitWeights:
-    weights = FitWeights()
-    if independent:
-        weights.smooth_angles = weights.smooth_rotation = weights.smooth_translation = 0.0
+    weights = FitWeights.independent() if independent else FitWeights()
     names = [f.name for f in fields(FitWeights)]
     for item in items:
         name, _, value = item.partition("=")
@@ -182,12 +179,6 @@ def report(result, args, input_path: str, device, seconds: float, outputs: dict)
     }
 
 
-def save_npz(path: Path, **arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def write_meshes(folder: Path, result, hand_model, device) -> int:
     """One OBJ per frame that has a fit, world coordinates (mm), mirrored back for a left hand."""
     model = result.model
@@ -213,12 +204,8 @@ def write_meshes(folder: Path, result, hand_model, device) -> int:
 
 def write_personalised(path: Path, result, source_ckpt) -> None:
     """The decoder of the personalised model, in the original's snapshot layout."""
-    state = result.model.state_dict()
-    keep = ("id_code", "pose_net.DoF", "skeleton_refine_net.", "skin_refine_net.")
-    network = {f"module.{k}": v.detach().cpu().clone() for k, v in state.items() if k.startswith(keep)}
-    save_checkpoint({"epoch": 0, "network": network,
-                     "personalised": {"scale": float(result.skeleton.scale),
-                                      "from_checkpoint": str(source_ckpt) if source_ckpt else ""}}, path)
+    info = {"scale": float(result.skeleton.scale), "from_checkpoint": str(source_ckpt) if source_ckpt else ""}
+    save_checkpoint(decoder_snapshot(result.model, info), path)
 
 
 def write_glb(path: Path, result, hand_model, ckpt_text: str, input_path, fps: float) -> str:
@@ -273,7 +260,7 @@ def run(args, outcome: dict) -> Path:
                   keypoints_fitted=result.keypoints, residual=result.residual, frame_ok=result.frame_ok)
     if result.triangulated is not None:
         arrays["keypoints_triangulated"] = result.triangulated
-    save_npz(out / "fit.npz", **arrays)
+    atomic_write_npz(out / "fit.npz", **arrays)
     outputs = {"fit": str(out / "fit.npz"), "poses": str(out / "poses")}
     failed = dict(result.failed)
     written = 0

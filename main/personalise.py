@@ -31,7 +31,6 @@ writes what it reached, marked as interrupted (exit code 130).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -53,8 +52,8 @@ from common.fitting.keypoints_io import read_keypoints3d  # noqa: E402
 from common.fitting.solver import UNITS  # noqa: E402
 from common.hand.hand_model import save_obj  # noqa: E402
 from common.hand.pose_io import pose_yaml  # noqa: E402
-from common.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from common.io.checkpoint import ENCODER_PREFIXES, clean_state_dict, read_checkpoint, save_checkpoint  # noqa: E402
+from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
+from common.io.checkpoint import decoder_snapshot, save_checkpoint  # noqa: E402
 from common.personalise import picture  # noqa: E402
 from common.personalise.errors import PersonaliseInputError  # noqa: E402
 from common.personalise.objectives import DepthObjective, DepthTargets, Regularisers  # noqa: E402
@@ -176,12 +175,6 @@ def personalise_options(args) -> PersonaliseOptions:
     return options
 
 
-def independent_weights() -> FitWeights:
-    weights = FitWeights()
-    weights.smooth_angles = weights.smooth_rotation = weights.smooth_translation = 0.0
-    return weights
-
-
 def scan_keypoints(args, count: int):
     """``(keypoints [T, 21, 3], confidence [T, 21])`` in the input's units, one frame per scan, or None."""
     if not args.scan_keypoints:
@@ -216,13 +209,13 @@ def fit_start(model, keypoints, confidence, convention: str, units: str, frame_n
     """The keypoint fits: ``(plain, personalised)``, the starting model's and that with the person's
     skeleton fitted to the keypoints (main/fit.py's ``--personalise skeleton``)."""
     plain = fit_keypoints(model, keypoints, convention, confidence=confidence, units=units,
-                          weights=independent_weights())
+                          weights=FitWeights.independent())
     unplaced = [frame_names[t] for t in range(len(plain.euler)) if not torch.isfinite(plain.euler[t]).all()]
     if unplaced:
         raise PersonaliseInputError(f"the keypoints of {', '.join(unplaced)} cannot place the hand (fewer than 3, "
                                     f"or all on a line)")
     personal = fit_keypoints(model, keypoints, convention, confidence=confidence, units=units,
-                             weights=independent_weights(), options=FitOptions(personalise="skeleton"))
+                             weights=FitWeights.independent(), options=FitOptions(personalise="skeleton"))
     return plain, personal
 
 
@@ -251,26 +244,6 @@ def rest_change(start_model, model) -> dict:
             "joint_displacement_mm": {hand.joint_names[j]: float(np.linalg.norm(joints_b[j] - joints_a[j]))
                                       for j in range(hand.joint_num)},
             "bone_length_change_mm": bones}
-
-
-def snapshot(model, source_ckpt, info: dict) -> dict:
-    """The personalised model in the original's layout: the decoder's keys (and ``pose_net.DoF``), plus
-    the starting snapshot's encoder when it had one (so that ``test.py`` reads images with it)."""
-    state = model.state_dict()
-    keep = ("id_code", "skeleton_refine_net.", "skin_refine_net.")
-    network = {f"module.{k}": v.detach().cpu().clone() for k, v in state.items() if k.startswith(keep)}
-    if source_ckpt is not None:
-        for key, value in clean_state_dict(read_checkpoint(source_ckpt)["network"]).items():
-            if key.startswith(ENCODER_PREFIXES):
-                network[f"module.{key}"] = value
-    network.setdefault("module.pose_net.DoF", torch.as_tensor(model.hand_model.dof_mask, dtype=torch.float32))
-    return {"epoch": 0, "network": network, "personalised": info}
-
-
-def save_npz(path: Path, **arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _stats(values) -> dict:
@@ -355,7 +328,7 @@ def run(args, outcome: dict) -> Path:
     finally:
         bar.close()
     outcome["interrupted"] = result.interrupted
-    after = measure(result.model, result.euler, result.root, **data_kwargs)
+    after = {"residual": result.residual_after, **result.details_after}  # measured at the end by personalise()
     print(f"residual per frame ({'depth error' if scans is None else 'surface distance'}, mm): before "
           f"{np.nanmean(before['residual']):.2f}, after {np.nanmean(after['residual']):.2f}")
     return write_outputs(args, hand_model, model, result, before, after, names, subject, depth_targets, scans,
@@ -370,8 +343,9 @@ def write_outputs(args, hand_model, start_model, result, before, after, names, s
     info = {"from_checkpoint": str(source) if source else "", "frames": list(names),
             "source": str(args.data_dir) if args.data_dir else [str(p) for p in args.scan],
             "pose_corrective": bool(options.pose_corrective)}
-    save_checkpoint(snapshot(result.model, source, info), snap_path)
-    save_npz(out / "fit.npz", euler=result.euler.cpu().numpy(), root=result.root.cpu().numpy(),
+    # The starting snapshot's encoder goes with it, so that test.py can still read images.
+    save_checkpoint(decoder_snapshot(result.model, info, encoder_from=source), snap_path)
+    atomic_write_npz(out / "fit.npz", euler=result.euler.cpu().numpy(), root=result.root.cpu().numpy(),
              joints=result.joints.cpu().numpy(), residual=after["residual"], residual_before=before["residual"],
              names=np.array(names), frame_ok=np.isfinite(after["residual"]))
     for t, name in enumerate(names):

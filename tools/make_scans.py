@@ -14,7 +14,6 @@ a list of frames as ``main/fit.py`` reads it; ``truth.npz`` the angles and root 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from common.io.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
 from common.io.mesh_io import write_obj, write_ply  # noqa: E402
 from tools.fit_synthetic import decoder, keypoints_of, random_poses, random_roots  # noqa: E402
 
@@ -48,9 +47,7 @@ def make_scans(hand, out: Path, count: int = 4, seed: int = 0, bend: float = 0.5
         (write_obj if suffix == ".obj" else write_ply)(path, mesh * scale, np.asarray(hand.faces))
         paths.append(path)
     atomic_write_text(out / "keypoints.json", json.dumps((keypoints * scale).round(6).tolist()) + "\n")
-    buffer = io.BytesIO()
-    np.savez(buffer, euler=euler.numpy(), root=root.numpy(), units=units)
-    atomic_write_bytes(out / "truth.npz", buffer.getvalue())
+    atomic_write_npz(out / "truth.npz", euler=euler.numpy(), root=root.numpy(), units=units)
     return paths
 
 

@@ -94,6 +94,11 @@ class FitWeights:
     smooth_translation: float = 0.05  # per mm² of the root's translation between consecutive frames
     bone_length: float = 1.0          # personalisation: per mm² of a bone's change beyond the global scale
 
+    @classmethod
+    def independent(cls) -> "FitWeights":
+        """The defaults without the smoothness between consecutive frames: frames fitted each alone."""
+        return cls(smooth_angles=0.0, smooth_rotation=0.0, smooth_translation=0.0)
+
 
 @dataclass
 class FitOptions:

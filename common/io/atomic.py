@@ -1,8 +1,11 @@
 """Writing files so that a crash never leaves a half-written one behind."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+
+import numpy as np
 
 from common.errors import OutputError
 
@@ -61,3 +64,10 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
 def atomic_write_text(path: os.PathLike | str, text: str) -> None:
     """:func:`atomic_write_bytes` of UTF-8 text with ``\\n`` line ends."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_npz(path: os.PathLike | str, **arrays) -> None:
+    """:func:`atomic_write_bytes` of ``np.savez(file, **arrays)``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -269,6 +269,24 @@ def _checked_state(model: torch.nn.Module, path, ckpt: Dict[str, Any], required,
     return state
 
 
+def decoder_snapshot(model: torch.nn.Module, info: Dict[str, Any],
+                     encoder_from: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
+    """A snapshot in the original's layout of what decoding reads (:data:`DECODER_PREFIXES`, with
+    ``module.`` keys, and ``pose_net.DoF``: the model's, or its hand model's degrees of freedom),
+    for :func:`save_checkpoint`; ``info`` goes under ``'personalised'``. ``encoder_from``: a
+    snapshot whose encoder (:data:`ENCODER_PREFIXES`) is copied in, so that images can still be read.
+    """
+    state = model.state_dict()
+    network = {f"module.{k}": v.detach().cpu().clone() for k, v in state.items()
+               if k.startswith(DECODER_PREFIXES) or k == "pose_net.DoF"}
+    if encoder_from is not None:
+        for key, value in clean_state_dict(read_checkpoint(encoder_from)["network"]).items():
+            if key.startswith(ENCODER_PREFIXES):
+                network[f"module.{key}"] = value
+    network.setdefault("module.pose_net.DoF", torch.as_tensor(model.hand_model.dof_mask, dtype=torch.float32))
+    return {"epoch": 0, "network": network, "personalised": info}
+
+
 def save_checkpoint(state: Dict[str, Any], path: str | os.PathLike) -> None:
     """Write a snapshot atomically (a crash mid-write never leaves a broken file at ``path``),
     with its digest under :data:`DIGEST_KEY` (module notes)."""

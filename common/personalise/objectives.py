@@ -120,20 +120,23 @@ class ScanObjective(nn.Module):
 
     def forward(self, mesh: torch.Tensor, scans: List[ScanSurface], search: bool = True) -> Dict[str, torch.Tensor]:
         """``mesh [T, V, 3]`` (world mm) → ``{'loss': [T], 'to_mesh': [T] mean distance of the scan's
-        points to the mesh, 'to_scan': [T] of the mesh's vertices to the scan (mm)}``. ``search``
-        False reuses the nearest triangles of the last search (one is made if there was none)."""
+        points to the mesh, 'to_scan': [T] of the mesh's vertices to the scan, 'vertex_distance':
+        [T, V] each vertex's distance to the scan (mm, no gradient)}``. ``search`` False reuses the
+        nearest triangles of the last search (one is made if there was none)."""
         if search or len(self.nearest) != len(scans):
             self.nearest = [(None, None)] * len(scans)
-        losses, there, back, found = [], [], [], []
+        losses, there, per_vertex, found = [], [], [], []
         for t, scan in enumerate(scans):
             d2_scan, to_mesh = scan_to_mesh(scan, mesh[t], self.faces, self.nearest[t][0])  # [S] squared mm
             d2_mesh, to_scan = mesh_to_scan(mesh[t], scan, self.nearest[t][1])             # [V]
             found.append((to_mesh, to_scan))
             losses.append(0.5 * (smooth_l1_of_distance(d2_scan).mean() + smooth_l1_of_distance(d2_mesh).mean()))
             there.append(d2_scan.detach().sqrt().mean())
-            back.append(d2_mesh.detach().sqrt().mean())
+            per_vertex.append(d2_mesh.detach().sqrt())
         self.nearest = found
-        return {"loss": torch.stack(losses), "to_mesh": torch.stack(there), "to_scan": torch.stack(back)}
+        vertex_distance = torch.stack(per_vertex)
+        return {"loss": torch.stack(losses), "to_mesh": torch.stack(there), "to_scan": vertex_distance.mean(dim=1),
+                "vertex_distance": vertex_distance}
 
 
 class Regularisers(nn.Module):

@@ -38,7 +38,7 @@ import torch
 from common.hand.joint_limits import joint_limits_deg
 from common.personalise.objectives import DepthObjective, DepthTargets, Regularisers, ScanObjective
 from common.personalise.poses import FramePoses
-from common.personalise.surface import ScanSurface, mesh_to_scan
+from common.personalise.surface import ScanSurface
 
 
 @dataclass
@@ -79,7 +79,10 @@ class PersonaliseResult:
         euler: ``[T, J, 3]`` radians; root: ``[T, 4, 4]`` (mm); joints: ``[T, J, 3]`` mm (world).
         residual_before, residual_after: ``[T]`` per frame, the data residual (mm) at the start
             (the keypoint fit, the starting model) and at the end: the depth error (mean
-            ``|rendered − captured|``) or the mean surface distance both ways.
+            ``|rendered − captured|``) or :func:`scan_residual`.
+        details_before, details_after: the rest of what was measured then: the pixel counts, or
+            each direction's distance; at the end also :func:`measure`'s ``mesh``, ``rendered`` or
+            ``vertex_distance``.
         history: per iteration ``{'total', 'data', 'joint', 'penet', 'lap', 'limits'}``.
         seconds: time of the optimisation.
         interrupted: stopped by Ctrl-C.
@@ -142,14 +145,14 @@ def measure(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Optional[D
         ``residual [T]`` (mm): depth maps, the mean ``|rendered − captured|`` over the pixels of the
         frame's views where both exist; scans, :func:`scan_residual`. Depth maps also ``pixels [T]``
         and ``rendered [P, H, W]``; scans ``scan_to_mesh [T]``, ``mesh_to_scan [T]`` (mm) and
-        ``vertex_distance [T, V]`` (each vertex's distance to the scan).
-        Both ``mesh [T, V, 3]`` (world mm).
+        ``vertex_distance [T, V]`` (each vertex's distance to the scan). Both ``mesh [T, V, 3]``
+        (float64) and ``joints [T, J, 3]`` (the model's dtype), world mm.
     """
     device = model.template_vertices.device
     dtype = model.template_vertices.dtype
     hand = model.pose(euler.to(device, dtype), root.to(device, dtype))
     T = euler.shape[0]
-    out = {"mesh": hand.mesh.cpu().double().numpy()}
+    out = {"mesh": hand.mesh.cpu().double().numpy(), "joints": hand.joints.cpu().numpy()}
     if depth is not None:
         rendered = depth_objective.to(device).render(hand.mesh, depth)
         r = DepthObjective.residuals(rendered, depth, T)
@@ -160,8 +163,7 @@ def measure(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Optional[D
     data = objective(hand.mesh, [s.to(device, dtype) for s in scans])
     to_mesh, to_scan = data["to_mesh"].cpu().double().numpy(), data["to_scan"].cpu().double().numpy()
     out.update(residual=scan_residual(to_mesh, to_scan, scans), scan_to_mesh=to_mesh, mesh_to_scan=to_scan,
-               vertex_distance=np.stack([mesh_to_scan(hand.mesh[t], s.to(device, dtype))[0].sqrt().cpu().double().numpy()
-                                         for t, s in enumerate(scans)]))
+               vertex_distance=data["vertex_distance"].cpu().double().numpy())
     return out
 
 
@@ -325,10 +327,10 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
         interrupted = True
     for p in adapted.values():
         p.requires_grad_(False)
-    _, _, data1, hand1 = evaluate(False)
-    after = residuals(data1)
+    euler, root = poses.euler().detach(), poses.root().detach()
+    after = measure(model, euler, root, depth=depth, depth_objective=depth_objective, scans=scans)
     return PersonaliseResult(
-        model=model, euler=poses.euler().detach(), root=poses.root().detach(), joints=hand1.joints.detach(),
+        model=model, euler=euler, root=root, joints=torch.from_numpy(after.pop("joints")),
         residual_before=before.pop("residual"), residual_after=after.pop("residual"),
         details_before=before, details_after=after, history=history,
         seconds=time.perf_counter() - start_time, interrupted=interrupted)

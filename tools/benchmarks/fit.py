@@ -83,10 +83,10 @@ def time_speed(model, args, rng) -> None:
 def accuracy(model, name: str, args) -> None:
     from common.fitting import FitOptions, FitWeights, MultiViewKeypoints, fit_keypoints
     from data.make_synthetic import dome_cameras
-    from tools.fit_synthetic import corrupt, keypoints_of, random_poses, random_roots
+    from tools.fit_synthetic import corrupt, keypoints_of, project, random_poses, random_roots
 
     hand = model.hand_model
-    independent = FitWeights(smooth_angles=0.0, smooth_rotation=0.0, smooth_translation=0.0)
+    independent = FitWeights.independent()
     for convention in args.conventions:
         rng = np.random.default_rng(0)
         clean = keypoints_of(model, convention, random_poses(hand, 30, rng), random_roots(30, rng))
@@ -107,11 +107,7 @@ def accuracy(model, name: str, args) -> None:
     T = 20
     truth = keypoints_of(model, "dhm", random_poses(hand, T, rng), random_roots(T, rng, spread_mm=50))
     cameras = dome_cameras(4, (512, 334), rng)
-    uv = []
-    for cam in cameras.values():
-        x = (truth.keypoints @ cam["R"].T + cam["t"]) @ cam["K"].T
-        uv.append(x[..., :2] / x[..., 2:])
-    uv = np.stack(uv, 1) + rng.normal(0, 1.0, (T, 4, 21, 2))
+    uv = project(truth.keypoints, cameras) + rng.normal(0, 1.0, (T, 4, 21, 2))
     views = MultiViewKeypoints(uv, np.ones(uv.shape[:3]), list(cameras), cameras)
     result = fit_keypoints(model, None, "dhm", views=views, weights=independent)
     fitted = np.linalg.norm(result.keypoints - truth.keypoints, axis=-1).mean()
