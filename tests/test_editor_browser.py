@@ -55,6 +55,17 @@ def open_page(browser, editor):
     return page, session, requests
 
 
+def record_two_keyframes(page, session, hand, preset: str) -> None:
+    """Open the Animation folder, record the current pose, switch to the ``preset`` and record it."""
+    page.get_by_text("Animation", exact=True).click()  # the folder starts closed
+    page.get_by_role("button", name="Record keyframe").click()
+    wait_for(lambda: len(session.keyframes.poses) == 1, what="keyframe 1")
+    page.get_by_role("button", name=preset, exact=True).click()
+    wait_for(lambda: np.array_equal(session.deg, pose_degrees(hand, preset)), what="the preset")
+    page.get_by_role("button", name="Record keyframe").click()
+    wait_for(lambda: len(session.keyframes.poses) == 2, what="keyframe 2")
+
+
 def scene_shot(page, path):
     import cv2
 
@@ -183,13 +194,7 @@ def test_keyframes_make_an_animation(browser, editor, tmp_path):
     import imageio.v3 as iio
 
     page, session, _ = open_page(browser, editor)
-    page.get_by_text("Animation", exact=True).click()  # the folder starts closed
-    page.get_by_role("button", name="Record keyframe").click()
-    wait_for(lambda: len(session.keyframes.poses) == 1, what="keyframe 1")
-    page.get_by_role("button", name="fist", exact=True).click()
-    wait_for(lambda: np.array_equal(session.deg, pose_degrees(editor.hand, "fist")), what="the preset")
-    page.get_by_role("button", name="Record keyframe").click()
-    wait_for(lambda: len(session.keyframes.poses) == 2, what="keyframe 2")
+    record_two_keyframes(page, session, editor.hand, "fist")
     with page.expect_download(timeout=120_000) as download:
         page.get_by_role("button", name="Download animation").click()
     assert download.value.suggested_filename == "animation.gif"

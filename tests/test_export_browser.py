@@ -113,7 +113,7 @@ def editor():
 
 def test_editor_downloads_the_pose_and_keyframes_as_glb(browser, editor, tmp_path):
     from demo.pose_edit import pose_degrees
-    from tests.test_editor_browser import open_page, wait_for
+    from tests.test_editor_browser import open_page, record_two_keyframes, wait_for
 
     page, session, _ = open_page(browser, editor)
     hand = editor.hand
@@ -128,13 +128,7 @@ def test_editor_downloads_the_pose_and_keyframes_as_glb(browser, editor, tmp_pat
     assert np.abs(f.skinned(f.node_trs()) * 1e3 - verts[model_vertices(f, hand)]).max() < 1e-3
 
     # The recorded keyframes as an animation, "seconds per pose" apart (1 s).
-    page.get_by_text("Animation", exact=True).click()  # the folder starts closed
-    page.get_by_role("button", name="Record keyframe").click()
-    wait_for(lambda: len(session.keyframes.poses) == 1, what="keyframe 1")
-    page.get_by_role("button", name="ok", exact=True).click()
-    wait_for(lambda: np.array_equal(session.deg, pose_degrees(hand, "ok")), what="the preset")
-    page.get_by_role("button", name="Record keyframe").click()
-    wait_for(lambda: len(session.keyframes.poses) == 2, what="keyframe 2")
+    record_two_keyframes(page, session, hand, "ok")
     with page.expect_download(timeout=60_000) as download:
         page.get_by_role("button", name="Download the rigged animation (.glb)").click()
     assert download.value.suggested_filename == "animation.glb"

@@ -10,7 +10,7 @@ from common.fitting import FitOptions, FitWeights, MultiViewKeypoints, fit_keypo
 from common.fitting.conventions import get_convention, keypoint_map
 from common.fitting.solver import joint_limits_rad, tip_offsets
 from data.make_synthetic import dome_cameras
-from tools.fit_synthetic import corrupt, decoder, keypoints_of, random_poses, random_roots
+from tools.fit_synthetic import corrupt, decoder, keypoints_of, project, random_poses, random_roots
 
 # Random frames are not a sequence: no smoothness between them.
 INDEPENDENT = dict(smooth_angles=0.0, smooth_rotation=0.0, smooth_translation=0.0)
@@ -83,12 +83,7 @@ def test_four_views_of_2d_keypoints(any_hand, convention):
     truth = keypoints_of(model, convention, random_poses(any_hand, T, rng), random_roots(T, rng, spread_mm=50))
     cameras = dome_cameras(4, (512, 334), rng)
     names = list(cameras)
-    uv = []
-    for name in names:
-        cam = cameras[name]
-        x = (truth.keypoints @ cam["R"].T + cam["t"]) @ cam["K"].T
-        uv.append(x[..., :2] / x[..., 2:])
-    uv = np.stack(uv, 1) + rng.normal(0, 1.0, (T, 4, 21, 2))
+    uv = project(truth.keypoints, cameras) + rng.normal(0, 1.0, (T, 4, 21, 2))
     views = MultiViewKeypoints(uv, np.ones(uv.shape[:3]), names, cameras)
     result = fit_keypoints(model, None, convention, views=views, weights=FitWeights(**INDEPENDENT))
     error = np.linalg.norm(result.keypoints - truth.keypoints, axis=-1)

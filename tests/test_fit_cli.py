@@ -14,7 +14,7 @@ from data.dataset import write_krt
 from demo import demo
 from demo.pose_edit import euler_tensor, pose_degrees
 from main import fit as fit_script
-from tools.fit_synthetic import decoder, keypoints_of, random_poses, random_roots
+from tools.fit_synthetic import decoder, keypoints_of, project, random_poses, random_roots
 
 
 def read_obj_vertices(path):
@@ -149,12 +149,7 @@ def test_multi_view_2d_input(tmp_path, hand_dir, default_hand, capsys):
     truth = keypoints_of(model, "openpose", random_poses(default_hand, 3, rng), random_roots(3, rng, spread_mm=40))
     cameras = dome_cameras(4, (512, 334), rng)
     names = list(cameras)
-    uv = []
-    for name in names:
-        cam = cameras[name]
-        x = (truth.keypoints @ cam["R"].T + cam["t"]) @ cam["K"].T
-        uv.append(x[..., :2] / x[..., 2:])
-    uv = np.stack(uv, 1)
+    uv = project(truth.keypoints, cameras)
     # Images stored at twice the cameras' resolution: pixel centres move by the centre-aligned rule.
     uv_big = (uv + 0.5) * 2 - 0.5
     conf = np.ones(uv.shape[:3])

@@ -64,6 +64,16 @@ def keypoints_of(model, convention: str, euler: torch.Tensor, root: torch.Tensor
     return Sequence(euler, root, points.numpy(), G[..., :3, 3].numpy())
 
 
+def project(points: np.ndarray, cameras: dict) -> np.ndarray:
+    """``[T, C, 21, 2]`` pixels of ``points [T, 21, 3]`` (mm) in each camera of ``cameras``
+    (``data.make_synthetic.dome_cameras``' ``{name: {'K', 'R', 't'}}``), in the dict's order."""
+    uv = []
+    for cam in cameras.values():
+        x = (points @ cam["R"].T + cam["t"]) @ cam["K"].T
+        uv.append(x[..., :2] / x[..., 2:])
+    return np.stack(uv, 1)
+
+
 def corrupt(points: np.ndarray, rng: np.random.Generator, noise_mm: float = 2.0, missing: float = 0.1,
             outliers: float = 0.05, outlier_mm: float = 30.0):
     """Gaussian noise per axis, a fraction of points missing (NaN) and a fraction moved by
