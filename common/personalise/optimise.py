@@ -296,7 +296,6 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
     optimiser = torch.optim.Adam(groups + identity_groups)
     base = {g["name"]: g["lr"] for g in groups}
     base.update({name: rates[name] for name in adapted})
-    adapted_names = set(adapted)
     history: List[Dict[str, float]] = []
     interrupted = False
     iterations = max(0, int(options.iterations))
@@ -304,7 +303,7 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
     try:
         for step in range(iterations):
             for g in optimiser.param_groups:
-                if g["name"] in adapted_names:
+                if g["name"] in adapted:
                     # The identity starts after the pose-only stage and has its own cosine.
                     g["lr"] = 0.0 if step < pose_iterations else base[g["name"]] * _cosine(
                         step - pose_iterations, iterations - pose_iterations, options.final_lr_fraction)
