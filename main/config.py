@@ -305,7 +305,7 @@ OPTION_TYPES: Dict[str, Any] = {
     "bone_step_size": Number(low=0, low_open=True, high=1),
     "renderer_backend": Choice(BACKENDS), "native_rasteriser": Choice(NATIVE_RASTERISERS),
     "resnet_type": Number(integer=True, choices=RESNET_TYPES),
-    "pretrained_backbone": Text(),
+    "pretrained_backbone": Text(), "channels_last": Flag(), "encoder_bf16": Flag(),
     "lr_dec_epoch": ListOf(COUNT, "[30, 32]", "epochs (integers >= 0)"), "end_epoch": POSITIVE_INT,
     "lr": POSITIVE, "lr_dec_factor": POSITIVE, "train_batch_size": POSITIVE_INT,
     "loss_penet_r_weight": WEIGHT, "loss_penet_nr_weight": WEIGHT, "loss_lap_weight": WEIGHT,
@@ -352,6 +352,11 @@ class Config:
     resnet_type = 50  # 18, 34, 50, 101, 152
     # A local torchvision ResNet state dict for ImageNet initialisation; nothing is downloaded.
     pretrained_backbone = ""
+    # Two ways of running the encoder's ResNet that are standard on GPUs, off as in the original
+    # (common/nets/module.py, BackboneNet): its weights and input in channels-last memory order, and
+    # bfloat16 autocast (the encoder only: the rest of the model and the losses stay in float32).
+    channels_last = False
+    encoder_bf16 = False
 
     ## training config
     lr_dec_epoch = [30, 32]

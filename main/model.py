@@ -282,7 +282,8 @@ def get_model(mode: str, hand_model: HandModel, config=None) -> Model:
     if mode not in ("train", "test"):
         raise ValueError(f"get_model: mode must be 'train' or 'test', got {mode!r}")
     config = config or default_cfg
-    backbone_net = BackboneNet(config.resnet_type, config.backbone_img_feat_dim)
+    backbone_net = BackboneNet(config.resnet_type, config.backbone_img_feat_dim, channels_last=config.channels_last,
+                               bf16=config.encoder_bf16)
     pose_net = PoseNet(torch.from_numpy(hand_model.dof_mask), config.backbone_img_feat_dim)
     skeleton_refine_net = SkeletonRefineNet(hand_model.joint_num, config.id_code_dim)
     skin_refine_net = SkinRefineNet(hand_model.joint_num, hand_model.vertex_num, config.id_code_dim)

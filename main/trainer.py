@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from common.summary import SummaryWriter, depth_panel
 from common.utils import distributed
-from common.io.checkpoint import (CheckpointError, latest_snapshot, load_checkpoint, network_state_dict,
-                                     read_checkpoint, run_snapshots, save_checkpoint, snapshot_dir, snapshot_path,
-                                     snapshots_to_delete)
+from common.io.checkpoint import (CheckpointError, align_optimizer_state, latest_snapshot, load_checkpoint,
+                                  network_state_dict, optimizer_state_dict, read_checkpoint, run_snapshots,
+                                  save_checkpoint, snapshot_dir, snapshot_path, snapshots_to_delete)
 from common.io.atomic import sync_folder
 from common.utils.device import pick_device, place_model, unwrap
 from data.ground_truth import attach_gt_pose, load_gt_poses
@@ -222,6 +222,7 @@ class Trainer:
                 raise CheckpointError(f"{path}: its optimizer state does not fit this model ({err})") from None
             for group in self.optimizer.param_groups:  # a loaded state brings its own settings
                 group["fused"], group["foreach"] = True, None
+            align_optimizer_state(self.optimizer)
         else:
             log.warning("%s holds no optimizer state; Adam starts afresh", path)
         return int(ckpt.get("epoch", epoch)) + 1
@@ -358,7 +359,7 @@ class Trainer:
         path = snapshot_path(self.cfg, epoch)
         if self.is_main:
             save_checkpoint({"epoch": int(epoch), "network": network_state_dict(self.model),
-                             "optimizer": self.optimizer.state_dict()}, path)
+                             "optimizer": optimizer_state_dict(self.optimizer)}, path)
             log.info("Write snapshot into %s", path)
             self.prune_snapshots(epoch)
         distributed.barrier()

@@ -56,13 +56,15 @@ def test_stage_clock_leaves_gradients_unchanged_and_times_backward(tiny_set, tmp
 
 def test_profile_iterations_reports_every_stage(tiny_set, tmp_path):
     trainer = tiny_trainer(tiny_set, tmp_path)
-    result = profile_iterations(trainer, iterations=3, warmup=1)  # the 2-batch epoch restarts
+    result = profile_iterations(trainer, iterations=5, warmup=1)  # the 2-batch epoch restarts
     stages = result["stages_ms"]
     assert set(stages) == {key for key, _ in STAGES}
     assert all(v >= 0 for v in stages.values())
     parts = ("data", "encoder", "decoder", "rendering", "losses", "backward", "optimizer")
-    # Each iteration's parts add up to it exactly; medians of 3 runs need not add up exactly.
-    assert sum(stages[k] for k in parts) == pytest.approx(stages["iteration"], rel=0.25)
+    # Each iteration's parts add up to it (their medians need not: a loaded machine's times vary).
+    assert len(result["iterations_ms"]) == 5
+    for row in result["iterations_ms"]:
+        assert sum(row[k] for k in parts) == pytest.approx(row["iteration"], rel=1e-6)
     assert result["samples_per_s"] > 0 and result["peak_rss_mb"] > 100
 
 
@@ -131,3 +133,20 @@ def test_data_benchmark_runs(tiny_set):
         assert len(cells) == 4 and all(float(c.rstrip("x")) > 0 for c in cells), out
     peak = next(line for line in out.splitlines() if line.startswith("peak RSS"))
     assert "worker 0:" in peak and float(peak.split("worker 0:")[1].split("MB")[0]) > 10
+
+
+def test_train_benchmark_times_variants_side_by_side(tiny_set, tmp_path):
+    run = [sys.executable, str(REPO / "tools" / "bench.py"), "train", "--data_dir", str(tiny_set),
+           "--iterations", "1", "--warmup", "0"]
+    for item in TINY + [f"output_dir={tmp_path}"]:
+        run += ["--set", item]
+    done = subprocess.run(run + ["--variant", "channels_last=true", "--json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\nstage ") == 2 and "variant: channels_last=true" in done.stdout
+    side_by_side = done.stdout.split("variants side by side")[1].splitlines()
+    assert side_by_side[1].split()[:2] == ["as", "configured"] and side_by_side[1].endswith("1.00x")
+    assert side_by_side[2].split()[0] == "channels_last=true"
+    bad = subprocess.run(run + ["--variant", "channels_last=maybe"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "channels_last" in bad.stderr and "Traceback" not in bad.stderr

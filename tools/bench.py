@@ -157,6 +157,9 @@ def bench_data(args) -> None:
 
 
 def bench_train(args) -> int:
+    """The training iteration's stage table; with ``--variant``, one table per variant (the
+    configuration with that variant's ``--set`` assignments on top), built and timed one after the
+    other in this process, then their samples/s side by side."""
     import logging
 
     from main.options import check_options, config_from_args
@@ -165,25 +168,41 @@ def bench_train(args) -> int:
     from common.logger import close_logging, setup_logging
     from common.utils import distributed
 
-    config = config_from_args(args)
-    check_options(config)
+    base = config_from_args(args)
+    variants = [("as configured", [])] + [(text, text.split()) for text in args.variants]
+    configs = []
+    for name, assignments in variants:
+        config = base.copy()
+        config.update_from_strings(assignments)
+        check_options(config)
+        configs.append((name, config))
     context = distributed.context_from_env()
     setup_logging(None, level=logging.WARNING)
+    summary = []
     try:
-        trainer = Trainer(config, seed=0, context=context)
-        trainer.make_batch_generator()
-        trainer.make_model()
-        result = profile_iterations(trainer, args.iterations, args.warmup)
-        if trainer.is_main:
-            title = (f"training iteration: {machine_description()}\n"
-                     f"ResNet-{config.resnet_type}, input {tuple(config.input_img_shape)}, "
-                     f"{config.render_view_num} views of {tuple(config.rendered_img_shape)}, "
-                     f"{trainer.hand_model.vertex_num} vertices / {len(trainer.hand_model.faces)} faces, "
-                     f"batch {trainer.batch_size} per process, {trainer.world_size} process(es), "
-                     f"{args.iterations} iterations after {args.warmup} (median)")
-            print(format_profile(result, title))
-            if args.json:
-                print(JSON_TAG + json.dumps(result))
+        for name, config in configs:
+            trainer = Trainer(config, seed=0, context=context)
+            trainer.make_batch_generator()
+            trainer.make_model()
+            result = profile_iterations(trainer, args.iterations, args.warmup)
+            summary.append((name, result))
+            if trainer.is_main:
+                title = (f"training iteration: {machine_description()}\n"
+                         f"ResNet-{config.resnet_type}, input {tuple(config.input_img_shape)}, "
+                         f"{config.render_view_num} views of {tuple(config.rendered_img_shape)}, "
+                         f"{trainer.hand_model.vertex_num} vertices / {len(trainer.hand_model.faces)} faces, "
+                         f"batch {trainer.batch_size} per process, {trainer.world_size} process(es), "
+                         f"{args.iterations} iterations after {args.warmup} (median)"
+                         + (f"; variant: {name}" if len(configs) > 1 else ""))
+                print(format_profile(result, title))
+                if args.json:
+                    print(JSON_TAG + json.dumps(dict(result, variant=name)))
+            del trainer
+        if len(summary) > 1 and (context is None or context.is_main):
+            first = summary[0][1]["samples_per_s"]
+            print("\nvariants side by side (samples/s, against the first):")
+            for name, result in summary:
+                print(f"  {name:<48} {result['samples_per_s']:>9.2f}  {result['samples_per_s'] / first:>5.2f}x")
     finally:
         distributed.destroy_process_group()
         close_logging()
@@ -308,6 +327,10 @@ def main(argv=None) -> int:
         p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
         if name == "train":
             p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+            p.add_argument("--variant", dest="variants", action="append", default=[], metavar="'KEY=VALUE ...'",
+                           help="also time the configuration with these assignments (space-separated, as "
+                                "--set takes them), e.g. --variant 'channels_last=true encoder_bf16=true'; "
+                                "repeatable")
         else:
             p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command that prints the GPU, the CUDA tests' results, the native renderer's
 # kernel and renderer tables on CUDA, the training iteration's stage table at batch 8 and 32 (the
-# released configuration on a synthetic set at the released 512 x 334), and the whole suite's summary
+# released configuration on a synthetic set at the released 512 x 334; and its samples/s with the
+# encoder's channels-last and bf16 options), and the whole suite's summary
 # under pytest-xdist with the failing tests' names. Under 8 minutes on one GPU; each step has a time
 # limit, so a hang costs its step only. Tests whose packages are missing (PyTorch3D, viser,
 # playwright) skip with their reason.
@@ -53,9 +54,11 @@ step renderer 180 "$PY" tools/bench.py renderer --device cuda --sizes 64 256 --s
   --backends native-triton native-tensor --no-memory --repeats 10
 if [ "$TRAIN" = 1 ]; then
   step synthetic 180 "$PY" data/make_synthetic.py --out "$WORK/synth" --sequences 2 --frames 16 --cameras 12
+  # Each batch size as configured (the original's settings), then with the encoder's GPU options
+  # (channels-last memory order; and bf16 autocast besides), side by side in one process.
   for batch in 8 32; do
-    step "train_b$batch" 180 "$PY" tools/bench.py train --gpu 0 --data_dir "$WORK/synth" --iterations 20 --warmup 5 \
-      --set train_batch_size=$batch
+    step "train_b$batch" 300 "$PY" tools/bench.py train --gpu 0 --data_dir "$WORK/synth" --iterations 20 --warmup 5 \
+      --set train_batch_size=$batch --variant "channels_last=true" --variant "channels_last=true encoder_bf16=true"
   done
   # Personalisation's time on the GPU: 6 frames x 12 depth maps of 64x64 (report.json: seconds).
   step personalise 180 "$PY" main/personalise.py --gpu 0 --data_dir "$WORK/synth" --frames 0-5 --quiet \
@@ -81,7 +84,8 @@ tail -n 8 "$LOG/renderer.log"
 if [ "$TRAIN" = 1 ]; then
   for batch in 8 32; do
     echo "---- training iteration, batch $batch"
-    tail -n 25 "$LOG/train_b$batch.log"
+    grep -B2 -A11 -m1 "^stage " "$LOG/train_b$batch.log"             # the table as configured
+    tail -n 5 "$LOG/train_b$batch.log"                              # the variants side by side
   done
   echo "---- personalisation"
   tail -n 4 "$LOG/personalise.log"

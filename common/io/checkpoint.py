@@ -328,8 +328,39 @@ def latest_snapshot(config) -> Optional[Tuple[int, Path]]:
 
 def network_state_dict(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
     """The model's state dict with DataParallel's ``module.`` prefix, as the original saves it
-    (whether or not the model is wrapped here), so the original's tooling reads our snapshots."""
-    return OrderedDict(("module." + k, v) for k, v in unwrap(model).state_dict().items())
+    (whether or not the model is wrapped here), so the original's tooling reads our snapshots.
+    Every tensor in the default (contiguous) memory order, whatever the model's (``channels_last``),
+    so that a snapshot does not depend on that option."""
+    return OrderedDict(("module." + k, _contiguous(v)) for k, v in unwrap(model).state_dict().items())
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with every per-parameter tensor in the default memory order, as
+    :func:`network_state_dict`."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: _contiguous(v) for k, v in entry.items()} for i, entry in state["state"].items()}
+    return state
+
+
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor of ``optimizer`` (Adam's moments) its parameter's
+    memory layout, after ``optimizer.load_state_dict``.
+
+    A loaded state keeps the layout it was saved in, and the fused Adam update walks a parameter
+    and its moments as flat arrays: a moment in another layout than its parameter (a snapshot of a
+    ``channels_last`` run resumed without it, or the other way round) would be applied to the wrong
+    elements, silently."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            entry = optimizer.state.get(param, {})
+            for key, value in entry.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
+                        and value.stride() != param.stride()):
+                    entry[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _contiguous(value: Any) -> Any:
+    return value.contiguous() if isinstance(value, torch.Tensor) and value.layout == torch.strided else value
 
 
 def run_snapshots(config) -> List[Tuple[int, Path]]:

@@ -2,6 +2,7 @@
 (docs/design.md, "Checkpoints")."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -12,19 +13,39 @@ from common.nets.resnet import ResNetBackbone
 
 
 class BackboneNet(nn.Module):
-    """Image encoder: ``[B, 3, H, W]`` crop → ``[B, feat_dim]`` feature."""
+    """Image encoder: ``[B, 3, H, W]`` crop → ``[B, feat_dim]`` float32 feature.
 
-    def __init__(self, resnet_type: int = 50, feat_dim: int = 512):
+    Two ways of running the ResNet that are standard on GPUs, both off by default (the original
+    runs neither); neither changes the weights' names or values:
+
+    * ``channels_last``: the ResNet's weights and its input in NHWC memory order, which cuDNN's
+      fastest convolutions (tensor cores) read without a transposition;
+    * ``bf16``: the ResNet and its last layer under ``torch.autocast`` in bfloat16 (batch norm and
+      the reductions stay in float32, as autocast decides); the feature is returned in float32, so
+      the pose network, the decoder, the renderer and the losses run in float32 as without it.
+    """
+
+    def __init__(self, resnet_type: int = 50, feat_dim: int = 512, channels_last: bool = False, bf16: bool = False):
         super().__init__()
         self.resnet = ResNetBackbone(resnet_type)
         self.fc = make_linear_layers([self.resnet.out_channels, feat_dim])
+        self.channels_last = bool(channels_last)
+        self.bf16 = bool(bf16)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def init_weights(self, weights_path=None) -> bool:
-        return self.resnet.init_weights(weights_path)
+        return self.resnet.init_weights(weights_path)  # load_state_dict copies into the weights' layout
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        feat = self.resnet(img).mean(dim=(2, 3))  # global average pooling
-        return self.fc(feat)
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        precision = (torch.autocast(img.device.type, dtype=torch.bfloat16) if self.bf16
+                     else contextlib.nullcontext())
+        with precision:
+            feat = self.resnet(img).mean(dim=(2, 3))  # global average pooling
+            feat = self.fc(feat)
+        return feat.float()
 
 
 class PoseNet(nn.Module):
@@ -40,13 +61,22 @@ class PoseNet(nn.Module):
         self.joint_num = self.DoF.shape[0]
         self.dof_num = int(self.DoF.sum())
         self.fc = make_linear_layers([feat_dim, 512, self.dof_num], relu_final=False)
+        # The slots of DoF, found once (and again when a state dict is loaded), not at every
+        # forward: finding them on a GPU makes the host wait for the device.
+        self.register_buffer("dof_slots", self._slots(), persistent=False)
+
+    def _slots(self) -> torch.Tensor:
+        return torch.nonzero(self.DoF.reshape(-1), as_tuple=True)[0]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.dof_slots = self._slots()
 
     def output_to_euler_angle(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` raw outputs → ``[B, J, 3]`` angles."""
         angles = torch.tanh(x) * math.pi
         euler = x.new_zeros(x.shape[0], self.joint_num * 3)
-        slots = torch.nonzero(self.DoF.reshape(-1), as_tuple=True)[0]
-        return euler.index_copy(1, slots, angles).view(-1, self.joint_num, 3)
+        return euler.index_copy(1, self.dof_slots, angles).view(-1, self.joint_num, 3)
 
     def forward(self, img_feat: torch.Tensor) -> torch.Tensor:
         return self.output_to_euler_angle(self.fc(img_feat))

@@ -115,7 +115,8 @@ def peak_memory_mb(device: torch.device) -> Dict[str, float]:
 def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, object]:
     """Run ``warmup`` + ``iterations`` training iterations of a set-up ``trainer``
     (``make_batch_generator`` and ``make_model`` done) and return the median of each stage (ms),
-    the iteration's median, samples/s over all processes and the peak memory.
+    the iteration's median, each timed iteration's stages (``iterations_ms``), samples/s over all
+    processes and the peak memory.
 
     The iterations are those of :meth:`main.trainer.Trainer.train_epoch` (zero_grad, forward, mean
     of each loss, sum, backward, step), the epoch's loader restarted when it runs out.
@@ -179,6 +180,7 @@ def profile_iterations(trainer, iterations: int, warmup: int = 2) -> Dict[str, o
     global_batch = trainer.batch_size * trainer.world_size
     return {
         "stages_ms": medians,
+        "iterations_ms": [{k: 1e3 * v for k, v in r.items()} for r in rows],
         "global_batch": global_batch,
         "processes": trainer.world_size,
         "samples_per_s": global_batch / (medians["iteration"] / 1e3),
