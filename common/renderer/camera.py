@@ -22,7 +22,7 @@ coordinate is the camera depth ``z_c`` itself, so depth buffers come out in mm.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +52,17 @@ def check_finite(name: str, t: Optional[torch.Tensor]) -> None:
         index = tuple(int(i) for i in torch.nonzero(bad)[0])
         raise ValueError(f"{name}: non-finite value {float(t[index])} at index {index} of {shape_of(t)} "
                          f"({int(bad.sum())} such values); expected finite numbers")
+
+
+def check_all_finite(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    """:func:`check_finite` for each ``(name, tensor)`` (None skipped), with one wait for the device
+    instead of one per tensor when they all live on one: the error is the same."""
+    present = [(name, t) for name, t in named if t is not None]
+    if len({t.device for _, t in present}) == 1:
+        if bool(torch.stack([torch.isfinite(t).all() for _, t in present]).all()):
+            return
+    for name, t in present:
+        check_finite(name, t)
 
 
 def validate_cameras(points: torch.Tensor, camrot, campos, focal, princpt, affine,

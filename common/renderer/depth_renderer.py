@@ -45,7 +45,7 @@ from torch import nn
 
 from common.renderer.backend import (BACKENDS, NATIVE_RASTERISERS, RendererBackendError, pytorch3d_available,
                                      rasterize_whole_views, resolve_backend)
-from common.renderer.camera import check_finite, project_points, screen_vertices, validate_cameras
+from common.renderer.camera import check_all_finite, project_points, screen_vertices, validate_cameras
 from common.renderer.rasterizer import cuts_near_plane, rasterize_depth
 from common.renderer.triton_rasterizer import interpreting, rasterize_depth_binned, triton_available
 from common.renderer.tiling import DEFAULT_TILE_SIZE, rasterize_tiled
@@ -233,9 +233,8 @@ class DepthRenderer(nn.Module):
             ValueError: wrong shapes or devices, or a non-finite input (naming it).
         """
         B, N, V = validate_cameras(vertices, camrot, campos, focal, princpt, affine, "vertices")
-        for name, t in (("vertices", vertices), ("camrot", camrot), ("campos", campos), ("focal", focal),
-                        ("princpt", princpt), ("affine", affine)):
-            check_finite(name, t)
+        check_all_finite((("vertices", vertices), ("camrot", camrot), ("campos", campos), ("focal", focal),
+                          ("princpt", princpt), ("affine", affine)))
         if V < self._min_vertex_num:
             raise ValueError(f"vertices: faces index vertex {self._min_vertex_num - 1}, "
                              f"but vertices has only V={V} ([B, V, 3] = {shape_of(vertices)})")
