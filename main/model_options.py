@@ -7,6 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from common.errors import exit_code
 from common.hand.hand_model_source import resolve_hand_model
 from common.io.checkpoint import load_decoder_checkpoint
@@ -15,6 +17,7 @@ from main.config import ROOT_DIR, cfg
 from main.model import get_decoder
 
 ROOT = ROOT_DIR
+TEMPLATE_SEED = 0  # the random draws of a decoder built without a checkpoint (load_model)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -73,7 +76,13 @@ def load_model(args):
     """
     hand_model = resolve_hand_model(args.hand_model)
     device = select_device(args.gpu_ids)
-    model = get_decoder(hand_model, cfg)
+    # Built under a fixed seed, without touching the caller's random state: without a checkpoint
+    # the identity code and the correctives' hidden layers stay as drawn (only the last layers are
+    # zeroed), and what reads them (personalise.py --pose_corrective adapts a last layer on top of
+    # a hidden one) is then the same from one run to the next.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TEMPLATE_SEED)
+        model = get_decoder(hand_model, cfg)
     ckpt = checkpoint_path(args)
     if ckpt is None:
         model.zero_correctives()

@@ -298,3 +298,19 @@ def test_decoder_state_dict_is_the_full_models_less_the_encoder(default_hand, sm
     decoder = set(get_decoder(default_hand, small_cfg).state_dict())
     assert decoder == {k for k in full if not k.startswith(("backbone_net.", "pose_net."))}
     assert decoder and all(k.startswith(DECODER_PREFIXES) for k in decoder)
+
+
+def test_a_decoder_without_checkpoint_is_the_same_every_time():
+    """Without a checkpoint the identity code and the correctives' hidden layers are random draws
+    (only the last layers are zero): drawn under a fixed seed, so that what reads them repeats, and
+    without changing the caller's random state."""
+    states = []
+    for caller_seed in (1, 2):  # whatever the random state a run starts in
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        states.append(demo.load_model(demo.parse_args([]))[1].state_dict())
+        assert torch.equal(torch.get_rng_state(), before)
+    assert list(states[0]) == list(states[1])
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert states[0]["id_code"].abs().sum() > 0 and states[0]["skin_refine_net.fc_pose.0.weight"].abs().sum() > 0
