@@ -52,6 +52,7 @@ from common.hand.hand_model_source import resolve_hand_model  # noqa: E402
 from common.hand.kinematics import pose_hand  # noqa: E402
 from common.errors import exit_code  # noqa: E402
 from common.io.atomic import atomic_write_bytes, atomic_write_npz, make_folder  # noqa: E402
+from common.io.textio import pixel_size_type  # noqa: E402
 from common.utils.vis import paint_mesh  # noqa: E402
 from data.dataset import ORIGINAL_IMG_SHAPE, resample_affine, write_krt, write_pts  # noqa: E402
 
@@ -237,14 +238,7 @@ def render_image(vertices: np.ndarray, faces: np.ndarray, cam, kspace_hw, image_
     return cv2.resize(big, (image_hw[1], image_hw[0]), interpolation=cv2.INTER_AREA)
 
 
-def parse_hw(text: str):
-    try:
-        h, w = (int(x) for x in text.lower().split("x"))
-        if h <= 0 or w <= 0:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW in pixels like 128x84, got '{text}'") from None
-    return h, w
+parse_hw = pixel_size_type(example="128x84")  # the sizes' argparse type (show_sample.py uses it too)
 
 
 def generate(out: Path, hand_model: HandModel, seed: int = 0, sequences: int = 2, frames: int = 3,

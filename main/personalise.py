@@ -54,6 +54,7 @@ from common.hand.hand_model import save_obj  # noqa: E402
 from common.hand.pose_io import pose_yaml  # noqa: E402
 from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
 from common.io.checkpoint import decoder_snapshot, save_checkpoint  # noqa: E402
+from common.io.textio import pixel_size_type  # noqa: E402
 from common.personalise import picture  # noqa: E402
 from common.personalise.errors import PersonaliseInputError  # noqa: E402
 from common.personalise.objectives import DepthObjective, DepthTargets, Regularisers  # noqa: E402
@@ -68,16 +69,6 @@ from main.model_options import add_model_args, check_model_args, checkpoint_path
 INTERRUPTED_EXIT_CODE = 130
 DEFAULT_RENDER_SIZE = (64, 64)
 SCAN_SUBJECT = 4  # the subject number of a snapshot made from scans (the original's default)
-
-
-def parse_hw(text: str):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-        if h < 8 or w < 8 or h > 1024 or w > 1024:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW in pixels between 8 and 1024, like 64x64; got '{text}'") from None
-    return h, w
 
 
 def parse_args(argv=None):
@@ -98,7 +89,7 @@ def parse_args(argv=None):
                       "among those chosen (default 12)")
     data.add_argument("--max_views", type=int, help="at most this many cameras per frame (default: all)")
     data.add_argument("--data_subject", type=int, help="the data's subject_<N> (default: the only one)")
-    data.add_argument("--render_size", type=parse_hw, default=DEFAULT_RENDER_SIZE,
+    data.add_argument("--render_size", type=pixel_size_type(8, 1024), default=DEFAULT_RENDER_SIZE,
                       help="HxW of the depth crops compared (default 64x64)")
     scans = parser.add_argument_group("scans (--scan)")
     scans.add_argument("--units", default="mm", choices=list(UNITS), help="units of the scans and their "

@@ -177,3 +177,20 @@ def test_native_rasteriser_option_reaches_the_renderer_and_is_checked(monkeypatc
     monkeypatch.setattr(triton_rasterizer, "triton_available", lambda: False)
     with pytest.raises(ConfigError, match="Triton does not import here"):
         check_combinations(config)
+
+
+def test_pixel_size_arguments_of_the_scripts():
+    """The scripts' ``HxW`` arguments (make_synthetic.py, show_sample.py, personalise.py): one reader,
+    bounds per script, a message with the form and the range."""
+    import argparse
+
+    from common.io.textio import pixel_size_type
+
+    assert pixel_size_type()("512x334") == (512, 334) and pixel_size_type()(" 3X1 ") == (3, 1)
+    bounded = pixel_size_type(8, 1024)
+    assert bounded("8x1024") == (8, 1024)
+    for text in ("7x64", "64x1025", "0x5", "64", "64x64x3", "axb", "-8x8", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected HxW in pixels like 64x64 \(each from 8 to 1024\)"):
+            bounded(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\(each at least 1\); got '0x5'"):
+        pixel_size_type()("0x5")

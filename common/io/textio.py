@@ -20,7 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import yaml
 
@@ -222,3 +222,24 @@ def where(path: os.PathLike | str, lines: Dict[str, int], key: object) -> str:
     """``path:line`` of ``key`` when known, else ``path``."""
     line = lines.get(str(key))
     return f"{path}:{line}" if line else str(path)
+
+
+def pixel_size_type(low: int = 1, high: Optional[int] = None, example: str = "64x64"):
+    """An ``argparse`` type reading an image size written ``HxW`` (``64x64``, ``128X84``) into
+    ``(H, W)`` pixels, each from ``low`` to ``high`` (None: no upper bound); anything else is
+    refused with a message giving the form and the range."""
+    import argparse
+
+    bounds = f"each from {low} to {high}" if high is not None else f"each at least {low}"
+
+    def parse(text: str) -> Tuple[int, int]:
+        parts = text.strip().lower().split("x")
+        try:
+            h, w = (int(v) for v in parts)
+        except ValueError:
+            h = w = None
+        if h is None or not all(low <= v and (high is None or v <= high) for v in (h, w)):
+            raise argparse.ArgumentTypeError(f"expected HxW in pixels like {example} ({bounds}); got '{shown(text)}'")
+        return h, w
+
+    return parse
