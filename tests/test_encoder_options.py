@@ -11,7 +11,7 @@ from main.config import Config
 from main.loops import split_batch
 from main.model import get_model
 from main.trainer import Trainer
-from tests.test_train import tiny_args, tiny_batch, tiny_config  # noqa: F401 (tiny_batch: a fixture)
+from tests.test_train import tiny_args, tiny_config
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 2e-3 per operation). Measured on the tiny
 # set (ResNet-18, 64x64 crops, 4 samples, 4 initialisations): the encoder's angles moved by at most
@@ -53,8 +53,8 @@ def test_options_are_off_by_default_and_typed():
     assert config.channels_last is True and config.encoder_bf16 is True
 
 
-def test_channels_last_gives_the_same_losses_and_gradients(default_hand, tiny_batch):
-    config, (inputs, targets, meta_info) = tiny_batch
+def test_channels_last_gives_the_same_losses_and_gradients(default_hand, batch64):
+    config, (inputs, targets, meta_info) = batch64
     plain = build(default_hand, config)
     nhwc = build(default_hand, config, channels_last=True)
     convs = [m.weight for m in nhwc.backbone_net.modules() if isinstance(m, torch.nn.Conv2d)]
