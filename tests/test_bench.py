@@ -150,3 +150,18 @@ def test_train_benchmark_times_variants_side_by_side(tiny_set, tmp_path):
     bad = subprocess.run(run + ["--variant", "channels_last=maybe"], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "channels_last" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_operation_count_attributes_every_stage(tiny_set, tmp_path):
+    """``bench.py ops``: every stage dispatches work; the encoder none that makes the host wait for
+    the device (PoseNet once found its angle slots with a ``nonzero`` at every forward)."""
+    from tools.benchmarks.ops import STAGES, count_iteration_ops, format_ops
+
+    result = count_iteration_ops(tiny_trainer(tiny_set, tmp_path))
+    assert all(result[stage]["ops"] > 0 for stage in STAGES)
+    assert result["iteration"]["ops"] == sum(result[stage]["ops"] for stage in STAGES)
+    assert result["encoder"]["host_waits"] == 0
+    assert result["rendering"]["host_waits"] >= 1  # the covered pixels' nonzero: counted where it is
+    names = {name for stage in STAGES for name, _ in result[stage]["top"]}
+    assert "aten::convolution" not in names and not names & {"aten::view", "aten::empty"}
+    assert "encoder" in format_ops(result, "title").splitlines()[2]

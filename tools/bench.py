@@ -12,6 +12,7 @@
     python tools/bench.py influences [--hands default makehuman] [--random 1000]
     python tools/bench.py train --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python tools/bench.py scaling --procs 1 2 --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
+    python tools/bench.py ops --cfg main/configs/cpu_small.yaml --data_dir data/synthetic
     python tools/bench.py fit [--frames 1000] [--hands default makehuman] [--device cuda] [--no-accuracy]
 
 Each prints the median of repeated runs with the sizes it used and the machine. ``decode``
@@ -24,7 +25,8 @@ against a transcription of the original's on one thread, and the loader's worker
 every triangle; ``influences`` is no timing: what a glTF reader limited to four skinning influences
 per vertex (three.js) loses on the exported hand (mm); ``train`` takes a training iteration apart (one
 process, or each process of a ``torchrun`` launch); ``scaling`` runs ``train`` under ``torchrun``
-with 1, 2, … processes and compares samples/s. The references are in ``tools/reference.py``.
+with 1, 2, … processes and compares samples/s; ``ops`` counts the operations and host waits of a
+training iteration per stage (what a GPU's host dispatches). The references are in ``tools/reference.py``.
 """
 from __future__ import annotations
 
@@ -209,6 +211,32 @@ def bench_train(args) -> int:
     return 0
 
 
+def bench_ops(args) -> int:
+    """The ATen operations and host waits of one training iteration, per stage."""
+    import logging
+
+    from main.options import check_options, config_from_args
+    from main.trainer import Trainer
+    from tools.benchmarks.ops import count_iteration_ops, format_ops
+    from common.logger import close_logging, setup_logging
+
+    config = config_from_args(args)
+    check_options(config)
+    setup_logging(None, level=logging.WARNING)
+    try:
+        trainer = Trainer(config, seed=0)
+        trainer.make_batch_generator()
+        trainer.make_model()
+        result = count_iteration_ops(trainer)
+        print(format_ops(result, f"operations of one training iteration: {machine_description()}\n"
+                                 f"ResNet-{config.resnet_type}, {config.render_view_num} views of "
+                                 f"{tuple(config.rendered_img_shape)}, batch {trainer.batch_size}, "
+                                 f"native_rasteriser={config.native_rasteriser}"))
+    finally:
+        close_logging()
+    return 0
+
+
 def bench_scaling(args) -> int:
     cores = usable_cpus()
     forwarded = ["--iterations", str(args.iterations), "--warmup", str(args.warmup), "--json"]
@@ -319,6 +347,9 @@ def main(argv=None) -> int:
     p.add_argument("--random", type=int, default=1000, help="random poses within the joint limits")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("ops", help="ATen operations and host waits of one training iteration, per stage")
+    add_config_args(p)
+
     for name, text in (("train", "a training iteration taken apart (works under torchrun)"),
                        ("scaling", "samples/s of torchrun (gloo) with 1, 2, ... processes")):
         p = sub.add_parser(name, help=text)
@@ -339,7 +370,7 @@ def main(argv=None) -> int:
     fit_benchmark.add_arguments(sub.add_parser("fit", help="the keypoint fitter: speed and accuracy"))
 
     for p in sub.choices.values():
-        if p.prog.split()[-1] not in ("train", "scaling"):
+        if p.prog.split()[-1] not in ("train", "scaling", "ops"):
             p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
@@ -351,7 +382,7 @@ def main(argv=None) -> int:
     run = {"decode": bench_decode, "losses": bench_losses, "renderer": bench_renderer, "kernel": bench_kernel,
            "data": bench_data, "surface": bench_surface, "influences": bench_influences,
            "fit": fit_benchmark.run,
-           "train": bench_train, "scaling": bench_scaling}[args.what]
+           "train": bench_train, "scaling": bench_scaling, "ops": bench_ops}[args.what]
     return exit_code(lambda: run(args))
 
 
