@@ -20,9 +20,9 @@ class BackboneNet(nn.Module):
 
     * ``channels_last``: the ResNet's weights and its input in NHWC memory order, which cuDNN's
       fastest convolutions (tensor cores) read without a transposition;
-    * ``bf16``: the ResNet and its last layer under ``torch.autocast`` in bfloat16 (batch norm and
-      the reductions stay in float32, as autocast decides); the feature is returned in float32, so
-      the pose network, the decoder, the renderer and the losses run in float32 as without it.
+    * ``bf16``: the ResNet and its last layer under ``torch.autocast`` in bfloat16 (autocast decides,
+      operation by operation, which run in bfloat16); the feature is returned in float32, so the
+      pose network, the decoder, the renderer and the losses run in float32 as without it.
     """
 
     def __init__(self, resnet_type: int = 50, feat_dim: int = 512, channels_last: bool = False, bf16: bool = False):
