@@ -80,9 +80,8 @@ class PersonaliseResult:
         residual_before, residual_after: ``[T]`` per frame, the data residual (mm) at the start
             (the keypoint fit, the starting model) and at the end: the depth error (mean
             ``|rendered − captured|``) or :func:`scan_residual`.
-        details_before, details_after: the rest of what was measured then: the pixel counts, or
-            each direction's distance; at the end also :func:`measure`'s ``mesh``, ``rendered`` or
-            ``vertex_distance``.
+        details_before, details_after: the rest of what :func:`measure` gave then (the joints
+            at the end are ``joints``).
         history: per iteration ``{'total', 'data', 'joint', 'penet', 'lap', 'limits'}``.
         seconds: time of the optimisation.
         interrupted: stopped by Ctrl-C.
@@ -242,50 +241,38 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
         joint_world, joint_valid = joint_world.to(device, dtype), joint_valid.to(device, dtype)
     if depth is not None:
         subsets = view_subsets(depth.view_frame.cpu().numpy(), options.views_per_step, options.seed)
-    state = {"radii": None, "start_rest": None}
+    state = {"radii": None}
 
-    def evaluate(with_grad: bool, views: Optional[np.ndarray] = None, refresh_radii: bool = True,
-                 search: bool = True):
-        with torch.set_grad_enabled(with_grad):
-            hand = model.pose(poses.euler(), poses.root())
-            if refresh_radii or state["radii"] is None:
-                reference = model.skinned_rest_mesh(hand.rest_mesh, hand.template_pose)
-                state["radii"] = regularisers.radii(hand, reference)
-            if depth is not None:
-                targets = depth if views is None else _subset(depth, torch.as_tensor(views, device=device))
-                data = depth_objective(hand.mesh, targets)
-                counts = torch.bincount(targets.view_frame, minlength=T).to(dtype)
-                per_frame = hand.mesh.new_zeros(T).index_add(0, targets.view_frame, data["loss"])
-                data["frame_loss"] = per_frame / counts.clamp(min=1)
-                data["targets"] = targets
-            else:
-                data = scan_objective(hand.mesh, scans, search=search)
-                data["frame_loss"] = data["loss"]
-            change = None
-            if options.laplacian == "change" and state["start_rest"] is not None:
-                change = hand.rest_mesh - state["start_rest"]
-            reg = regularisers(hand, joint_world=joint_world, joint_valid=joint_valid, radii=state["radii"],
-                               penetration=options.penet_weight > 0, laplacian_of=change)
-            terms = {"data": data["frame_loss"].mean() * options.data_weight,
-                     "lap": reg["lap"].mean() * options.lap_weight,
-                     "limits": limit_penalty(poses.euler(), limits).mean() * options.limit_weight}
-            if "penet" in reg:
-                terms["penet"] = reg["penet"].mean() * options.penet_weight
-            if "joint" in reg:
-                terms["joint"] = reg["joint"].mean() * options.joint_weight
-            total = sum(terms.values())
-        return total, terms, data, hand
+    with torch.no_grad():
+        start_euler, start_root = poses.euler(), poses.root()
+        before = measure(model, start_euler, start_root, depth=depth, depth_objective=depth_objective, scans=scans)
+        before.pop("joints")
+        start_rest = model.pose(start_euler, start_root).rest_mesh
 
-    def residuals(data) -> Dict[str, np.ndarray]:
+    def evaluate(views: Optional[np.ndarray], refresh_radii: bool, search: bool):
+        """The objective at the present variables: ``(total, {term: value})``."""
+        hand = model.pose(poses.euler(), poses.root())
+        if refresh_radii or state["radii"] is None:
+            reference = model.skinned_rest_mesh(hand.rest_mesh, hand.template_pose)
+            state["radii"] = regularisers.radii(hand, reference)
         if depth is not None:
-            r = DepthObjective.residuals(data["depth"].detach(), data["targets"], T)
-            return {"residual": r["mean"].cpu().double().numpy(), "pixels": r["pixels"].cpu().numpy()}
-        to_mesh, to_scan = data["to_mesh"].cpu().double().numpy(), data["to_scan"].cpu().double().numpy()
-        return {"residual": scan_residual(to_mesh, to_scan, scans), "scan_to_mesh": to_mesh, "mesh_to_scan": to_scan}
-
-    _, _, data0, hand0 = evaluate(False)
-    before = residuals(data0)
-    state["start_rest"] = hand0.rest_mesh.detach().clone()
+            targets = depth if views is None else _subset(depth, torch.as_tensor(views, device=device))
+            data = depth_objective(hand.mesh, targets)
+            counts = torch.bincount(targets.view_frame, minlength=T).to(dtype)
+            frame_loss = hand.mesh.new_zeros(T).index_add(0, targets.view_frame, data["loss"]) / counts.clamp(min=1)
+        else:
+            frame_loss = scan_objective(hand.mesh, scans, search=search)["loss"]
+        change = hand.rest_mesh - start_rest if options.laplacian == "change" else None
+        reg = regularisers(hand, joint_world=joint_world, joint_valid=joint_valid, radii=state["radii"],
+                           penetration=options.penet_weight > 0, laplacian_of=change)
+        terms = {"data": frame_loss.mean() * options.data_weight,
+                 "lap": reg["lap"].mean() * options.lap_weight,
+                 "limits": limit_penalty(poses.euler(), limits).mean() * options.limit_weight}
+        if "penet" in reg:
+            terms["penet"] = reg["penet"].mean() * options.penet_weight
+        if "joint" in reg:
+            terms["joint"] = reg["joint"].mean() * options.joint_weight
+        return sum(terms.values()), terms
 
     groups = [{"params": [poses.angles], "lr": options.lr_angles, "name": "angles"},
               {"params": [poses.rotation], "lr": options.lr_rotation, "name": "rotation"},
@@ -311,8 +298,8 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
                     g["lr"] = base[g["name"]] * _cosine(step, iterations, options.final_lr_fraction)
             optimiser.zero_grad(set_to_none=True)
             views = next(subsets) if depth is not None else None
-            total, terms, _, _ = evaluate(True, views, refresh_radii=step % options.radii_every == 0,
-                                          search=step % options.search_every == 0)
+            total, terms = evaluate(views, refresh_radii=step % options.radii_every == 0,
+                                    search=step % options.search_every == 0)
             if not torch.isfinite(total):
                 raise FloatingPointError(f"personalise: the objective became {float(total)} at iteration {step} "
                                          f"({ {k: float(v) for k, v in terms.items()} })")
