@@ -31,7 +31,8 @@ from common.io.krt import read_krt
 from common.io.safe_pickle import load_depthmap
 from common.personalise.errors import PersonaliseInputError
 from data.dataset import (COLOUR_CAMERA_PREFIX, IMAGE_RE, ORIGINAL_IMG_SHAPE, PTS_JOINT_NAMES, clip_box,
-                          keypoint_box, raster_affine, read_pts, read_pts_raw, render_affine, warp)
+                          keypoint_box, pts_to_model_index, raster_affine, read_pts, read_pts_raw, read_pts_text,
+                          render_affine, warp)
 
 log = logging.getLogger("deephandmesh")
 
@@ -157,7 +158,8 @@ def select_frames(available: Sequence[int], by_sequence: Dict[str, List[int]], f
         wanted = {f for s in sequences for f in by_sequence[s]}
         chosen = [f for f in chosen if f in wanted]
     if frames is not None:
-        missing = [f for f in frames if f not in set(available)]
+        have = set(available)
+        missing = [f for f in frames if f not in have]
         if missing:
             raise PersonaliseInputError(f"--frames: no depth maps for frame(s) {missing[:10]} under {depth_root} "
                                         f"(frames there: {_some(available)})")
@@ -222,6 +224,7 @@ def read_depth_frames(data_dir, joint_names: Sequence[str], render_shape: Tuple[
     seq_of = {f: s for s, fs in by_sequence.items() for f in fs}
 
     joint_names = list(joint_names)
+    model_index = pts_to_model_index(joint_names)
     T, J = len(chosen), len(joint_names)
     kp_pts = np.full((T, len(PTS_JOINT_NAMES), 3), np.nan)
     joint_world = np.zeros((T, J, 3), np.float32)
@@ -232,8 +235,9 @@ def read_depth_frames(data_dir, joint_names: Sequence[str], render_shape: Tuple[
         if not pts.is_file():
             raise PersonaliseInputError(f"{pts}: keypoint file not found; every frame needs its 3D keypoints "
                                         f"(the cameras' crops and the starting pose come from them)")
-        joint_world[t], joint_valid[t] = read_pts(pts, joint_names)
-        for idx, (xyz, _score, _views) in read_pts_raw(pts).items():
+        text = read_pts_text(pts)
+        joint_world[t], joint_valid[t] = read_pts(pts, joint_names, model_index, text)
+        for idx, (xyz, _score, _views) in read_pts_raw(pts, text).items():
             if idx < len(PTS_JOINT_NAMES):
                 kp_pts[t, idx] = xyz
         points = joint_world[t][joint_valid[t] > 0]

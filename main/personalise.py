@@ -58,7 +58,7 @@ from common.io.textio import pixel_size_type  # noqa: E402
 from common.personalise import picture  # noqa: E402
 from common.personalise.errors import PersonaliseInputError  # noqa: E402
 from common.personalise.objectives import DepthObjective, DepthTargets, Regularisers  # noqa: E402
-from common.personalise.optimise import PersonaliseOptions, measure, personalise  # noqa: E402
+from common.personalise.optimise import LAPLACIAN_MODES, PersonaliseOptions, measure, personalise  # noqa: E402
 from common.personalise.scans import align_rest_pose, read_scan, scan_surfaces  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
 from data.dataset import ORIGINAL_IMG_SHAPE  # noqa: E402
@@ -156,8 +156,8 @@ def personalise_options(args) -> PersonaliseOptions:
             raise OptionError(f"--option {item}: '{value}' is not a valid value for {name} "
                               f"(default {default!r})") from None
         setattr(options, name, parsed)
-    if options.laplacian not in ("change", "training"):
-        raise OptionError(f"--option laplacian={options.laplacian}: expected change or training")
+    if options.laplacian not in LAPLACIAN_MODES:
+        raise OptionError(f"--option laplacian={options.laplacian}: expected {' or '.join(LAPLACIAN_MODES)}")
     if options.iterations < 0 or options.pose_iterations < 0 or options.radii_every < 1 or options.search_every < 1:
         raise OptionError("--option: iterations and pose_iterations must be 0 or more, radii_every and "
                           "search_every at least 1")

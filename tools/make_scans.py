@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from common.fitting.solver import UNITS  # noqa: E402
 from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
 from common.io.mesh_io import write_obj, write_ply  # noqa: E402
 from tools.fit_synthetic import decoder, keypoints_of, random_poses, random_roots  # noqa: E402
@@ -39,7 +40,7 @@ def make_scans(hand, out: Path, count: int = 4, seed: int = 0, bend: float = 0.5
     root = random_roots(count, rng, spread_mm=100.0)
     meshes = model.pose(euler, root).mesh.detach().double().numpy()
     keypoints = keypoints_of(model, "dhm", euler, root).keypoints
-    scale = 1.0 if units == "mm" else 1e-3
+    scale = 1.0 / UNITS[units]  # mm → the file's units
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, mesh in enumerate(meshes):
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bend", type=float, default=0.5, help="the drawn angles times this (0: the rest pose, "
                         "1: anywhere within the joint limits; default 0.5)")
-    parser.add_argument("--units", choices=["mm", "m"], default="mm")
+    parser.add_argument("--units", choices=list(UNITS), default="mm")
     parser.add_argument("--format", choices=["obj", "ply"], default="obj")
     args = parser.parse_args(argv)
     if args.count < 1 or not 0 <= args.bend <= 1:

@@ -59,8 +59,8 @@ def read_mesh(path: os.PathLike | str) -> Tuple[np.ndarray, np.ndarray]:
         raise MeshFileError(f"{path}: unknown mesh format '{shown(path.suffix)}'; expected "
                             f"{' or '.join(MESH_SUFFIXES)}")
     if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
-        raise MeshFileError(f"{path}: a face refers to vertex {int(faces.max()) + 1 if faces.max() >= len(vertices) else int(faces.min()) + 1}, "
-                            f"but the file has {len(vertices)} vertices")
+        bad = int(faces.max()) if faces.max() >= len(vertices) else int(faces.min())
+        raise MeshFileError(f"{path}: a face refers to vertex {bad + 1}, but the file has {len(vertices)} vertices")
     return vertices, faces
 
 

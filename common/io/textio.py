@@ -16,6 +16,7 @@ tabs are not allowed in YAML: indent with spaces``).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -228,8 +229,6 @@ def pixel_size_type(low: int = 1, high: Optional[int] = None, example: str = "64
     """An ``argparse`` type reading an image size written ``HxW`` (``64x64``, ``128X84``) into
     ``(H, W)`` pixels, each from ``low`` to ``high`` (None: no upper bound); anything else is
     refused with a message giving the form and the range."""
-    import argparse
-
     bounds = f"each from {low} to {high}" if high is not None else f"each at least {low}"
 
     def parse(text: str) -> Tuple[int, int]:
