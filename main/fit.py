@@ -39,6 +39,7 @@ from common.fitting.picture import fit_picture  # noqa: E402
 from common.fitting.keypoints_io import parse_shape, read_cameras, read_keypoints2d, read_keypoints3d  # noqa: E402
 from common.fitting.triangulate import CAMERA_SHAPE  # noqa: E402
 from common.io.checkpoint import decoder_snapshot, save_checkpoint  # noqa: E402
+from common.io.textio import assign_fields  # noqa: E402
 from common.hand.hand_model import save_obj  # noqa: E402
 from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
 from common.utils.vis import save_image  # noqa: E402
@@ -112,21 +113,21 @@ def parse_args(argv=None):
     return args
 
 
+def _weight(name: str, text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError("expected NAME=VALUE with a number") from None
+    if not np.isfinite(number) or number < 0:
+        raise ValueError("expected a finite weight ≥ 0")
+    return number
+
+
 def fit_weights(items, independent: bool = False) -> FitWeights:
+    """The priors' weights: the defaults (``independent``: without the smoothness between frames)
+    with ``--weight NAME=VALUE`` items applied in order."""
     weights = FitWeights.independent() if independent else FitWeights()
-    names = [f.name for f in fields(FitWeights)]
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in names:
-            raise FitInputError(f"--weight {item}: unknown prior '{name}'; expected one of {', '.join(names)}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise FitInputError(f"--weight {item}: expected NAME=VALUE with a number") from None
-        if not np.isfinite(number) or number < 0:
-            raise FitInputError(f"--weight {item}: expected a finite weight ≥ 0")
-        setattr(weights, name, number)
-    return weights
+    return assign_fields(weights, items, "--weight", "prior", _weight, FitInputError)
 
 
 def _stats(values: np.ndarray) -> dict:

@@ -54,7 +54,7 @@ from common.hand.hand_model import save_obj  # noqa: E402
 from common.hand.pose_io import pose_yaml  # noqa: E402
 from common.io.atomic import atomic_write_npz, atomic_write_text  # noqa: E402
 from common.io.checkpoint import decoder_snapshot, save_checkpoint  # noqa: E402
-from common.io.textio import pixel_size_type  # noqa: E402
+from common.io.textio import assign_fields, pixel_size_type, shown  # noqa: E402
 from common.personalise import picture  # noqa: E402
 from common.personalise.errors import PersonaliseInputError  # noqa: E402
 from common.personalise.objectives import DepthObjective, DepthTargets, Regularisers  # noqa: E402
@@ -130,32 +130,39 @@ def parse_args(argv=None):
     return args
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _option_value(name: str, text: str):
+    """``text`` as the type of :class:`PersonaliseOptions`' field ``name`` (its default's type)."""
+    default = getattr(PersonaliseOptions, name)
+    word = text.lower()
+    if isinstance(default, bool):
+        if word in _TRUE + _FALSE:
+            return word in _TRUE
+    elif isinstance(default, int) or name == "views_per_step":
+        if name == "views_per_step" and word == "none":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    elif isinstance(default, float):
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is not None and np.isfinite(number) and number >= 0:
+            return number
+    else:
+        return text
+    raise ValueError(f"'{shown(text)}' is not a valid value for {name} (default {default!r})")
+
+
 def personalise_options(args) -> PersonaliseOptions:
     """The optimisation's options: the defaults, ``--iterations``, ``--pose_corrective`` and ``--option``."""
     options = PersonaliseOptions(iterations=args.iterations, pose_corrective=args.pose_corrective)
-    kinds = {f.name: f.type for f in fields(PersonaliseOptions)}
-    for item in args.option:
-        name, _, value = item.partition("=")
-        if name not in kinds:
-            raise OptionError(f"--option {item}: unknown option '{name}'; expected one of {', '.join(kinds)}")
-        default = getattr(PersonaliseOptions, name)
-        try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                parsed = value.lower() in ("true", "1", "yes")
-            elif isinstance(default, int) or name == "views_per_step":
-                parsed = None if value.lower() == "none" else int(value)
-            elif isinstance(default, float):
-                parsed = float(value)
-                if not np.isfinite(parsed) or parsed < 0:
-                    raise ValueError
-            else:
-                parsed = value
-        except ValueError:
-            raise OptionError(f"--option {item}: '{value}' is not a valid value for {name} "
-                              f"(default {default!r})") from None
-        setattr(options, name, parsed)
+    assign_fields(options, args.option, "--option", "option", _option_value, OptionError)
     if options.laplacian not in LAPLACIAN_MODES:
         raise OptionError(f"--option laplacian={options.laplacian}: expected {' or '.join(LAPLACIAN_MODES)}")
     if options.iterations < 0 or options.pose_iterations < 0 or options.radii_every < 1 or options.search_every < 1:

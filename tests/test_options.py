@@ -194,3 +194,42 @@ def test_pixel_size_arguments_of_the_scripts():
             bounded(text)
     with pytest.raises(argparse.ArgumentTypeError, match=r"\(each at least 1\); got '0x5'"):
         pixel_size_type()("0x5")
+
+
+def test_name_value_options_of_fit_and_personalise():
+    """fit.py's ``--weight`` and personalise.py's ``--option``: applied in order onto the defaults, each
+    value in its field's type; an unknown name or a bad value is one message naming the item."""
+    import argparse
+
+    from common.errors import OptionError
+    from common.fitting import FitWeights
+    from common.fitting.errors import FitInputError
+    from main.fit import fit_weights
+    from main.personalise import personalise_options
+
+    weights = fit_weights(["rest=0.5", "limits=0", "rest=2e-1"], independent=True)
+    assert (weights.rest, weights.limits, weights.smooth_angles) == (0.2, 0.0, 0.0)
+    assert weights.coupling == FitWeights().coupling
+    for item, message in [("smoothness=3", "unknown prior 'smoothness'; expected one of rest, coupling"),
+                          ("rest=abc", "expected NAME=VALUE with a number"), ("rest", "expected NAME=VALUE"),
+                          ("rest=-1", "expected a finite weight ≥ 0"), ("rest=nan", "expected a finite weight")]:
+        with pytest.raises(FitInputError, match=f"^--weight {item}: {message}"):
+            fit_weights([item])
+
+    def options(*items, iterations=200):
+        return personalise_options(argparse.Namespace(iterations=iterations, pose_corrective=False, option=list(items)))
+
+    chosen = options("identity=No", "lr_shift=0.5", "views_per_step=none", "laplacian=training", "seed=3")
+    assert (chosen.identity, chosen.lr_shift, chosen.views_per_step, chosen.laplacian, chosen.seed) == \
+        (False, 0.5, None, "training", 3)
+    assert options("views_per_step=2", "skeleton=TRUE").views_per_step == 2 and options().skeleton
+    assert options("iterations=7", iterations=50).iterations == 7  # --option after --iterations
+    for item, message in [("nope=1", "unknown option 'nope'"), ("identity=maybe", "'maybe' is not a valid value "
+                          "for identity \\(default True\\)"), ("seed=1.5", "'1.5' is not a valid value for seed"),
+                          ("iterations=none", "'none' is not a valid value for iterations"),  # none only where it means all
+                          ("lr_shift=-1", "'-1' is not a valid value for lr_shift"), ("lr_shift=inf", "'inf' is not a valid value for lr_shift")]:
+        with pytest.raises(OptionError, match=f"^--option {item}: {message}"):
+            options(item)
+    for item in ("laplacian=both", "radii_every=0", "views_per_step=0"):
+        with pytest.raises(OptionError, match="^--option"):
+            options(item)

@@ -21,7 +21,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Type
+from dataclasses import fields
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import yaml
 
@@ -242,3 +243,27 @@ def pixel_size_type(low: int = 1, high: Optional[int] = None, example: str = "64
         return h, w
 
     return parse
+
+
+def assign_fields(target: Any, items: Iterable[str], option: str, what: str,
+                  parse: Callable[[str, str], Any], error: Type[Exception]) -> Any:
+    """Set fields of the dataclass instance ``target`` from a command-line option's ``NAME=VALUE``
+    items (``--weight rest=0.5``), in order, and return it.
+
+    Args:
+        option: the option as typed (``'--weight'``), and ``what`` a name is (``'prior'``), for messages.
+        parse: ``parse(name, value_text)`` gives the field's value, or raises ``ValueError`` whose
+            text says what was expected (``'expected a finite weight ≥ 0'``).
+        error: the caller's error class; its one message starts ``option item:``.
+    """
+    names = [f.name for f in fields(target)]
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in names:
+            raise error(f"{option} {shown(item)}: unknown {what} '{shown(name)}'; expected one of {', '.join(names)}")
+        try:
+            parsed = parse(name, value)
+        except ValueError as err:
+            raise error(f"{option} {shown(item)}: {err}") from None
+        setattr(target, name, parsed)
+    return target
