@@ -158,8 +158,8 @@ def _face_blocks(centres: torch.Tensor, block: int) -> torch.Tensor:
 def point_surface_distance(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
                            max_pairs: int = MAX_PAIRS) -> torch.Tensor:
     """Exact distance from every point to the surface of a triangle mesh, ``[P]`` (mm): the first
-    output of :func:`nearest_surface_faces`."""
-    return nearest_surface_faces(points, vertices, faces, max_pairs)[0]
+    output of :func:`nearest_surface_faces`, without finding the triangles."""
+    return _surface_search(points, vertices, faces, max_pairs, find_faces=False)[0]
 
 
 def nearest_surface_faces(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
@@ -184,6 +184,12 @@ def nearest_surface_faces(points: torch.Tensor, vertices: torch.Tensor, faces: t
         vertices: ``[V, 3]`` mm; faces: ``[F, 3]`` vertex indices.
         max_pairs: the memory bound, in pairs.
     """
+    return _surface_search(points, vertices, faces, max_pairs, find_faces=True)
+
+
+def _surface_search(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, max_pairs: int,
+                    find_faces: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`nearest_surface_faces`' search; the triangles (second output) only when ``find_faces``."""
     if points.dim() != 2 or points.shape[-1] != 3 or vertices.dim() != 2 or vertices.shape[-1] != 3:
         raise ValueError(f"point_surface_distance: points {tuple(points.shape)} and vertices "
                          f"{tuple(vertices.shape)} must be [N, 3]")
@@ -230,12 +236,14 @@ def nearest_surface_faces(points: torch.Tensor, vertices: torch.Tensor, faces: t
         pi, fi = pi[keep], fi[keep]
         d2 = point_triangle_sq(p[pi], tri[fi, 0], tri[fi, 1], tri[fi, 2])
         best = min_per_point(d2, pi, n)
+        out.append(best.sqrt())
+        if not find_faces:
+            continue
         # The nearest triangle: the lowest face index among the pairs at the minimum.
         winner = torch.where(d2 == best[pi], fi, torch.full_like(fi, faces.shape[0]))
         nearest.append(torch.full((n,), faces.shape[0], dtype=fi.dtype, device=fi.device).scatter_reduce(
             0, pi, winner, reduce="amin"))
-        out.append(best.sqrt())
-    return torch.cat(out), torch.cat(nearest)
+    return torch.cat(out), torch.cat(nearest) if find_faces else None
 
 
 def surface_distances(pred: torch.Tensor, gt: torch.Tensor, faces: torch.Tensor,
