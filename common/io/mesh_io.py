@@ -171,6 +171,10 @@ def _read_ply(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
+def _body_ends_early(path: Path, element: dict) -> MeshFileError:
+    return MeshFileError(f"{path}: the PLY body ends early (element '{element['name']}')")
+
+
 def _ply_ascii(path: Path, body: bytes, elements) -> dict:
     try:
         words = body.decode("ascii").split()
@@ -182,7 +186,7 @@ def _ply_ascii(path: Path, body: bytes, elements) -> dict:
     def take(kind: str):
         nonlocal at
         if at >= len(words):
-            raise MeshFileError(f"{path}: the PLY body ends early (element '{element['name']}')")
+            raise _body_ends_early(path, element)
         token = words[at]
         at += 1
         try:
@@ -197,7 +201,7 @@ def _ply_ascii(path: Path, body: bytes, elements) -> dict:
         if simple and element["count"]:
             n = len(props) * element["count"]
             if at + n > len(words):
-                raise MeshFileError(f"{path}: the PLY body ends early (element '{element['name']}')")
+                raise _body_ends_early(path, element)
             try:
                 block = np.asarray(words[at:at + n], dtype=np.float64).reshape(element["count"], len(props))
             except ValueError:
@@ -227,7 +231,7 @@ def _ply_binary(path: Path, data: bytes, offset: int, elements, order: str) -> d
             dtype = np.dtype([(f"p{k}", order + p[1]) for k, p in enumerate(props)])
             end = offset + dtype.itemsize * count
             if end > len(data):
-                raise MeshFileError(f"{path}: the PLY body ends early (element '{element['name']}')")
+                raise _body_ends_early(path, element)
             block = np.frombuffer(data, dtype, count, offset)
             tables[element["name"]] = {p[0]: block[f"p{k}"] for k, p in enumerate(props)}
             offset = end
@@ -250,7 +254,7 @@ def _ply_binary(path: Path, data: bytes, offset: int, elements, order: str) -> d
                     n, offset = _binary_value(path, data, offset, order + count_type, element)
                     items = np.dtype(order + item_type)
                     if n < 0 or offset + items.itemsize * int(n) > len(data):
-                        raise MeshFileError(f"{path}: the PLY body ends early (element '{element['name']}')")
+                        raise _body_ends_early(path, element)
                     columns[name].append(np.frombuffer(data, items, int(n), offset).tolist())
                     offset += items.itemsize * int(n)
                 else:
@@ -263,7 +267,7 @@ def _ply_binary(path: Path, data: bytes, offset: int, elements, order: str) -> d
 def _binary_value(path: Path, data: bytes, offset: int, code: str, element):
     dtype = np.dtype(code)
     if offset + dtype.itemsize > len(data):
-        raise MeshFileError(f"{path}: the PLY body ends early (element '{element['name']}')")
+        raise _body_ends_early(path, element)
     return np.frombuffer(data, dtype, 1, offset)[0].item(), offset + dtype.itemsize
 
 
