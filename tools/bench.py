@@ -142,6 +142,18 @@ def bench_renderer(args) -> None:
         memory_growth(hands, sizes=args.sizes, views=args.views, device=args.device)
 
 
+def kernel_setting(text: str):
+    """``HxWxSTEPxWARPS`` (``8x8x16x4``) as four powers of two (Triton's block sizes must be),
+    for ``kernel --tiles``."""
+    try:
+        values = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or any(v < 1 or v & (v - 1) for v in values):
+        raise argparse.ArgumentTypeError(f"expected HxWxSTEPxWARPS like 8x8x16x4, each a power of two; got '{text}'")
+    return values
+
+
 def bench_kernel(args) -> None:
     from tools.benchmarks.renderer import kernel_tiles
 
@@ -149,7 +161,7 @@ def bench_kernel(args) -> None:
     for name, hand in load_hands(args.hands):
         print(f"hand: {name}")
         kernel_tiles(hand, size=args.size, views=args.views, batch=args.batch, repeats=args.repeats,
-                     device=args.device)
+                     device=args.device, **({"tiles": args.tiles} if args.tiles else {}))
 
 
 def bench_data(args) -> None:
@@ -323,6 +335,9 @@ def main(argv=None) -> int:
     p.add_argument("--hands", nargs="+", default=["default"], help=hands_help)
     p.add_argument("--device", default="cuda")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--tiles", type=kernel_setting, nargs="+", metavar="HxWxSTEPxWARPS",
+                   help="the settings timed, e.g. 8x8x16x4 (tile height, width, faces per step, warps; "
+                        "default: the eight of the table in BENCHMARKS.md)")
 
     p = sub.add_parser("data", help="the sample reader against the original's (one thread); the loader's workers")
     p.add_argument("--data", required=True, help="data folder in the released layout")
