@@ -45,3 +45,14 @@ def test_the_gpu_check_refuses_an_unknown_option():
     done = subprocess.run(["bash", "tools/gpu_check.sh", "--fast"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "unknown option --fast (expected --no-train, --no-suite, --rehearsal)" in done.stdout
+
+
+def test_kernel_settings_are_powers_of_two():
+    import argparse
+
+    from tools.bench import kernel_setting
+
+    assert kernel_setting("8x16x4x2") == (8, 16, 4, 2) and kernel_setting("16X16X1X4") == (16, 16, 1, 4)
+    for text in ("8x8x3x4", "8x8x16", "8x8x16x4x1", "0x8x16x4", "axbxcxd", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected HxWxSTEPxWARPS like 8x8x16x4, each a power of two"):
+            kernel_setting(text)
