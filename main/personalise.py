@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import fields
@@ -140,8 +141,8 @@ def _option_value(name: str, text: str):
     if isinstance(default, bool):
         if word in _TRUE + _FALSE:
             return word in _TRUE
-    elif isinstance(default, int) or name == "views_per_step":
-        if name == "views_per_step" and word == "none":
+    elif isinstance(default, int):
+        if name == "views_per_step" and word == "none":  # the one optional field: none is all views
             return None
         try:
             return int(text)
@@ -151,8 +152,8 @@ def _option_value(name: str, text: str):
         try:
             number = float(text)
         except ValueError:
-            number = None
-        if number is not None and np.isfinite(number) and number >= 0:
+            number = math.nan
+        if math.isfinite(number) and number >= 0:
             return number
     else:
         return text

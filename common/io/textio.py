@@ -20,8 +20,8 @@ import argparse
 import json
 import os
 import re
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import yaml

@@ -241,7 +241,7 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
         joint_world, joint_valid = joint_world.to(device, dtype), joint_valid.to(device, dtype)
     if depth is not None:
         subsets = view_subsets(depth.view_frame.cpu().numpy(), options.views_per_step, options.seed)
-    state = {"radii": None}
+    radii = None  # the penetration loss's radii, measured every radii_every iterations
 
     with torch.no_grad():
         start_euler, start_root = poses.euler(), poses.root()
@@ -251,10 +251,11 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
 
     def evaluate(views: Optional[np.ndarray], refresh_radii: bool, search: bool):
         """The objective at the present variables: ``(total, {term: value})``."""
+        nonlocal radii
         hand = model.pose(poses.euler(), poses.root())
-        if refresh_radii or state["radii"] is None:
+        if refresh_radii or radii is None:
             reference = model.skinned_rest_mesh(hand.rest_mesh, hand.template_pose)
-            state["radii"] = regularisers.radii(hand, reference)
+            radii = regularisers.radii(hand, reference)
         if depth is not None:
             targets = depth if views is None else _subset(depth, torch.as_tensor(views, device=device))
             data = depth_objective(hand.mesh, targets)
@@ -263,7 +264,7 @@ def personalise(model, euler: torch.Tensor, root: torch.Tensor, *, depth: Option
         else:
             frame_loss = scan_objective(hand.mesh, scans, search=search)["loss"]
         change = hand.rest_mesh - start_rest if options.laplacian == "change" else None
-        reg = regularisers(hand, joint_world=joint_world, joint_valid=joint_valid, radii=state["radii"],
+        reg = regularisers(hand, joint_world=joint_world, joint_valid=joint_valid, radii=radii,
                            penetration=options.penet_weight > 0, laplacian_of=change)
         terms = {"data": frame_loss.mean() * options.data_weight,
                  "lap": reg["lap"].mean() * options.lap_weight,
