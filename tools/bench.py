@@ -161,7 +161,7 @@ def bench_kernel(args) -> None:
     for name, hand in load_hands(args.hands):
         print(f"hand: {name}")
         kernel_tiles(hand, size=args.size, views=args.views, batch=args.batch, repeats=args.repeats,
-                     device=args.device, **({"tiles": args.tiles} if args.tiles else {}))
+                     device=args.device, tiles=args.tiles)
 
 
 def bench_data(args) -> None:

@@ -339,13 +339,18 @@ def memory_growth(hands: Sequence, sizes: Sequence[int] = (64, 128, 256), views:
     return out
 
 
+# The kernel settings of BENCHMARKS.md's table: (tile height, tile width, faces per step, warps).
+KERNEL_SETTINGS = ((16, 16, 1, 4), (8, 8, 1, 2), (8, 8, 4, 2), (8, 8, 8, 4),
+                   (8, 8, 16, 4), (16, 16, 4, 4), (16, 16, 8, 8), (8, 16, 8, 4))
+
+
 def kernel_tiles(hand, size: int = 256, views: int = 6, batch: int = 8, repeats: int = 20,
-                 tiles: Sequence[Tuple[int, int, int, int]] = ((16, 16, 1, 4), (8, 8, 1, 2), (8, 8, 4, 2), (8, 8, 8, 4),
-                                                                (8, 8, 16, 4), (16, 16, 4, 4), (16, 16, 8, 8), (8, 16, 8, 4)),
+                 tiles: Optional[Sequence[Tuple[int, int, int, int]]] = None,
                  device: str = "cuda", print_fn=print) -> List[Dict]:
     """The binned kernel's rasterisation alone (no gradient) of ``batch`` × ``views`` views of
-    ``hand``, per ``(tile height, tile width, faces per step, warps)``; and the part before the
-    kernel (clipping, per-face values, binning). Median ms of ``repeats`` calls."""
+    ``hand``, per ``(tile height, tile width, faces per step, warps)`` of ``tiles`` (None:
+    :data:`KERNEL_SETTINGS`); and the part before the kernel (clipping, per-face values, binning).
+    Median ms of ``repeats`` calls."""
     from common.renderer.rasterizer import check_screen_vertices, clip_near, prepare_faces
     from common.renderer.triton_rasterizer import TILE_H, TILE_W, bin_faces, rasterize_depth_binned
 
@@ -370,7 +375,7 @@ def kernel_tiles(hand, size: int = 256, views: int = 6, batch: int = 8, repeats:
     print_fn(f"binned kernel on {device}: {batch} x {views} views of {size}x{size}, {F} faces; "
              f"{len(pairs)} (tile, face) pairs at {TILE_H}x{TILE_W}; before the kernel (clip, faces, binning): "
              f"{prep:.3f} ms; the whole rasterisation per tile, faces per step, warps:")
-    for h, w, step, warps in tiles:
+    for h, w, step, warps in tiles or KERNEL_SETTINGS:
         fn = lambda: rasterize_depth_binned(screen, faces, (size, size), renderer.near, (h, w), step, warps)  # noqa: E731
         fn()
         ms = 1000 * median_seconds(fn, repeats, device=device)
